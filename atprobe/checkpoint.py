@@ -1,0 +1,317 @@
+"""The one checkpoint format, and loading of foreign ones.
+
+A checkpoint is a plain ``dict`` that ``torch.load(weights_only=True)`` reads: only
+tensors, numbers, strings, lists, tuples, dicts and None. Keys:
+
+    format          "atprobe-checkpoint"
+    format_version  1
+    arch            registered architecture name, e.g. "resnet18"
+    arch_kwargs     {"num_classes", "dropout", "mean", "std"} as build_model takes them
+    num_classes     int
+    dataset         dataset name the model was trained on ("cifar10", "synthetic", ...)
+    labels          int64 tensor over the original train split: the exact labels trained on
+                    (None for a model that was never trained here)
+    label_spec      {"label_noise": r, "label_seed": s} that rebuilds ``labels`` bit for bit
+    train_config    dict of the training options (JSON-like values)
+    epoch           completed epochs
+    model           the model's state_dict
+    optimizer, scheduler, rng, extra   resume state (None when absent)
+
+Writes are atomic: a temp file in the same directory, fsync, then ``os.replace``, so a
+crash or Ctrl-C never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from atprobe.errors import AtprobeError
+from atprobe.io import atomic_write
+from atprobe.models import build_model, canonical_arch, weight_layers
+
+FORMAT = "atprobe-checkpoint"
+FORMAT_VERSION = 1
+
+# Where public training scripts keep the weights inside a saved dict.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "model_state")
+# Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint, native or foreign, with what is needed to rebuild its model."""
+
+    path: Path
+    sha256: str
+    arch: str
+    arch_kwargs: dict
+    num_classes: int
+    dataset: str | None
+    state_dict: Mapping[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+    label_spec: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    epoch: int | None = None
+    native: bool = True
+    raw: dict = field(default_factory=dict, repr=False)  # the whole native dict (resume state)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The model with these weights, in eval mode, on ``device``."""
+        model = build_model(self.arch, **self.arch_kwargs)
+        _load_state_strict(model, self.state_dict, self.path)
+        return model.to(device).eval()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through ``atprobe.io.atomic_write`` (temp file, fsync, rename)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    arch: str,
+    arch_kwargs: Mapping[str, Any],
+    dataset: str | None,
+    labels: torch.Tensor | None = None,
+    label_spec: Mapping[str, Any] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+    epoch: int = 0,
+    optimizer: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    rng: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """The checkpoint dict of the format above (tensors moved to the CPU)."""
+    kwargs = dict(arch_kwargs)
+    for key in ("mean", "std"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = [float(v) for v in kwargs[key]]
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": canonical_arch(arch),
+        "arch_kwargs": kwargs,
+        "num_classes": int(kwargs.get("num_classes", 10)),
+        "dataset": dataset,
+        "labels": None if labels is None else labels.detach().cpu().to(torch.int64),
+        "label_spec": dict(label_spec or {}),
+        "train_config": dict(train_config or {}),
+        "epoch": int(epoch),
+        "model": state,
+        "optimizer": None if optimizer is None else dict(optimizer),
+        "scheduler": None if scheduler is None else dict(scheduler),
+        "rng": None if rng is None else dict(rng),
+        "extra": dict(extra or {}),
+    }
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically write a checkpoint dict made by ``make_checkpoint``."""
+    if checkpoint.get("format") != FORMAT:
+        raise ValueError("save_checkpoint takes a dict made by make_checkpoint")
+    return atomic_torch_save(dict(checkpoint), path)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise AtprobeError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise AtprobeError(f"{path} is a directory, not a checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of non-torch pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on bad bytes; all mean "not loadable"
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise AtprobeError(
+                f"{path}: refusing to load, unpickling it would run arbitrary code ({found.group(1)}); "
+                "atprobe loads checkpoints with torch.load(weights_only=True)"
+            ) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[-1] if lines else "")
+        raise AtprobeError(
+            f"{path} is not a readable PyTorch checkpoint: corrupt, truncated or another format "
+            f"({type(exc).__name__}{': ' + detail[:120] if detail else ''})"
+        ) from None
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    def is_state(d: Any) -> bool:
+        return isinstance(d, Mapping) and len(d) > 0 and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+        )
+
+    if is_state(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if key in obj and is_state(obj[key]):
+                return dict(obj[key])
+        keys = ", ".join(sorted(map(str, obj.keys()))[:8])
+        raise AtprobeError(f"{path}: no state_dict found in the saved dict (keys: {keys})")
+    raise AtprobeError(f"{path}: not a checkpoint (it holds a {type(obj).__name__}, not a dict of weights)")
+
+
+def _infer_num_classes(arch: str, state: Mapping[str, torch.Tensor], dropout: float) -> int | None:
+    """The classifier's output size, read off the last weight layer of the architecture."""
+    probe = build_model(arch, num_classes=10, dropout=dropout)
+    layers = weight_layers(probe)
+    if not layers:
+        return None
+    last = layers[-1][0] + ".weight"
+    weight = state.get(last)
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
+
+
+def _load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load weights; every missing/unexpected key or shape mismatch is one error line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])}")
+    if problems:
+        raise AtprobeError(
+            f"{path}: weights do not fit architecture {type(model).__name__}: " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    dataset: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Checkpoint:
+    """Read a native checkpoint, or a foreign one given ``arch``.
+
+    Foreign files: a bare state_dict, or a dict holding one under ``state_dict``,
+    ``model_state_dict``, ``model`` or ``net``; ``module.`` and ``_orig_mod.`` prefixes are
+    removed. ``num_classes`` defaults to the classifier's output size found in the weights;
+    ``mean``/``std`` set the model's input normalization (None: the weights expect [0,1]
+    inputs as they are). For a native checkpoint, ``arch``/``num_classes`` must agree with
+    the file if given, and ``dataset`` overrides the recorded dataset.
+    """
+    path = Path(path)
+    obj = _read(path)
+    digest = file_sha256(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AtprobeError(f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})")
+        needed = ("arch", "arch_kwargs", "model")
+        lacking = [k for k in needed if k not in obj]
+        if lacking:
+            raise AtprobeError(f"{path}: damaged atprobe checkpoint, missing {', '.join(lacking)}")
+        file_arch = canonical_arch(obj["arch"])
+        if arch is not None and canonical_arch(arch) != file_arch:
+            raise AtprobeError(f"{path}: checkpoint holds a {file_arch}, not a {canonical_arch(arch)}")
+        kwargs = dict(obj["arch_kwargs"])
+        if num_classes is not None and int(num_classes) != int(kwargs.get("num_classes", 10)):
+            raise AtprobeError(
+                f"{path}: checkpoint has {kwargs.get('num_classes')} classes, not {num_classes}"
+            )
+        ckpt = Checkpoint(
+            path=path,
+            sha256=digest,
+            arch=file_arch,
+            arch_kwargs=kwargs,
+            num_classes=int(obj.get("num_classes", kwargs.get("num_classes", 10))),
+            dataset=dataset or obj.get("dataset"),
+            state_dict=obj["model"],
+            labels=obj.get("labels"),
+            label_spec=dict(obj.get("label_spec") or {}),
+            train_config=dict(obj.get("train_config") or {}),
+            epoch=obj.get("epoch"),
+            native=True,
+            raw=dict(obj),
+        )
+    else:
+        if arch is None:
+            raise AtprobeError(
+                f"{path} is not an atprobe checkpoint: pass --arch NAME (and --num-classes, --dataset) to load it as foreign weights"
+            )
+        arch = canonical_arch(arch)
+        state = _strip_prefixes(_find_state_dict(obj, path))
+        if arch.startswith("wrn-"):
+            # The TRADES/MART WideResNet registers a stage (sub_block1) that forward never
+            # runs; its weights are dead, so they are dropped rather than reported.
+            state = {k: v for k, v in state.items() if not k.startswith("sub_block1.")}
+        if num_classes is None:
+            num_classes = _infer_num_classes(arch, state, 0.0) or 10
+        kwargs = {
+            "num_classes": int(num_classes),
+            "dropout": 0.0,
+            "mean": None if mean is None else [float(v) for v in mean],
+            "std": None if std is None else [float(v) for v in std],
+        }
+        ckpt = Checkpoint(
+            path=path,
+            sha256=digest,
+            arch=arch,
+            arch_kwargs=kwargs,
+            num_classes=int(num_classes),
+            dataset=dataset,
+            state_dict=state,
+            native=False,
+        )
+    # Build once now so an architecture mismatch is reported at load time, not mid-probe.
+    ckpt.build_model("cpu")
+    return ckpt

@@ -1,0 +1,107 @@
+"""Writing tables: atomic CSVs with a ``.meta.json`` beside each.
+
+The meta file records what made the table (command line, versions, seed, device,
+checkpoint hashes) so a CSV found months later can be traced and re-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
+
+import pandas as pd
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it into place:
+    readers see the old file or the whole new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def meta_path(csv_path: str | os.PathLike) -> Path:
+    """``out/eval.csv`` -> ``out/eval.meta.json``."""
+    p = Path(csv_path)
+    return p.with_name(p.stem + ".meta.json") if p.suffix else p.with_name(p.name + ".meta.json")
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    import atprobe
+
+    out = {
+        "atprobe": atprobe.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def run_meta(
+    *,
+    seed: int | None,
+    checkpoints: Iterable[Any] = (),
+    config: Mapping[str, Any] | None = None,
+    argv: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``.meta.json`` record. ``checkpoints`` are ``atprobe.checkpoint.Checkpoint``s."""
+    return {
+        "command": list(sys.argv if argv is None else argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "versions": versions(),
+        "checkpoints": [
+            {"path": str(c.path), "sha256": c.sha256, "arch": c.arch, "native": c.native}
+            for c in checkpoints
+        ],
+        "config": dict(config or {}),
+        **dict(extra or {}),
+    }
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Write ``df`` as CSV and its meta record, each atomically (meta first, so a CSV
+    never exists without its record)."""
+    path = Path(path)
+    record = dict(meta)
+    record["rows"] = int(len(df))
+    record["columns"] = [str(c) for c in df.columns]
+    atomic_write_bytes(meta_path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, df.to_csv(index=False, lineterminator="\n").encode())
+    return path
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())

@@ -1,0 +1,1 @@
+"""One module per probe: ``probe(model, data, config) -> pandas.DataFrame``."""

@@ -1,0 +1,1 @@
+"""The ``atprobe`` command line (installed as ``atprobe.cli``)."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real-data location and small deterministic models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CIFAR10_SUBSET = SHARED_DATA / "cifar-10-subset"
+
+needs_cifar = pytest.mark.skipif(
+    not (CIFAR10_SUBSET / "cifar-10-batches-py").is_dir(),
+    reason="../shared/data/cifar-10-subset is not present",
+)
+
+
+@pytest.fixture
+def cifar_dir() -> Path:
+    if not (CIFAR10_SUBSET / "cifar-10-batches-py").is_dir():
+        pytest.skip("../shared/data/cifar-10-subset is not present")
+    return CIFAR10_SUBSET
+
+
+def tiny_net(dtype=torch.float64, seed: int = 0, in_dim: int = 3 * 8 * 8, classes: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, 16), nn.Tanh(), nn.Linear(16, classes))
+    return net.to(dtype)
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(12, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,), generator=g)
+    return x, y
