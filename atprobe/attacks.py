@@ -87,6 +87,12 @@ def fgsm_rs_config(eps: float = 8 / 255, norm: str = "linf", alpha: float | None
 # ---------------------------------------------------------------------------- losses
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """Half/bf16 (autocast) logits up to float32 for losses; float32/float64 unchanged,
+    so float64 reference tests stay in float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
     """Per-sample margin max_{j != y} z_j - z_y (> 0 exactly when misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -96,7 +102,7 @@ def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
 
 def kl_to_natural(logits: Tensor, natural_log_probs: Tensor) -> Tensor:
     """Per-sample KL(p_nat || p_adv) = sum_j p_nat,j (log p_nat,j - log p_adv,j)."""
-    log_q = F.log_softmax(logits.float(), dim=1)
+    log_q = F.log_softmax(full_precision(logits), dim=1)
     p = natural_log_probs.exp()
     return (p * (natural_log_probs - log_q)).sum(dim=1)
 
@@ -108,15 +114,15 @@ def attack_loss(
     if name == "ce":
         if y is None:
             raise ValueError("the ce attack loss needs labels")
-        return lambda z: F.cross_entropy(z.float(), y, reduction="none")
+        return lambda z: F.cross_entropy(full_precision(z), y, reduction="none")
     if name == "cw":
         if y is None:
             raise ValueError("the cw attack loss needs labels")
-        return lambda z: cw_margin(z.float(), y)
+        return lambda z: cw_margin(full_precision(z), y)
     if name == "kl":
         if natural_logits is None:
             raise ValueError("the kl attack loss needs the natural logits")
-        log_p = F.log_softmax(natural_logits.detach().float(), dim=1)
+        log_p = F.log_softmax(full_precision(natural_logits.detach()), dim=1)
         return lambda z: kl_to_natural(z, log_p)
     raise AtprobeError(f"unknown attack loss {name!r}: choose from {', '.join(LOSSES)}")
 
@@ -144,6 +150,14 @@ def project(delta: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
     return (x + delta).clamp(0.0, 1.0) - x
 
 
+def _same_format(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in ``like``'s memory format (random draws are made in NCHW order, so the
+    values do not depend on the layout; only their placement in memory does)."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def random_start(
     x: Tensor, config: PGDConfig, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -159,7 +173,7 @@ def random_start(
         radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
         radius = radius.view(-1, *([1] * (x.dim() - 1))) * config.eps
         delta = direction / _per_sample_l2(direction).clamp_min(1e-12) * radius
-    return project(delta, x, config.norm, config.eps)
+    return project(_same_format(delta, x), x, config.norm, config.eps)
 
 
 def _ascent_step(delta: Tensor, grad: Tensor, config: PGDConfig) -> Tensor:
@@ -229,7 +243,7 @@ def pgd(
             if config.restarts == 1:
                 return x_adv
             with torch.no_grad(), autocast(x.device, amp):
-                final = loss_fn(model(x_adv)).float()
+                final = full_precision(loss_fn(model(x_adv)))
             if best_x is None:
                 best_x, best_loss = x_adv, final
             else:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atprobe.attacks import AttackSpec, pgd
+from atprobe.attacks import AttackSpec, full_precision, pgd
 from atprobe.data import Split, iterate_batches
 from atprobe.errors import AtprobeError
 from atprobe.runtime import autocast, make_generator, module_mode
@@ -65,13 +65,13 @@ def evaluate(model: nn.Module, split: Split, config: EvalConfig, progress=None) 
             generator = make_generator(config.seed, device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in iterate_batches(split, config.batch_size):
+            for batch in iterate_batches(split, config.batch_size, channels_last=True):
                 x = batch.x
                 if spec.config is not None:
                     x = pgd(model, x, batch.y, spec.config, generator=generator, amp=config.amp)
                 with torch.no_grad(), autocast(device, config.amp):
                     logits = model(x)
-                logits = logits.float()
+                logits = full_precision(logits)
                 correct += (logits.argmax(1) == batch.y).sum()
                 loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").double()
                 if progress is not None:

@@ -77,6 +77,27 @@ WRN_PATTERN = "wrn-D-W"
 # --------------------------------------------------------------------------- #
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose eval-mode forward is the affine map it reduces to,
+    y = x * s + t with s = w / sqrt(var + eps), t = b - mean * s.
+
+    Same parameters, buffers and state_dict keys; in train mode it is the stock layer.
+    Why: attacks and probes differentiate eval-mode models through every BN layer, and
+    the generic batch-norm backward kernel costs several times a plain multiply there
+    (17% of a PGD step of cnn-small on the CPU, profiled).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(x)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.affine:
+            scale = self.weight * scale
+            shift = self.bias + self.weight * shift
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std``; the identity when ``mean``/``std`` are None.
 
@@ -172,16 +193,16 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         # An empty Sequential is the identity and contributes no state_dict keys,
         # exactly as upstream (so ``layer2.1.shortcut.*`` is absent, ``layer2.0.shortcut.0`` present).
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != self.expansion * planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(self.expansion * planes),
+                BatchNorm2d(self.expansion * planes),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +230,7 @@ class ResNet(nn.Module):
         self.normalize = Normalize(mean, std)
         self.in_planes = 64
         self.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = BatchNorm2d(64)
         self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
         self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
@@ -244,9 +265,9 @@ class PreActBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         # Upstream only defines ``shortcut`` when a projection is needed (no empty Sequential).
         self.shortcut = None
@@ -287,7 +308,7 @@ class PreActResNet(nn.Module):
         self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
-        self.bn = nn.BatchNorm2d(512 * block.expansion)
+        self.bn = BatchNorm2d(512 * block.expansion)
         self.dropout = _optional_dropout(dropout)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
@@ -322,10 +343,10 @@ class WideBasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropRate: float = 0.0) -> None:  # noqa: N803
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU()  # upstream uses inplace=True; not here (torch.func)
         self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.bn2 = BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.droprate = dropRate
@@ -402,7 +423,7 @@ class WideResNet(nn.Module):
         self.block1 = NetworkBlock(n, n_channels[0], n_channels[1], WideBasicBlock, 1, dropRate)
         self.block2 = NetworkBlock(n, n_channels[1], n_channels[2], WideBasicBlock, 2, dropRate)
         self.block3 = NetworkBlock(n, n_channels[2], n_channels[3], WideBasicBlock, 2, dropRate)
-        self.bn1 = nn.BatchNorm2d(n_channels[3])
+        self.bn1 = BatchNorm2d(n_channels[3])
         self.relu = nn.ReLU()
         self.fc = nn.Linear(n_channels[3], num_classes)
         self.nChannels = n_channels[3]
@@ -468,7 +489,7 @@ class VGG(nn.Module):
             else:
                 assert isinstance(v, int)
                 # Conv keeps its bias (upstream does), so ``features.<i>.bias`` exists.
-                layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+                layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), BatchNorm2d(v), nn.ReLU()]
                 in_channels = v
         # A no-op kept so ``features`` has upstream's module count/indices.
         layers.append(nn.AvgPool2d(kernel_size=1, stride=1))
@@ -489,9 +510,9 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_planes: int, growth_rate: int) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, 4 * growth_rate, kernel_size=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4 * growth_rate)
+        self.bn2 = BatchNorm2d(4 * growth_rate)
         self.conv2 = nn.Conv2d(4 * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -505,7 +526,7 @@ class Transition(nn.Module):
 
     def __init__(self, in_planes: int, out_planes: int) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_planes)
+        self.bn = BatchNorm2d(in_planes)
         self.conv = nn.Conv2d(in_planes, out_planes, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,7 +576,7 @@ class DenseNet(nn.Module):
         self.dense4 = self._make_dense_layers(num_planes, nblocks[3])
         num_planes += nblocks[3] * growth_rate
 
-        self.bn = nn.BatchNorm2d(num_planes)
+        self.bn = BatchNorm2d(num_planes)
         self.dropout = _optional_dropout(dropout)
         self.linear = nn.Linear(num_planes, num_classes)
 
@@ -607,7 +628,7 @@ class SmallCNN(nn.Module):
 
         def unit(cin: int, cout: int) -> list[nn.Module]:
             # No conv bias: the following BN's shift makes it redundant.
-            return [nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            return [nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
             *unit(in_channels, 32),

@@ -53,20 +53,27 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def set_determinism(seed: int, deterministic: bool = True) -> None:
-    """Seed the global torch RNGs (layers that draw from them, e.g. dropout) and ask for
-    deterministic kernels, so the same seed on the CPU gives the same CSV."""
+    """Seed the global torch RNGs (layers that draw from them, e.g. dropout) and pin the
+    cuDNN algorithm choice, so the same seed gives the same CSV.
+
+    CPU kernels are deterministic already. ``torch.use_deterministic_algorithms`` is not
+    called: it imports the compiler stack (about 5 s per command) and raises on CUDA ops
+    without a deterministic kernel; cuDNN is pinned instead, which is what varies there.
+    """
     torch.manual_seed(int(seed))
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move a model to its device; channels_last on CUDA, where convolutions are faster in NHWC."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Move a model to its device in channels_last (NHWC) memory format.
+
+    NHWC is the fast layout for convolutions on CUDA (tensor cores) and on the CPU
+    (oneDNN): a forward+backward of cnn-small on 64 images ran about 4x faster in NHWC
+    on the 2-core CI machine. Feed it ``iterate_batches(..., channels_last=True)``.
+    """
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 @contextlib.contextmanager

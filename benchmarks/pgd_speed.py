@@ -6,7 +6,7 @@
 Prints one line per arch: median seconds of each and ratio = reference / atprobe
 (>= 1.0 means atprobe is no slower). The reference is what research scripts write: a
 `for` loop over steps with `torch.autograd.grad` on a mean CE, fp32, in eval mode.
-atprobe runs as the library does on that device (bf16 autocast + channels_last on CUDA).
+atprobe runs as the library does on that device (channels_last everywhere, bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     ours_model.load_state_dict(reference_model.state_dict())
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    x_ours = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    x_ours = x.contiguous(memory_format=torch.channels_last)
     eps, alpha = 8 / 255, 2 / 255
     config = PGDConfig(eps=eps, alpha=alpha, steps=args.steps)
 
