@@ -1,0 +1,60 @@
+"""The ``atprobe`` command group and its error handling."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import torch
+
+import atprobe
+from atprobe.errors import AtprobeError
+
+
+class OneLineError(click.ClickException):
+    """Printed as ``Error: <message>``; exit status 2 like click's own usage errors."""
+
+    exit_code = 2
+
+
+class AtprobeGroup(click.Group):
+    """Turns user-facing errors into one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AtprobeError as exc:
+            raise OneLineError(str(exc).splitlines()[0] if str(exc) else "error") from None
+        except torch.OutOfMemoryError:
+            raise OneLineError("out of memory on the device: lower --batch-size or --n") from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            raise OneLineError(f"{exc.strerror or type(exc).__name__}: {exc.filename}") from None
+
+
+@click.group(cls=AtprobeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(atprobe.__version__, prog_name="atprobe")
+def cli() -> None:
+    """Probe why adversarially trained models behave as they do.
+
+    Every command writes a tidy CSV and a .meta.json beside it. Run
+    `atprobe COMMAND --help` for a command's options and examples.
+    """
+
+
+def _register() -> None:
+    from atprobe.cli.evaluate import eval_command
+    from atprobe.cli.train import train_command
+
+    cli.add_command(train_command)
+    cli.add_command(eval_command)
+
+
+_register()
+
+
+def main() -> None:  # the console script
+    cli(prog_name="atprobe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""``atprobe train``: adversarial training that writes a run directory."""
+
+from __future__ import annotations
+
+import click
+
+from atprobe.attacks import NORMS
+from atprobe.data import DATASETS
+from atprobe.train import ATTACK_MODES, METHODS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
+
+from atprobe.cli.common import NUMBER
+
+EXAMPLES = """
+\b
+Examples:
+  atprobe train --method pgd_at --epochs 10 --out runs/pgd           # cnn-small on synthetic data
+  atprobe train --method trades --label-noise 1.0 --out runs/trades_random
+  atprobe train --arch resnet18 --dataset cifar10 --download --method pgd_at \\
+      --epochs 200 --te --out runs/pgd_te                                 # the paper's setting
+  atprobe train --method pgd_at --mix-clean --mix-epochs 50 --out runs/mix
+  atprobe train --resume runs/pgd                                          # continue after a stop
+"""
+
+D = TrainConfig()
+
+
+@click.command("train", epilog=EXAMPLES)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (config.json, curves.csv, final.pt, best.pt, last.pt, epoch_*.pt).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue an interrupted run (its config.json wins over other options).")
+@click.option("--arch", default=D.arch, show_default=True, help="Architecture (see docs/models.md).")
+@click.option("--dataset", type=click.Choice(DATASETS), default=D.dataset, show_default=True)
+@click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default $ATPROBE_DATA_DIR).")
+@click.option("--download", is_flag=True, help="Fetch a missing dataset (MD5-verified).")
+@click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True)
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
+@click.option("--lr", type=NUMBER, default=D.lr, show_default=True)
+@click.option("--momentum", type=NUMBER, default=D.momentum, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=D.nesterov, show_default=True)
+@click.option("--weight-decay", type=NUMBER, default=D.weight_decay, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
+              help="piecewise: lr x lr-decay at each milestone; cosine: to 0 at the last epoch.")
+@click.option("--milestones", default=None, help="Comma-separated epochs (default 50%,75% of epochs).")
+@click.option("--lr-decay", type=NUMBER, default=D.lr_decay, show_default=True)
+@click.option("--augment/--no-augment", default=D.augment, show_default=True, help="Random crop (pad 4) + flip.")
+@click.option("--dropout", type=NUMBER, default=D.dropout, show_default=True)
+@click.option("--label-noise", type=NUMBER, default=D.label_noise, show_default=True,
+              help="Symmetric label noise rate; 1.0 = completely random labels.")
+@click.option("--label-seed", type=int, default=D.label_seed, show_default=True)
+@click.option("--norm", type=click.Choice(NORMS), default=D.norm, show_default=True)
+@click.option("--eps", type=NUMBER, default=None, help="Radius (default 8/255 linf, 128/255 l2).")
+@click.option("--alpha", type=NUMBER, default=None, help="Attack step (default eps/4).")
+@click.option("--steps", type=int, default=D.steps, show_default=True)
+@click.option("--attack-mode", type=click.Choice(ATTACK_MODES), default=D.attack_mode, show_default=True,
+              help="Model mode while crafting training examples.")
+@click.option("--beta", type=NUMBER, default=D.beta, show_default=True, help="TRADES weight of the KL term.")
+@click.option("--mix-clean", is_flag=True, help="Eq. 6: (1-g) CE(x) + g CE(x'), g ramping 0 -> 1.")
+@click.option("--mix-epochs", type=int, default=None, help="Epoch at which g reaches 1 (default epochs/2).")
+@click.option("--mix-ramp", type=click.Choice(RAMPS), default=D.mix_ramp, show_default=True)
+@click.option("--te", is_flag=True, help="Temporal ensembling (Eq. 7) on pgd_at or trades.")
+@click.option("--te-eta", type=NUMBER, default=D.te_eta, show_default=True, help="Ensemble momentum.")
+@click.option("--te-weight", type=NUMBER, default=D.te_weight, show_default=True,
+              help="Weight of the per-sample squared L2 distance at full ramp.")
+@click.option("--te-start", type=int, default=None, help="Ramp start epoch (default 45% of epochs).")
+@click.option("--te-end", type=int, default=None, help="Ramp end epoch (default 75% of epochs).")
+@click.option("--te-trades-input", type=click.Choice(TE_TRADES_INPUTS), default=D.te_trades_input,
+              show_default=True, help="TRADES+TE: outer TE term on the natural or adversarial prediction.")
+@click.option("--val-size", type=int, default=D.val_size, show_default=True, help="Hold out N train images.")
+@click.option("--val-seed", type=int, default=D.val_seed, show_default=True)
+@click.option("--train-n", type=int, default=D.train_n, show_default=True,
+              help="Train on the first N training samples only (0 = all).")
+@click.option("--eval-n", type=int, default=D.eval_n, show_default=True, help="Samples per curve evaluation.")
+@click.option("--eval-attack", default=D.eval_attack, show_default=True,
+              help="Robust metric of the curves and of best.pt (an eval attack name, e.g. pgd20).")
+@click.option("--eval-every", type=int, default=D.eval_every, show_default=True)
+@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Keep epoch_K.pt every K epochs.")
+@click.option("--log-grad-ratio", type=int, default=D.log_grad_ratio, show_default=True,
+              help="Log gradient-norm ratios for the first N iterations (gradratio.csv).")
+@click.option("--synthetic-seed", type=int, default=D.synthetic_seed, show_default=True)
+@click.option("--amp/--no-amp", default=D.amp, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
+def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, **options) -> None:
+    """Adversarially train a model and write a run directory."""
+    if (out_dir is None) == (resume_dir is None):
+        raise click.UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    if milestones is not None:
+        try:
+            options["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
+        except ValueError:
+            raise click.BadParameter(f"{milestones!r} is not a comma-separated list of epochs",
+                                     param_hint="--milestones") from None
+    config = TrainConfig(compile=compile_, **options)
+
+    def report(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+        if not quiet:
+            text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            click.echo(f"epoch {epoch}/{epochs} {text}", err=True)
+
+    out = train(config, out_dir or resume_dir, device=device, resume=resume_dir is not None, progress=report)
+    if not quiet:
+        click.echo(f"wrote {out}", err=True)

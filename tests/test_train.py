@@ -1,0 +1,197 @@
+"""Training core: methods learn, labels, TE/ramps by hand, losses by formula, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from atprobe import objectives
+from atprobe.attacks import pgd
+from atprobe.checkpoint import load_checkpoint
+from atprobe.cli.main import cli
+from atprobe.data import load_dataset, symmetric_label_noise
+from atprobe.errors import AtprobeError
+from atprobe.models import build_model
+from atprobe.train import TrainConfig, learning_rate, mix_gamma, te_weight, train, training_loss
+
+FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, steps=2,
+            eval_attack="pgd3", lr=0.05, schedule="constant")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _curve(run, split, metric):
+    df = pd.read_csv(run / "curves.csv")
+    return df[(df.split == split) & (df.metric == metric)].sort_values("epoch").value.tolist()
+
+
+@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "fgsm_rs"])
+def test_each_method_learns(tmp_path, method):
+    run = train(TrainConfig(method=method, epochs=3, **FAST), tmp_path / method, device="cpu")
+    acc = _curve(run, "train", "natural_acc")
+    assert acc[-1] > acc[0] or acc[-1] > 0.5, acc
+    assert acc[-1] > 0.25  # chance is 0.1
+    for name in ("config.json", "curves.csv", "curves.meta.json", "final.pt", "best.pt", "last.pt"):
+        assert (run / name).is_file(), name
+    ck = load_checkpoint(run / "final.pt")
+    assert ck.epoch == 3 and ck.train_config["method"] == method
+
+
+def test_random_labels_are_stored_and_reproducible(tmp_path):
+    cfg = TrainConfig(method="standard", epochs=1, label_noise=1.0, label_seed=7, **FAST)
+    a = load_checkpoint(train(cfg, tmp_path / "a", device="cpu") / "final.pt")
+    b = load_checkpoint(train(cfg, tmp_path / "b", device="cpu") / "final.pt")
+    truth = load_dataset("synthetic").train.true_y
+    expected = symmetric_label_noise(truth, 1.0, 10, 7)
+    assert torch.equal(a.labels, expected) and torch.equal(a.labels, b.labels)
+    changed = (a.labels != truth).float().mean().item()
+    assert abs(changed - 0.9) < 0.03  # rate 1: every label redrawn, 1/C keep theirs by chance
+    for key in a.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key])
+
+
+def test_ramps_and_schedules_by_hand():
+    assert objectives.gaussian_rampup(89, 90, 150) == 0.0
+    assert objectives.gaussian_rampup(90, 90, 150) == pytest.approx(math.exp(-5))
+    assert objectives.gaussian_rampup(120, 90, 150) == pytest.approx(math.exp(-1.25))
+    assert objectives.gaussian_rampup(150, 90, 150) == 1.0
+    cfg = TrainConfig(method="pgd_at", te=True).resolved()
+    assert (cfg.te_start, cfg.te_end, cfg.milestones) == (90, 150, (100, 150))
+    assert te_weight(cfg, 120) == pytest.approx(30 * math.exp(-1.25))
+    assert learning_rate(cfg, 99.9) == pytest.approx(0.1)
+    assert learning_rate(cfg, 100) == pytest.approx(0.01)
+    assert learning_rate(cfg, 160) == pytest.approx(0.001)
+    cos = TrainConfig(schedule="cosine", epochs=10).resolved()
+    assert learning_rate(cos, 5) == pytest.approx(0.05) and learning_rate(cos, 10) == pytest.approx(0)
+    mix = TrainConfig(method="pgd_at", mix_clean=True, epochs=20, mix_epochs=10).resolved()
+    assert [mix_gamma(mix, e) for e in (0, 5, 10, 15)] == [0.0, 0.5, 1.0, 1.0]
+    sig = TrainConfig(method="pgd_at", mix_clean=True, epochs=20, mix_epochs=10, mix_ramp="sigmoid").resolved()
+    assert mix_gamma(sig, 5) == pytest.approx(math.exp(-5 * 0.25))
+
+
+def test_temporal_ensemble_update_by_hand():
+    ens = torch.zeros(4, 2)
+    index = torch.tensor([1, 3])
+    p1 = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+    target = objectives.update_ensemble(ens, index, p1, 0.9)
+    torch.testing.assert_close(ens[1], torch.tensor([0.08, 0.02]))
+    torch.testing.assert_close(target, p1)  # bias correction: (0.1 p) / 0.1
+    p2 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    target = objectives.update_ensemble(ens, index, p2, 0.9)
+    raw = 0.9 * 0.1 * p1 + 0.1 * p2  # [[0.072, 0.118], [0.136, 0.054]]
+    torch.testing.assert_close(ens[index], raw)
+    torch.testing.assert_close(target, raw / (1 - 0.9**2))
+    assert torch.equal(ens[0], torch.zeros(2))
+
+
+def _fixed_batch():
+    torch.manual_seed(0)
+    model = build_model("cnn-small").double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=g)
+    return model, x, y
+
+
+def test_losses_match_direct_formulas():
+    model, x, y = _fixed_batch()
+    # PGD-AT: CE on examples from the same attack and generator state
+    # (the attack runs in eval mode: reference examples come from a copy taken before the
+    # train-mode forwards of training_loss move the BatchNorm running statistics)
+    cfg = TrainConfig(method="pgd_at", steps=3).resolved()
+    x_adv = pgd(copy.deepcopy(model), x, y, cfg.attack_config(), generator=torch.Generator().manual_seed(1))
+    out = training_loss(model, x, y, cfg, epoch=0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.x_adv, x_adv)
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x_adv), y))
+    # Eq. 6 with gamma = 0.5
+    mix = TrainConfig(method="pgd_at", steps=3, mix_clean=True, epochs=4, mix_epochs=2).resolved()
+    out = training_loss(model, x, y, mix, epoch=1, generator=torch.Generator().manual_seed(1))
+    expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(out.x_adv), y)
+    torch.testing.assert_close(out.loss, expected)
+    # TRADES: CE(f(x)) + beta * KL(f(x) || f(x')), batchmean
+    tr = TrainConfig(method="trades", steps=3, beta=6.0).resolved()
+    out = training_loss(model, x, y, tr, epoch=0, generator=torch.Generator().manual_seed(1))
+    logits_nat, logits_adv = model(x), model(out.x_adv)
+    kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="batchmean")
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits_nat, y) + 6.0 * kl)
+    # TE: + w * ||softmax(f(x')) - p_hat||^2 per sample (w = 30 at full ramp), also in the attack
+    te = TrainConfig(method="pgd_at", steps=3, te=True, epochs=10, te_start=0, te_end=0).resolved()
+    target = F.softmax(torch.randn(8, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64), 1)
+    out = training_loss(model, x, y, te, epoch=5, generator=torch.Generator().manual_seed(1), te_target=target)
+    logits = model(out.x_adv)
+    penalty = (F.softmax(logits, 1) - target).pow(2).sum(1)
+    torch.testing.assert_close(out.loss, (F.cross_entropy(logits, y, reduction="none") + 30 * penalty).mean())
+    assert not torch.equal(out.x_adv, x_adv)  # the TE term changed the inner maximization
+    # TRADES + TE: the outer TE term on the natural prediction by default
+    tte = TrainConfig(method="trades", steps=3, te=True, epochs=10, te_start=0, te_end=0).resolved()
+    out = training_loss(model, x, y, tte, epoch=5, generator=torch.Generator().manual_seed(1), te_target=target)
+    ln, la = model(x), model(out.x_adv)
+    kl = F.kl_div(F.log_softmax(la, 1), F.softmax(ln, 1), reduction="batchmean")
+    pen = (F.softmax(ln, 1) - target).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.loss, F.cross_entropy(ln, y) + 6.0 * kl + 30 * pen)
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    cfg = TrainConfig(method="pgd_at", epochs=3, te=True, te_start=0, te_end=2, dropout=0.1, **FAST)
+    full = load_checkpoint(train(cfg, tmp_path / "full", device="cpu") / "final.pt")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, epochs, metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", device="cpu", progress=stop_after_first)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
+    resumed = load_checkpoint(train(cfg, tmp_path / "cut", device="cpu", resume=True) / "final.pt")
+    for key, value in full.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+    curves = pd.read_csv(tmp_path / "cut" / "curves.csv")
+    assert sorted(curves.epoch.unique()) == [1, 2, 3]
+
+
+def test_grad_ratio_log(tmp_path):
+    run = train(TrainConfig(method="pgd_at", epochs=1, log_grad_ratio=3, **FAST), tmp_path / "r", device="cpu")
+    df = pd.read_csv(run / "gradratio.csv")
+    assert list(df.iteration) == [0, 1, 2]
+    torch.testing.assert_close(torch.tensor(df.ratio.values), torch.tensor((df.grad_r / df.grad_ce).values))
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--eps", "-0.1"], "eps"),
+    (["--method", "madry"], "madry"),
+    (["--method", "standard", "--te"], "--te works with"),
+    (["--te", "--te-start", "10", "--te-end", "5"], "before it starts"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/atprobe"], "--download"),
+    (["--epochs", "0"], "epochs"),
+    (["--label-noise", "1.5"], "rate"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, pattern):
+    result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "run"), "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in result.output
+    assert pattern in result.output, result.output
+    assert lines[-1].startswith("Error:")
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_resolved_config_rejects_nonsense():
+    with pytest.raises(AtprobeError):
+        TrainConfig(method="pgd_at", milestones=(150, 100), epochs=200).resolved()
+    with pytest.raises(AtprobeError):
+        TrainConfig(method="trades", mix_clean=True).resolved()
