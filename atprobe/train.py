@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from atprobe import objectives
-from atprobe.attacks import NORMS, PGDConfig, attack_loss, fgsm_rs_config, full_precision, parse_attack, pgd
+from atprobe.attacks import (NORMS, PGDConfig, attack_loss, fgsm_rs_config, full_precision, parse_attack, pgd,
+                             random_start)
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import DATASETS, Dataset, Split, iterate_batches, load_dataset
 from atprobe.errors import AtprobeError, check_choice
@@ -219,6 +220,28 @@ def te_weight(config: TrainConfig, epoch: int) -> float:
 # ---------------------------------------------------------------------------- one step
 
 
+class MultiForward(nn.Module):
+    """``forward(*xs)`` = one ``model(x)`` per input, as a tuple.
+
+    Each input keeps its own forward (train-mode BatchNorm statistics per input, as the
+    methods define), but a DDP wrapper sees a single forward per step, which is what its
+    gradient reduction expects (TRADES and Eq. 6 need two).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.model(x) for x in xs)
+
+
+def _forward(model: nn.Module, *xs: Tensor) -> tuple[Tensor, ...]:
+    if isinstance(model, MultiForward) or isinstance(getattr(model, "module", None), MultiForward):
+        return model(*xs)
+    return tuple(model(x) for x in xs)
+
+
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar objective to minimize
@@ -237,6 +260,8 @@ def training_loss(
     generator: torch.Generator | None,
     te_target: Tensor | None = None,
     amp: bool = True,
+    delta_init: Tensor | None = None,
+    attack_model: nn.Module | None = None,
 ) -> StepOutput:
     """The objective of ``config.method`` on one batch (model in train mode for the update).
 
@@ -245,34 +270,38 @@ def training_loss(
     fgsm_rs:  as pgd_at with x' from FGSM with random start
     trades:   mean CE(f(x), y) + beta KL(f(x) || f(x'))
     TE (Eq. 7) adds w ||softmax(f(.)) - p_hat||^2 to the objective and to the attack's loss.
+
+    ``delta_init`` is the attack's random start (drawn by the caller for the global batch
+    under DDP); ``attack_model`` is the unwrapped module to attack (DDP's wrapper is only
+    for the forward whose gradient is reduced).
     """
+    attacker = model if attack_model is None else attack_model
     device = x.device
     w = te_weight(config, epoch) if te_target is not None else 0.0
     if config.method == "standard":
         with autocast(device, amp):
-            logits = model(x)
+            (logits,) = _forward(model, x)
         loss = objectives.ce(logits, y).mean()
         return StepOutput(loss, logits, None, {"ce": loss.detach()})
 
     attack = config.attack_config()
     if config.method == "trades":
-        with torch.no_grad(), module_mode(model, not attack.eval_mode), autocast(device, amp):
-            natural_for_attack = model(x)
+        with torch.no_grad(), module_mode(attacker, not attack.eval_mode), autocast(device, amp):
+            natural_for_attack = attacker(x)
         inner = attack_loss("kl", natural_logits=natural_for_attack)
     else:
         inner = attack_loss("ce", y)
     loss_fn = inner
     if w > 0:
         loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
-    x_adv = pgd(model, x, y, attack, generator=generator, loss_fn=loss_fn, amp=amp)
+    x_adv = pgd(attacker, x, y, attack, generator=generator, loss_fn=loss_fn, amp=amp, delta_init=delta_init)
 
     with autocast(device, amp):
-        if config.method == "trades":
-            logits_nat = model(x)
-            logits_adv = model(x_adv)
+        if config.method == "trades" or (config.mix_clean and mix_gamma(config, epoch) < 1):
+            logits_nat, logits_adv = _forward(model, x, x_adv)
         else:
-            logits_adv = model(x_adv)
-            logits_nat = model(x) if config.mix_clean and mix_gamma(config, epoch) < 1 else None
+            (logits_adv,) = _forward(model, x_adv)
+            logits_nat = None
     parts: dict[str, Tensor] = {}
     if config.method == "trades":
         ce_nat = objectives.ce(logits_nat, y)
@@ -334,6 +363,60 @@ def grad_ratio_parts(
         norms = {"grad_ce": g_ce.norm(), "grad_ce_adv": g_adv.norm(), "grad_r": (g_adv - g_ce).norm()}
         norms["ratio"] = norms["grad_r"] / norms["grad_ce"]
     return {k: float(v) for k, v in norms.items()}
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This rank's contiguous share of a global batch of n samples (sizes differ by <= 1)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def all_gather_rows(self, t: Tensor, n: int) -> Tensor:
+        """Concatenate every rank's ``rows(n)`` share of a batch back into the global batch."""
+        if self.world_size == 1:
+            return t
+        size = -(-n // self.world_size)  # padded to equal size: all_gather wants equal shapes
+        padded = t.new_zeros((size, *t.shape[1:]))
+        padded[: len(t)] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([p[: len(range(n)[DistContext(r, self.world_size).rows(n)])]
+                          for r, p in enumerate(parts)])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def distributed_context(device: str | torch.device) -> tuple[DistContext, torch.device]:
+    """Join the ``torchrun`` job named by the environment (WORLD_SIZE > 1), if any:
+    NCCL on GPUs (one per local rank), gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), resolve_device(device)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local)
+        torch.cuda.set_device(resolved)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(rank, world), resolved
 
 
 # ---------------------------------------------------------------------------- the run
@@ -427,7 +510,7 @@ def train(
     ``progress(epoch, epochs, metrics)`` is called after each epoch (the CLI prints it).
     """
     out = Path(out_dir)
-    device = resolve_device(device)
+    ctx, device = distributed_context(device)
     if resume:
         saved = out / "config.json"
         if not saved.is_file():
@@ -436,6 +519,8 @@ def train(
         if not (out / "last.pt").is_file():
             raise AtprobeError(f"cannot resume {out}: no last.pt (no epoch finished yet); start it again instead")
     config = config.resolved()
+    if config.batch_size < ctx.world_size:
+        raise AtprobeError(f"batch size {config.batch_size} is smaller than the {ctx.world_size} processes")
     set_determinism(config.seed)
 
     data = load_training_data(config)
@@ -447,6 +532,11 @@ def train(
     labels = full_labels
 
     model = prepare_model(build_model(config.arch, **_arch_kwargs(config, data)), device)
+    # Every rank starts from rank 0's weights (seeded init is identical anyway; this makes it certain).
+    wrapped: nn.Module = model
+    if ctx.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(MultiForward(model),
+                                                      device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     ensemble = (torch.zeros(len(full_labels), data.num_classes, device=device) if config.te else None)
@@ -471,7 +561,7 @@ def train(
             curves = old[old["epoch"] <= state.epoch].to_dict("records")
         if (out / "gradratio.csv").is_file():
             grad_rows = pd.read_csv(out / "gradratio.csv").to_dict("records")
-    else:
+    elif ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(config.to_json(), out / "config.json")
 
@@ -491,7 +581,9 @@ def train(
     natural = parse_attack("natural")
     eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, config.batch_size), seed=config.seed)
 
-    forward_model: nn.Module = torch.compile(model) if config.compile else model
+    forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped
+    attack_model: nn.Module = torch.compile(model) if config.compile and ctx.world_size == 1 else model
+    attack = config.attack_config()
     iters_per_epoch = math.ceil(len(train_split) / config.batch_size)
     iteration = state.epoch * iters_per_epoch
     start_time = time.perf_counter()
@@ -505,26 +597,45 @@ def train(
         for i, batch in enumerate(iterate_batches(train_split, config.batch_size, shuffle=True,
                                                   augment=config.augment, generator=state.data_gen,
                                                   channels_last=True)):
+            # Under DDP every rank draws the same global batch (shared generator) and keeps
+            # its rows: the run equals a single process with the same global batch.
+            n_global = len(batch)
+            if n_global < ctx.world_size:
+                continue  # a last batch too small to give every rank a sample
+            rows = ctx.rows(n_global)
             lr = learning_rate(config, epoch + i / iters_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            delta_init = None
+            if config.method != "standard":
+                delta_init = random_start(batch.x, attack, state.attack_gen)[rows]
+            x, y, index = batch.x[rows], batch.y[rows], batch.index[rows]
             te_target = None
             if ensemble is not None:
                 with torch.no_grad(), module_mode(model, False), autocast(device, config.amp):
-                    probs = F.softmax(full_precision(forward_model(batch.x)), dim=1)
-                te_target = objectives.update_ensemble(ensemble, batch.index, probs, config.te_eta)
-            step = training_loss(forward_model, batch.x, batch.y, config, epoch=epoch,
-                                 generator=state.attack_gen, te_target=te_target, amp=config.amp)
-            if iteration < config.log_grad_ratio and step.x_adv is not None:
-                row = grad_ratio_parts(model, batch.x, step.x_adv, batch.y, config, amp=config.amp)
+                    probs = F.softmax(full_precision(attack_model(x)), dim=1)
+                probs = ctx.all_gather_rows(probs, n_global)
+                te_target = objectives.update_ensemble(ensemble, batch.index, probs, config.te_eta)[rows]
+            step = training_loss(forward_model, x, y, config, epoch=epoch, generator=state.attack_gen,
+                                 te_target=te_target, amp=config.amp, delta_init=delta_init,
+                                 attack_model=attack_model)
+            if ctx.main and iteration < config.log_grad_ratio and step.x_adv is not None:
+                row = grad_ratio_parts(model, x, step.x_adv, y, config, amp=config.amp)
                 grad_rows.append({"iteration": iteration, "epoch": epoch, "method": config.method, **row})
             optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
+            # DDP averages gradients over ranks; weighting by the share makes that the global mean.
+            share = len(y) * ctx.world_size / n_global
+            (step.loss * share if ctx.world_size > 1 else step.loss).backward()
             optimizer.step()
-            loss_sum += step.loss.detach() * len(batch.y)
-            correct += (step.logits.detach().argmax(1) == batch.y).sum()
-            seen += len(batch.y)
+            loss_sum += step.loss.detach() * len(y)
+            correct += (step.logits.detach().argmax(1) == y).sum()
+            seen += len(y)
             iteration += 1
+        if ctx.world_size > 1:
+            totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
+                                                                                  dtype=torch.float64)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         state.epoch = epoch + 1
         wall = time.perf_counter() - start_time
         row_epoch = state.epoch
@@ -534,6 +645,9 @@ def train(
         curves.append({"epoch": row_epoch, "split": "-", "metric": "wall_time_s", "value": wall})
         metrics: dict[str, float] = {}
         evaluated = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
+        if not ctx.main:
+            ctx.barrier()  # rank 0 evaluates and writes; the others wait for it
+            continue
         if evaluated:
             for split_name, split in eval_sets.items():
                 df = evaluate(model, split, eval_config)
@@ -553,8 +667,11 @@ def train(
             write_table(pd.DataFrame(grad_rows), out / "gradratio.csv", run_meta(seed=config.seed, config=config.to_json()))
         # last.pt is written last: once it names an epoch, everything of that epoch is on disk.
         save_checkpoint(_checkpoint(state, config, data, labels, resume=True), out / "last.pt")
+        ctx.barrier()
         if progress is not None:
             progress(state.epoch, config.epochs, {"objective": loss_sum.item() / seen, **metrics, "lr": lr})
 
-    save_checkpoint(_checkpoint(state, config, data, labels, resume=False), out / "final.pt")
+    if ctx.main:
+        save_checkpoint(_checkpoint(state, config, data, labels, resume=False), out / "final.pt")
+    ctx.barrier()
     return out
