@@ -1,0 +1,492 @@
+"""Per-sample gradients of a per-sample loss with respect to the parameters.
+
+For samples ``(x_i, y_i)`` and a parameter point ``theta`` this computes
+
+    g_i(theta) = d/d theta  l(f(. ; theta), x_i, y_i)          (one flat vector of P entries)
+
+and reductions of it: ``||g_i||`` and, for two points, ``||g_i(a) - g_i(b)||`` and
+``cos(g_i(a), g_i(b))``, the quantities the gradient probes of Dong et al. (ICLR 2022)
+compare between clean and adversarial objectives.
+
+Eval mode. The model runs in eval mode (BatchNorm normalizes with its running
+statistics, dropout is off), so ``f(x_i)`` depends on sample i alone and
+``l_i`` has a well-defined gradient of its own. In train mode BatchNorm would normalize
+with batch statistics, every ``l_i`` would depend on every sample of the batch, and a
+"per-sample gradient" would depend on which samples it was batched with. Modes are
+restored afterwards.
+
+Method. ``torch.func.vmap(torch.func.grad(l_i))`` over ``torch.func.functional_call``
+with the buffers passed as constants: one batched forward/backward per chunk instead of
+one per sample (``benchmarks/pergrad_speed.py`` measures both; see docs/pergrad.md).
+This needs models without in-place ops on activations, which every
+``atprobe.models`` architecture guarantees.
+
+Memory. A chunk of ``b`` samples holds ``b x P`` gradient entries (WRN-28-10:
+P = 36.5M, so 146 MB per sample in float32 and 9.3 GB for ``chunk_size=64``).
+Nothing ever holds ``N x P``: :func:`per_sample_grad_norms` keeps one chunk alive,
+:func:`per_sample_grad_distance` two (one per point); :func:`chunk_size_for` turns a
+memory budget into a chunk size.
+
+Adversarial objectives. ``pgd_at``, ``trades`` and ``R`` craft ``x'`` with
+``atprobe.attacks.pgd`` *at the parameter point being probed* (through
+:class:`atprobe.directions.ModelAt`), from a random start that is a function of
+``(seed, sample id)`` only, so a sample starts from the same point at every ``theta``
+and at ``theta_a == theta_b`` the two gradients are bit-identical (on a GPU, where some
+backward kernels accumulate in a nondeterministic order, only with
+``torch.use_deterministic_algorithms(True)``; otherwise up to rounding). The gradient then
+treats ``x'`` as a constant: by Danskin's theorem the gradient of
+``max_{x'} l(theta, x')`` is ``d/d theta l(theta, x')`` at the maximizer, which is also
+what PGD-AT and TRADES training step along.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from atprobe import objectives
+from atprobe.attacks import PGDConfig, pgd, random_start
+from atprobe.directions import ModelAt, functional_state, model_parameters
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.runtime import autocast, make_generator, module_mode
+
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "PerSampleLoss",
+    "PointCall",
+    "chunk_size_for",
+    "default_attack",
+    "objective",
+    "per_sample_grad_distance",
+    "per_sample_grad_norms",
+    "per_sample_grads",
+    "per_sample_starts",
+    "start_seed",
+]
+
+#: ``f``: images -> logits of the model at the parameter point being differentiated.
+PointCall = Callable[[Tensor], Tensor]
+
+
+class PerSampleLoss(Protocol):
+    """``loss(f, x, y, *extra) -> (B,)``: per-sample losses of the logits function ``f``.
+
+    Inside the gradient computation it is called one sample at a time (B = 1, under
+    ``vmap``), so it must not mix samples (no batch means, no data-dependent Python
+    control flow). ``extra`` are the tensors ``prepare`` returned, if any.
+    """
+
+    def __call__(self, f: PointCall, x: Tensor, y: Tensor, *extra: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class _Prepared(Protocol):
+    def prepare(
+        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Sequence[int]
+    ) -> tuple[Tensor, ...]: ...
+
+
+# ---------------------------------------------------------------------------- objectives
+
+#: The objectives of the gradient probes (Dong et al. 2022):
+#: clean CE, the PGD-AT loss, the TRADES loss and the robust gap R = CE(x') - CE(x).
+OBJECTIVES = ("clean", "pgd_at", "trades", "R")
+
+
+def default_attack(name: str) -> PGDConfig | None:
+    """The attack an objective uses unless told otherwise (the training attacks of
+    ``atprobe.train``): L-inf 8/255, step 2/255, 10 steps; CE with a uniform start for
+    ``pgd_at`` and ``R``, KL with TRADES' ``0.001 N(0, I)`` start for ``trades``."""
+    check_choice(name, OBJECTIVES, "objective")
+    if name == "clean":
+        return None
+    if name == "trades":
+        return PGDConfig(loss="kl", init="normal")
+    return PGDConfig(loss="ce", init="uniform")
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(v: int) -> int:
+    """The splitmix64 finalizer: a bijective scramble of a 64-bit integer."""
+    v = (v + 0x9E3779B97F4A7C15) & _M64
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & _M64
+    return v ^ (v >> 31)
+
+
+def start_seed(seed: int, sample_id: int) -> int:
+    """The generator seed of one sample's random start: ``(splitmix64(seed) + id) mod 2^32``.
+
+    32 bits because the CPU generator (mt19937) ignores the high bits of a seed (so
+    ``seed * 2^32 + id`` would give every ``seed`` the same starts). For one ``seed``,
+    distinct ids (mod 2^32) get distinct seeds; the scrambled offset makes another
+    ``seed`` give every sample a different start.
+    """
+    return (_splitmix64(int(seed) & _M64) + int(sample_id)) % (1 << 32)
+
+
+def per_sample_starts(x: Tensor, config: PGDConfig, seed: int, sample_ids: Sequence[int]) -> Tensor:
+    """Random starts ``delta_i = random_start(x_i; generator seeded start_seed(seed, id_i))``.
+
+    A sample's start depends on ``(seed, id_i, x_i)`` only, not on the batch it is in or on
+    the parameters, so it is the same at every parameter point and for every chunk size.
+    The draws are ``atprobe.attacks.random_start``'s (one per sample, on ``x``'s device,
+    no host synchronization).
+    """
+    if len(sample_ids) != x.shape[0]:
+        raise AtprobeError(f"{len(sample_ids)} sample ids for {x.shape[0]} samples")
+    if config.init == "zero" or config.eps == 0:
+        return torch.zeros_like(x)
+    return torch.cat(
+        [
+            random_start(x[i : i + 1], config, make_generator(start_seed(seed, k), x.device))
+            for i, k in enumerate(sample_ids)
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A per-sample training objective of adversarial training, as a :class:`PerSampleLoss`
+    with a ``prepare`` step that crafts the adversarial examples (see :func:`objective`).
+
+    ``clean``:  CE(f(x), y)
+    ``pgd_at``: CE(f(x'), y),                          x' = PGD on CE(f(.), y)
+    ``trades``: CE(f(x), y) + beta KL(f(x) || f(x')),  x' = PGD on KL(f(x) || f(.))
+    ``R``:      CE(f(x'), y) - CE(f(x), y),             x' = PGD on CE(f(.), y)
+
+    KL is between the softmax distributions, gradient flowing through both arguments
+    (``objectives.trades_kl``); every CE is ``objectives.ce``.
+    """
+
+    name: str
+    attack: PGDConfig | None = None
+    beta: float = 6.0
+    seed: int = 0
+    amp: bool = False
+
+    def prepare(
+        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Sequence[int]
+    ) -> tuple[Tensor, ...]:
+        """``(x',)`` crafted against ``model_at`` (the model at the probed point), or ``()``.
+
+        The start is :func:`per_sample_starts` with this objective's seed. The attack runs
+        in eval mode (``PGDConfig.eval_mode``; the gradient computation is in eval mode
+        anyway). ``x'`` is detached: the gradient treats it as a constant (Danskin).
+        """
+        if self.attack is None:
+            return ()
+        delta0 = per_sample_starts(x, self.attack, self.seed, sample_ids)
+        x_adv = pgd(model_at, x, y, self.attack, delta_init=delta0, amp=self.amp)
+        return (x_adv,)
+
+    def __call__(self, f: PointCall, x: Tensor, y: Tensor, *extra: Tensor) -> Tensor:
+        if self.name == "clean":
+            return objectives.ce(f(x), y)
+        (x_adv,) = extra
+        if self.name == "pgd_at":
+            return objectives.ce(f(x_adv), y)
+        # One forward for both inputs: in eval mode samples do not interact, so this is the
+        # same as two forwards, with half the kernel launches.
+        logits = f(torch.cat([x, x_adv]))
+        natural, adversarial = logits[: x.shape[0]], logits[x.shape[0] :]
+        if self.name == "trades":
+            return objectives.ce(natural, y) + self.beta * objectives.trades_kl(natural, adversarial)
+        return objectives.ce(adversarial, y) - objectives.ce(natural, y)  # R
+
+
+def objective(
+    name: str,
+    *,
+    attack: PGDConfig | None = None,
+    beta: float = 6.0,
+    seed: int = 0,
+    amp: bool = False,
+) -> Objective:
+    """The objective ``name`` (one of :data:`OBJECTIVES`) for the gradient functions.
+
+    Args:
+        attack: the inner maximization (default :func:`default_attack`). ``pgd_at``/``R``
+            need a ``ce`` or ``cw`` attack, ``trades`` a ``kl`` attack, ``clean`` none.
+            One restart only: further restarts would draw from a generator that is not
+            tied to the sample, breaking "same start at every parameter point".
+        beta: TRADES' weight on the KL term.
+        seed: keys the per-sample random starts (with each sample's id).
+        amp: bf16 autocast for the attack on CUDA. Off by default: probes compare
+            gradients at nearby points, where bf16 rounding of x' would be noise.
+    """
+    check_choice(name, OBJECTIVES, "objective")
+    if name == "clean":
+        if attack is not None:
+            raise AtprobeError("the clean objective has no attack")
+        return Objective(name)
+    attack = default_attack(name) if attack is None else attack
+    wanted = ("kl",) if name == "trades" else ("ce", "cw")
+    if attack.loss not in wanted:
+        raise AtprobeError(f"objective {name} needs an attack on {' or '.join(wanted)}, got {attack.loss!r}")
+    if attack.restarts != 1:
+        raise AtprobeError(
+            f"objective {name}: attacks with restarts ({attack.restarts}) have no per-sample start; use restarts=1"
+        )
+    if not (math.isfinite(beta) and beta >= 0):
+        raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta}")
+    return Objective(name, attack, float(beta), int(seed), bool(amp))
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _check(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    params: Mapping[str, Tensor] | None,
+    chunk_size: int,
+    sample_ids: Tensor | Sequence[int] | None,
+) -> tuple[dict[str, Tensor], Sequence[int]]:
+    """Validate the common arguments; returns the detached point and host-side sample ids."""
+    if x.dim() < 1 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise AtprobeError(f"x and y must have the same number of samples, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise AtprobeError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    own = dict(model.named_parameters())
+    point = model_parameters(model) if params is None else {k: v.detach() for k, v in params.items()}
+    if not point:
+        raise AtprobeError("no parameters to differentiate")
+    for name, v in point.items():
+        if name not in own:
+            raise AtprobeError(f"{name!r} is not a parameter of the model")
+        if v.shape != own[name].shape:
+            raise AtprobeError(f"parameter {name!r} has shape {tuple(own[name].shape)}, the point gives {tuple(v.shape)}")
+    n = x.shape[0]
+    if sample_ids is None:
+        ids: Sequence[int] = range(n)  # row positions; a range slices without copying
+    else:
+        # One host copy up front (a sync if the ids live on a GPU), none inside the loop.
+        ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else [int(i) for i in sample_ids]
+        if len(ids) != n:
+            raise AtprobeError(f"{len(ids)} sample ids for {n} samples")
+    return point, ids
+
+
+def _grad_chunks(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    point: dict[str, Tensor],
+    chunk_size: int,
+    sample_ids: Sequence[int],
+    amp: bool,
+) -> Iterator[dict[str, Tensor]]:
+    """Per-sample gradients chunk by chunk: ``{name: (b, *param.shape)}`` in ``point`` order.
+
+    Drops its own reference to a chunk as soon as the consumer resumes it, so a consumer
+    that lets go of chunk k before asking for chunk k+1 never has two alive.
+    """
+    _, consts = functional_state(model, point)
+
+    def single(p: dict[str, Tensor], xi: Tensor, yi: Tensor, *extra: Tensor) -> Tensor:
+        # One sample, batch of one; buffers and unprobed parameters are closed over as
+        # constants, so only ``p`` is differentiated (and broadcast, not copied, by vmap).
+        def f(inputs: Tensor) -> Tensor:
+            return functional_call(model, (p, consts), (inputs,))
+
+        return loss_fn(f, xi.unsqueeze(0), yi.unsqueeze(0), *(e.unsqueeze(0) for e in extra)).sum()
+
+    prepare = loss_fn.prepare if isinstance(loss_fn, _Prepared) else None
+    view = ModelAt(model, point) if prepare is not None else None
+    for start in range(0, x.shape[0], chunk_size):
+        xb, yb = x[start : start + chunk_size].detach(), y[start : start + chunk_size]
+        # Eval mode per chunk (restored in between), so a consumer that keeps the
+        # iterator open does not find its model switched to eval.
+        with module_mode(model, False):
+            extra: tuple[Tensor, ...] = ()
+            if prepare is not None:
+                extra = tuple(e.detach() for e in prepare(view, xb, yb, sample_ids[start : start + chunk_size]))
+            in_dims = (None, 0, 0, *([0] * len(extra)))
+            with autocast(x.device, amp):
+                grads = vmap(grad(single), in_dims=in_dims)(point, xb, yb, *extra)
+        del extra
+        yield grads
+        del grads
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    chunk_size: int = 64,
+    sample_ids: Tensor | Sequence[int] | None = None,
+    amp: bool = False,
+) -> Iterator[Tensor]:
+    """Per-sample gradients ``g_i = d l_i / d theta`` as flat ``(b, P)`` chunks, ``b <= chunk_size``.
+
+    Args:
+        model: any ``atprobe.models`` model (no in-place ops); run in eval mode.
+        loss_fn: ``loss_fn(f, x, y, *extra) -> (B,)``, e.g. :func:`objective` or a plain
+            function; if it has ``prepare(model_at, x, y, sample_ids)`` that is called
+            once per chunk, outside the gradient, and its outputs are passed as ``extra``.
+        x, y: the samples (N, ...) and labels (N,), on the model's device.
+        params: the parameter point ``{name: tensor}`` (e.g.
+            ``directions.perturbed_parameters``); gradients are taken with respect to
+            exactly these entries, flattened in this dict's order (P = their total size);
+            parameters it omits stay at the model's values as constants. Default: all of
+            the model's parameters, in ``named_parameters()`` order.
+        chunk_size: samples per chunk; a chunk holds ``chunk_size x P`` floats
+            (twice that while it is flattened).
+        sample_ids: one integer per sample keying its random start (e.g. ``Split.index``);
+            default the row position 0..N-1.
+        amp: bf16 autocast on CUDA for the gradient's forward/backward. Off by default.
+    """
+    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
+    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp)
+
+
+def _flat_chunks(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    point: dict[str, Tensor],
+    chunk_size: int,
+    ids: Sequence[int],
+    amp: bool,
+) -> Iterator[Tensor]:
+    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp):
+        flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+        del grads
+        yield flat
+        del flat
+
+
+#: Entries per partial sum in :func:`_norms`. The CPU's float32 norm kernel accumulates
+#: long rows sequentially: over 10^7 entries it is off by ~1e-4 (relative), the cascade of
+#: 4096-entry blocks by ~1e-7, at the same speed. On a GPU the extra level costs nothing.
+_BLOCK = 4096
+
+
+def _norms(grads: Mapping[str, Tensor]) -> Tensor:
+    """Per-sample L2 norm over all parameters of a chunk, (b,), in the gradients' dtype.
+
+    A two-level reduction: norms of 4096-entry blocks of every parameter, then the norm of
+    those. ``vector_norm`` throughout: no ``(b, numel)`` temporary (``g.pow(2)`` would
+    allocate one per layer, ~9x the cost of the reduction on the CPU) and no overflow.
+    """
+    parts: list[Tensor] = []
+    for g in grads.values():
+        flat = g.flatten(1)
+        b, n = flat.shape
+        full = n - n % _BLOCK
+        if full:  # a view: rows are contiguous, so (b, n) -> (b, n / 4096, 4096) copies nothing
+            parts.append(torch.linalg.vector_norm(flat[:, :full].reshape(b, -1, _BLOCK), dim=2))
+        if full < n:
+            parts.append(torch.linalg.vector_norm(flat[:, full:], dim=1, keepdim=True))
+    return torch.linalg.vector_norm(torch.cat(parts, dim=1), dim=1)
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    chunk_size: int = 64,
+    sample_ids: Tensor | Sequence[int] | None = None,
+    amp: bool = False,
+) -> Tensor:
+    """``||g_i||_2`` for every sample, shape (N,), on ``x``'s device (arguments as in
+    :func:`per_sample_grads`). One chunk of gradients is alive at a time, never flattened."""
+    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
+    norms: list[Tensor] = []
+    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp):
+        norms.append(_norms(grads))
+        del grads  # before the next chunk is computed: one chunk alive, not two
+    return torch.cat(norms) if norms else x.new_zeros(0)
+
+
+def per_sample_grad_distance(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    params_a: Mapping[str, Tensor],
+    params_b: Mapping[str, Tensor],
+    *,
+    chunk_size: int = 64,
+    sample_ids: Tensor | Sequence[int] | None = None,
+    amp: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(||g_i(a) - g_i(b)||_2, cos(g_i(a), g_i(b)))`` for every sample, each (N,).
+
+    The same sample's gradient at two parameter points (e.g. ``theta`` and
+    ``theta + lam d``). The cosine ``<g_a, g_b> / (||g_a|| ||g_b||)`` is evaluated as
+    ``(||g_a||^2 + ||g_b||^2 - ||g_a - g_b||^2) / (2 ||g_a|| ||g_b||)`` from three accurately
+    reduced norms (absolute error ~ eps (||g_a||/||g_b|| + ||g_b||/||g_a||)), and is 0 when
+    either gradient is exactly zero. Adversarial objectives craft ``x'`` separately at
+    each point from the same start, so ``params_a == params_b`` gives distance 0 and
+    cosine 1 exactly (given deterministic kernels; see the module docstring). At most two chunks of gradients (one per point) are alive at any
+    time. ``params_a`` and ``params_b`` must name the same parameters. Results are in
+    the gradients' dtype, on ``x``'s device.
+    """
+    point_a, ids = _check(model, x, y, params_a, chunk_size, sample_ids)
+    point_b, _ = _check(model, x, y, params_b, chunk_size, sample_ids)
+    if list(point_a) != list(point_b):
+        raise AtprobeError("params_a and params_b must name the same parameters in the same order")
+    dists: list[Tensor] = []
+    cosines: list[Tensor] = []
+    chunks_b = _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp)
+    for ga in _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp):
+        gb = next(chunks_b)
+        na, nb = _norms(ga), _norms(gb)
+        # The distance from the differences themselves, not from ||a||^2 + ||b||^2 - 2<a,b>,
+        # which cancels catastrophically at nearby points. In place into ga's tensors
+        # (private to this loop, no longer needed): no temporary of a layer's size.
+        for k, a in ga.items():
+            a.sub_(gb[k])
+        dist = _norms(ga)
+        del ga, gb  # both chunks go before the next pair is computed: two alive at most
+        # The cosine from the three accurate norms (law of cosines) rather than a separate
+        # dot product: a float32 GEMM-based dot over 10^7 entries is off by ~1e-2 on the
+        # CPU, and this form gives exactly 1 when the gradients are identical.
+        cos = (na.square() + nb.square() - dist.square()) / (2 * na * nb).clamp_min(torch.finfo(na.dtype).tiny)
+        dists.append(dist)
+        cosines.append(cos.clamp(-1.0, 1.0))
+    if not dists:
+        empty = x.new_zeros(0)
+        return empty, empty
+    return torch.cat(dists), torch.cat(cosines)
+
+
+def chunk_size_for(
+    model_or_params: nn.Module | Mapping[str, Tensor],
+    budget_bytes: float,
+    *,
+    copies: int = 1,
+    overhead: float = 2.0,
+) -> int:
+    """The largest chunk whose gradients fit in ``budget_bytes``: ``budget / (copies x
+    overhead x P x bytes per entry)``, at least 1.
+
+    ``copies``: gradient chunks alive at once (1 for norms, 2 for distances).
+    ``overhead``: room for the backward pass's temporaries and flattening (2 = the
+    chunk's size again). Activations are not counted: keep a margin for them.
+    E.g. WRN-28-10 (P = 36.5M, float32), 40 GB, copies=2: 68 samples.
+    """
+    tensors: Any = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params.values()
+    per_sample = sum(t.numel() * t.element_size() for t in tensors)
+    if per_sample == 0:
+        raise AtprobeError("no parameters")
+    return max(1, int(budget_bytes // (copies * overhead * per_sample)))

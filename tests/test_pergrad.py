@@ -1,0 +1,322 @@
+"""Per-sample gradients against plain single-sample backward passes (float64, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atprobe import pergrad
+from atprobe.attacks import PGDConfig, pgd
+from atprobe.directions import ModelAt, directions, model_parameters, perturbed_parameters
+from atprobe.errors import AtprobeError
+from atprobe.models import build_model
+from atprobe.pergrad import (
+    chunk_size_for,
+    objective,
+    per_sample_grad_distance,
+    per_sample_grad_norms,
+    per_sample_grads,
+    per_sample_starts,
+)
+
+# Short attacks keep the file fast; the math does not depend on the step count.
+PGD3 = PGDConfig(steps=3)
+TRADES3 = PGDConfig(steps=3, loss="kl", init="normal")
+
+
+def ce64(f, x, y):
+    """CE in the logits' own dtype (atprobe.objectives.ce computes in float32), so the
+    float64 comparisons below test the gradient machinery to 1e-10, not a float32 CE."""
+    return F.cross_entropy(f(x), y, reduction="none")
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+    return model
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(build_model("cnn-small").double()).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return build_model("mlp").double().eval()
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+
+
+def _at(model: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """A real copy of the model with its weights set to ``params``."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    return moved
+
+
+def loop_grads(model, loss, x, y, extra=()) -> torch.Tensor:
+    """The reference: one ``loss_i.backward()`` per sample, flat .grad fields stacked (N, P)."""
+    model.eval()
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss(model, x[i : i + 1], y[i : i + 1], *(e[i : i + 1] for e in extra)).sum().backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------- against the loop
+
+
+@pytest.mark.parametrize("arch", ["cnn", "mlp"])
+def test_grads_and_norms_match_the_loop(arch, cnn, mlp, data):
+    model = cnn if arch == "cnn" else mlp
+    x, y = data
+    ref = loop_grads(model, ce64, x, y)
+    chunks = list(per_sample_grads(model, ce64, x, y, chunk_size=3))
+    assert [c.shape for c in chunks] == [(3, ref.shape[1]), (1, ref.shape[1])]
+    torch.testing.assert_close(torch.cat(chunks), ref, rtol=1e-10, atol=1e-12)
+    norms = per_sample_grad_norms(model, ce64, x, y, chunk_size=3)
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=0)
+
+
+def test_distance_and_cosine_match_the_loop(cnn, data):
+    x, y = data
+    d = directions(cnn, 1, seed=0, ignore="none")[0]
+    a, b = model_parameters(cnn), perturbed_parameters(cnn, d, 0.2)
+    ga, gb = loop_grads(cnn, ce64, x, y), loop_grads(_at(cnn, b), ce64, x, y)
+    dist, cos = per_sample_grad_distance(cnn, ce64, x, y, a, b, chunk_size=3)
+    torch.testing.assert_close(dist, (ga - gb).norm(dim=1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(cos, F.cosine_similarity(ga, gb, dim=1), rtol=0, atol=1e-12)
+    assert (dist > 0).all() and (cos < 1).all()
+
+
+def test_builtin_objectives_match_the_loop(cnn, data):
+    """clean/pgd_at/trades/R through vmap equal single-sample backward passes with x'
+    held fixed (Danskin), the x' being the objective's own at that point."""
+    x, y = data[0][:2], data[1][:2]
+    view = ModelAt(cnn, model_parameters(cnn))
+    for name, attack in [("clean", None), ("pgd_at", PGD3), ("trades", TRADES3), ("R", PGD3)]:
+        obj = objective(name, attack=attack, seed=11)
+        extra = obj.prepare(view, x, y, range(x.shape[0]))
+        ref = loop_grads(cnn, obj, x, y, extra)
+        got = torch.cat(list(per_sample_grads(cnn, obj, x, y, chunk_size=1)))
+        # objectives.ce evaluates in float32: agreement to float32 rounding of the logits.
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "mlp"])
+def test_chunk_size_does_not_change_results(arch, cnn, mlp, data):
+    model = cnn if arch == "cnn" else mlp
+    x, y = data
+    for obj in (ce64, objective("pgd_at", attack=PGD3)) if arch == "mlp" else (ce64,):
+        n1 = per_sample_grad_norms(model, obj, x, y, chunk_size=1)
+        n4 = per_sample_grad_norms(model, obj, x, y, chunk_size=64)
+        torch.testing.assert_close(n1, n4, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------- closed form
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_model_matches_the_closed_form(bias):
+    """For f(x) = W x (+ b): grad_W CE = (softmax(W x) - onehot(y)) x^T, grad_b = softmax - onehot."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5, bias=bias)).double()
+    x = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    a = model_parameters(model)
+    b = {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in a.items()}
+
+    def closed_form(point):
+        flat = x.flatten(1)
+        logits = flat @ point["1.weight"].T + (point["1.bias"] if bias else 0)
+        r = logits.softmax(dim=1) - F.one_hot(y, 5).double()
+        parts = [(r[:, :, None] * flat[:, None, :]).flatten(1)] + ([r] if bias else [])
+        return torch.cat(parts, dim=1)
+
+    ga, gb = closed_form(a), closed_form(b)
+    torch.testing.assert_close(torch.cat(list(per_sample_grads(model, ce64, x, y, params=b))), gb, rtol=1e-12, atol=1e-14)
+    for loss, tol in [(ce64, 1e-12), (objective("clean"), 1e-5)]:  # objectives.ce: float32 CE
+        dist, cos = per_sample_grad_distance(model, loss, x, y, a, b, chunk_size=4)
+        torch.testing.assert_close(dist, (ga - gb).norm(dim=1), rtol=tol, atol=0)
+        torch.testing.assert_close(cos, F.cosine_similarity(ga, gb, dim=1), rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------- adversarial objectives
+
+
+@pytest.mark.parametrize("name,attack", [("pgd_at", PGD3), ("trades", TRADES3), ("R", PGD3)])
+def test_lam_zero_gives_distance_zero(name, attack, mlp, data):
+    x, y = data
+    obj = objective(name, attack=attack, seed=5)
+    d = directions(mlp, 1, seed=2)[0]
+    dist, cos = per_sample_grad_distance(mlp, obj, x, y, model_parameters(mlp), perturbed_parameters(mlp, d, 0.0))
+    assert torch.equal(dist, torch.zeros_like(dist))
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-12)
+    dist, _ = per_sample_grad_distance(mlp, obj, x, y, model_parameters(mlp), perturbed_parameters(mlp, d, 0.5))
+    assert (dist > 0).all()
+
+
+def test_adversarial_examples_are_crafted_at_the_probed_point(cnn, data):
+    x, y = data
+    obj = objective("pgd_at", attack=PGD3, seed=9)
+    point = perturbed_parameters(cnn, directions(cnn, 1, seed=4)[0], 0.5)
+    (x_adv,) = obj.prepare(ModelAt(cnn, point), x, y, [10, 11, 12, 13])
+    start = per_sample_starts(x, PGD3, 9, [10, 11, 12, 13])
+    expected = pgd(_at(cnn, point), x, y, PGD3, delta_init=start)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-12)
+    (x_adv_theta,) = obj.prepare(ModelAt(cnn, model_parameters(cnn)), x, y, [10, 11, 12, 13])
+    assert not torch.allclose(x_adv, x_adv_theta)  # x' follows the parameters
+    assert (x_adv - x).abs().max() <= PGD3.eps + 1e-12
+
+
+def test_random_starts_are_per_sample():
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = per_sample_starts(x, PGD3, 1, [7, 8, 9])
+    # A sample's start depends on (seed, id, x_i) only: not on its batch.
+    torch.testing.assert_close(per_sample_starts(x[1:2], PGD3, 1, [8]), s[1:2], rtol=0, atol=0)
+    assert not torch.equal(s[0], s[1])
+    assert not torch.equal(per_sample_starts(x, PGD3, 2, [7, 8, 9]), s)
+    assert s.abs().max() <= PGD3.eps
+    assert torch.equal(per_sample_starts(x, PGDConfig(init="zero"), 1, [7, 8, 9]), torch.zeros_like(x))
+
+
+def test_sample_ids_key_the_starts(mlp, data):
+    """Rows keep their start when reordered, if the ids travel with them."""
+    x, y = data
+    obj = objective("pgd_at", attack=PGD3, seed=3)
+    ids = torch.tensor([40, 41, 42, 43])
+    perm = torch.tensor([2, 0, 3, 1])
+    n = per_sample_grad_norms(mlp, obj, x, y, sample_ids=ids, chunk_size=3)
+    n_perm = per_sample_grad_norms(mlp, obj, x[perm], y[perm], sample_ids=ids[perm], chunk_size=2)
+    torch.testing.assert_close(n_perm, n[perm], rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------- modes, subsets, memory
+
+
+def test_eval_mode_is_used_and_restored(data):
+    torch.manual_seed(0)
+    model = _randomize_bn(build_model("cnn-small").double())  # train mode
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data
+    norms = per_sample_grad_norms(model, ce64, x[:2], y[:2])
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN stats untouched
+    torch.testing.assert_close(norms, loop_grads(copy.deepcopy(model), ce64, x[:2], y[:2]).norm(dim=1), rtol=1e-10, atol=0)
+
+
+def test_a_subset_of_parameters(cnn, data):
+    x, y = data
+    full = torch.cat(list(per_sample_grads(cnn, ce64, x, y)))
+    names = [n for n, _ in cnn.named_parameters()]
+    sizes = [p.numel() for _, p in cnn.named_parameters()]
+    offset = sum(sizes[: names.index("classifier.weight")])
+    sub = torch.cat(list(per_sample_grads(cnn, ce64, x, y, params={"classifier.weight": cnn.classifier.weight})))
+    assert sub.shape == (4, cnn.classifier.weight.numel())
+    torch.testing.assert_close(sub, full[:, offset : offset + sub.shape[1]], rtol=1e-12, atol=1e-14)
+
+
+def _track(monkeypatch):
+    """Wrap the chunk generator: record chunk sizes and how many chunks are alive
+    (referenced anywhere) each time a new one is produced."""
+    real = pergrad._grad_chunks
+    alive: set[int] = set()
+    record = {"peak": 0, "rows": []}
+    counter = iter(range(10**6))
+
+    def tracked(*args, **kwargs):
+        for grads in real(*args, **kwargs):
+            token = next(counter)
+            alive.add(token)
+            weakref.finalize(next(iter(grads.values())), alive.discard, token)
+            record["peak"] = max(record["peak"], len(alive))
+            record["rows"].append(next(iter(grads.values())).shape[0])
+            yield grads
+            del grads
+
+    monkeypatch.setattr(pergrad, "_grad_chunks", tracked)
+    return record
+
+
+def test_memory_is_bounded_by_chunks(monkeypatch):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(7, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (7,), generator=g)
+    record = _track(monkeypatch)
+    per_sample_grad_norms(mlp, ce64, x, y, chunk_size=3)
+    assert record["rows"] == [3, 3, 1] and record["peak"] == 1  # one chunk of 3 x P at a time
+
+    record = _track(monkeypatch)
+    d = directions(mlp, 1, seed=0)[0]
+    per_sample_grad_distance(mlp, ce64, x, y, model_parameters(mlp), perturbed_parameters(mlp, d, 0.1), chunk_size=2)
+    assert record["rows"] == [2, 2, 2, 2, 2, 2, 1, 1] and record["peak"] == 2  # one chunk per point
+
+    p = sum(q.numel() for q in mlp.parameters())
+    assert all(c.shape[0] <= 3 and c.shape[1] == p for c in per_sample_grads(mlp, ce64, x, y, chunk_size=3))
+
+
+def test_chunk_size_for_wrn():
+    with torch.device("meta"):
+        model = build_model("wrn-28-10")
+    p = sum(q.numel() for q in model.parameters())
+    assert p == 36_479_194
+    assert chunk_size_for(model, 40e9, copies=2) == math.floor(40e9 / (2 * 2 * 4 * p))
+    assert chunk_size_for(model, 1.0) == 1
+
+
+def test_bad_arguments_raise(mlp, data):
+    x, y = data
+    with pytest.raises(AtprobeError, match="objective"):
+        objective("madry")
+    with pytest.raises(AtprobeError, match="kl"):
+        objective("trades", attack=PGD3)
+    with pytest.raises(AtprobeError, match="restarts"):
+        objective("pgd_at", attack=PGDConfig(restarts=2))
+    with pytest.raises(AtprobeError, match="no attack"):
+        objective("clean", attack=PGD3)
+    with pytest.raises(AtprobeError, match="chunk_size"):
+        per_sample_grad_norms(mlp, ce64, x, y, chunk_size=0)
+    with pytest.raises(AtprobeError, match="same number"):
+        per_sample_grad_norms(mlp, ce64, x, y[:2])
+    with pytest.raises(AtprobeError, match="same parameters"):
+        per_sample_grad_distance(mlp, ce64, x, y, model_parameters(mlp), {"fc3.weight": mlp.fc3.weight})
+    with pytest.raises(AtprobeError, match="sample ids"):
+        per_sample_grad_norms(mlp, ce64, x, y, sample_ids=[1, 2])
+
+
+def test_float32_reductions_are_accurate():
+    """Norms of float32 gradients with millions of entries: the blocked reduction keeps
+    ~1e-7 relative accuracy (a single CPU vector_norm over 10^7 entries is off by ~1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    grads = {"w": 1e-3 * torch.randn(2, 3_000_001, generator=g), "b": torch.randn(2, 7, generator=g)}
+    ref = torch.cat([v.double().flatten(1) for v in grads.values()], dim=1).norm(dim=1)
+    got = pergrad._norms(grads)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
