@@ -31,7 +31,17 @@ class AtprobeGroup(click.Group):
             raise OneLineError(f"{exc.strerror or type(exc).__name__}: {exc.filename}") from None
 
 
-@click.group(cls=AtprobeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+EXAMPLES = """
+\b
+Examples:
+  atprobe train --method pgd_at --epochs 5 --out runs/quick
+  atprobe eval runs/quick/best.pt --attack natural,pgd20 -o eval.csv
+  atprobe train --resume runs/quick
+"""
+
+
+@click.group(cls=AtprobeGroup, epilog=EXAMPLES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(atprobe.__version__, prog_name="atprobe")
 def cli() -> None:
     """Probe why adversarially trained models behave as they do.
