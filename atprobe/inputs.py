@@ -6,7 +6,8 @@ the same thing everywhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,19 +19,17 @@ SPLITS = ("train", "test", "val")
 LABEL_MODES = ("trained", "true")
 
 
-def load_checkpoints(
-    paths: Sequence[str],
+def checkpoint_loader(
     *,
     arch: str | None = None,
     num_classes: int | None = None,
     dataset: str | None = None,
     normalize: str = "none",
     data_dir: str | None = None,
-) -> list[Checkpoint]:
-    """Load checkpoints in order. Foreign ones (bare weights) need ``arch``; with
-    ``normalize="dataset"`` they get the dataset's mean/std as input normalization."""
-    if not paths:
-        raise AtprobeError("no checkpoint given")
+) -> Callable[[str | Path], Checkpoint]:
+    """A function that loads one checkpoint with these options. Foreign ones (bare weights)
+    need ``arch``; with ``normalize="dataset"`` they get the dataset's mean/std as input
+    normalization (read once, here)."""
     mean = std = None
     if normalize == "dataset":
         if dataset is None:
@@ -39,8 +38,19 @@ def load_checkpoints(
         mean, std = stats.mean, stats.std
     elif normalize != "none":
         raise AtprobeError(f"unknown normalization {normalize!r}: use none or dataset")
-    return [load_checkpoint(p, arch=arch, num_classes=num_classes, dataset=dataset, mean=mean, std=std)
-            for p in paths]
+
+    def load(path: str | Path) -> Checkpoint:
+        return load_checkpoint(path, arch=arch, num_classes=num_classes, dataset=dataset, mean=mean, std=std)
+
+    return load
+
+
+def load_checkpoints(paths: Sequence[str], **options) -> list[Checkpoint]:
+    """Load checkpoints in order (options as ``checkpoint_loader``)."""
+    if not paths:
+        raise AtprobeError("no checkpoint given")
+    load = checkpoint_loader(**options)
+    return [load(p) for p in paths]
 
 
 def dataset_name_for(checkpoints: Sequence[Checkpoint], override: str | None = None) -> str:

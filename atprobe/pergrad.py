@@ -277,6 +277,25 @@ def _check(
     return point, ids
 
 
+def _check_buffers(model: nn.Module, buffers: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``None`` (the model's own buffers) or a detached copy of the mapping, which must give
+    every buffer of the model (``named_buffers()``), with its shape, and nothing else: a
+    partial mapping would silently mix the model's statistics with another point's."""
+    if buffers is None:
+        return None
+    own = dict(model.named_buffers())
+    unknown = [k for k in buffers if k not in own]
+    if unknown:
+        raise AtprobeError(f"{unknown[0]!r} is not a buffer of the model")
+    missing = [k for k in own if k not in buffers]
+    if missing:
+        raise AtprobeError(f"buffers must give every buffer of the model; {missing[0]!r} is missing")
+    for name, b in buffers.items():
+        if b.shape != own[name].shape:
+            raise AtprobeError(f"buffer {name!r} has shape {tuple(own[name].shape)}, the point gives {tuple(b.shape)}")
+    return {k: b.detach() for k, b in buffers.items()}
+
+
 def _grad_chunks(
     model: nn.Module,
     loss_fn: PerSampleLoss,
@@ -286,13 +305,16 @@ def _grad_chunks(
     chunk_size: int,
     sample_ids: Sequence[int],
     amp: bool,
+    buffers: dict[str, Tensor] | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients chunk by chunk: ``{name: (b, *param.shape)}`` in ``point`` order.
 
-    Drops its own reference to a chunk as soon as the consumer resumes it, so a consumer
-    that lets go of chunk k before asking for chunk k+1 never has two alive.
+    ``buffers`` (default: the model's own) are the constants of the point: the loss and
+    the attack of ``prepare`` both see them. Drops its own reference to a chunk as soon as
+    the consumer resumes it, so a consumer that lets go of chunk k before asking for
+    chunk k+1 never has two alive.
     """
-    _, consts = functional_state(model, point)
+    _, consts = functional_state(model, point, buffers)
 
     def single(p: dict[str, Tensor], xi: Tensor, yi: Tensor, *extra: Tensor) -> Tensor:
         # One sample, batch of one; buffers and unprobed parameters are closed over as
@@ -303,7 +325,7 @@ def _grad_chunks(
         return loss_fn(f, xi.unsqueeze(0), yi.unsqueeze(0), *(e.unsqueeze(0) for e in extra)).sum()
 
     prepare = loss_fn.prepare if isinstance(loss_fn, _Prepared) else None
-    view = ModelAt(model, point) if prepare is not None else None
+    view = ModelAt(model, point, buffers) if prepare is not None else None
     for start in range(0, x.shape[0], chunk_size):
         xb, yb = x[start : start + chunk_size].detach(), y[start : start + chunk_size]
         # Eval mode per chunk (restored in between), so a consumer that keeps the
@@ -330,6 +352,7 @@ def per_sample_grads(
     chunk_size: int = 64,
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Per-sample gradients ``g_i = d l_i / d theta`` as flat ``(b, P)`` chunks, ``b <= chunk_size``.
 
@@ -349,9 +372,13 @@ def per_sample_grads(
         sample_ids: one integer per sample keying its random start (e.g. ``Split.index``);
             default the row position 0..N-1.
         amp: bf16 autocast on CUDA for the gradient's forward/backward. Off by default.
+        buffers: the buffers of the point (BatchNorm running statistics, input
+            normalization), ``{name: tensor}`` for every buffer of the model; default the
+            model's own. With ``params`` and ``buffers`` of another model of the same
+            architecture, the gradients are that model's (e.g. another epoch's checkpoint).
     """
     point, ids = _check(model, x, y, params, chunk_size, sample_ids)
-    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp)
+    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, _check_buffers(model, buffers))
 
 
 def _flat_chunks(
@@ -363,8 +390,9 @@ def _flat_chunks(
     chunk_size: int,
     ids: Sequence[int],
     amp: bool,
+    buffers: dict[str, Tensor] | None = None,
 ) -> Iterator[Tensor]:
-    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp):
+    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, buffers):
         flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
         del grads
         yield flat
@@ -406,12 +434,14 @@ def per_sample_grad_norms(
     chunk_size: int = 64,
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """``||g_i||_2`` for every sample, shape (N,), on ``x``'s device (arguments as in
     :func:`per_sample_grads`). One chunk of gradients is alive at a time, never flattened."""
     point, ids = _check(model, x, y, params, chunk_size, sample_ids)
+    bufs = _check_buffers(model, buffers)
     norms: list[Tensor] = []
-    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp):
+    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, bufs):
         norms.append(_norms(grads))
         del grads  # before the next chunk is computed: one chunk alive, not two
     return torch.cat(norms) if norms else x.new_zeros(0)
@@ -428,6 +458,8 @@ def per_sample_grad_distance(
     chunk_size: int = 64,
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
+    buffers_a: Mapping[str, Tensor] | None = None,
+    buffers_b: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(||g_i(a) - g_i(b)||_2, cos(g_i(a), g_i(b)))`` for every sample, each (N,).
 
@@ -440,15 +472,21 @@ def per_sample_grad_distance(
     cosine 1 exactly (given deterministic kernels; see the module docstring). At most two chunks of gradients (one per point) are alive at any
     time. ``params_a`` and ``params_b`` must name the same parameters. Results are in
     the gradients' dtype, on ``x``'s device.
+
+    ``buffers_a``/``buffers_b``: the buffers of each point (see :func:`per_sample_grads`;
+    default the model's own for both). Two checkpoints of one architecture differ in
+    their BatchNorm running statistics too: pass each one's ``params`` *and* buffers, and
+    each point is exactly that model (its loss, its gradient, its adversarial examples).
     """
     point_a, ids = _check(model, x, y, params_a, chunk_size, sample_ids)
     point_b, _ = _check(model, x, y, params_b, chunk_size, sample_ids)
+    bufs_a, bufs_b = _check_buffers(model, buffers_a), _check_buffers(model, buffers_b)
     if list(point_a) != list(point_b):
         raise AtprobeError("params_a and params_b must name the same parameters in the same order")
     dists: list[Tensor] = []
     cosines: list[Tensor] = []
-    chunks_b = _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp)
-    for ga in _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp):
+    chunks_b = _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp, bufs_b)
+    for ga in _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp, bufs_a):
         gb = next(chunks_b)
         na, nb = _norms(ga), _norms(gb)
         # The distance from the differences themselves, not from ||a||^2 + ||b||^2 - 2<a,b>,

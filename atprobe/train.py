@@ -26,7 +26,7 @@ from atprobe import objectives
 from atprobe.attacks import (NORMS, PGDConfig, attack_loss, fgsm_rs_config, full_precision, parse_attack, pgd,
                              random_start)
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from atprobe.data import DATASETS, Dataset, Split, iterate_batches, load_dataset
+from atprobe.data import DATASETS, Dataset, iterate_batches, load_dataset
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.io import write_json, write_table, run_meta
@@ -609,7 +609,7 @@ def train(
             delta_init = None
             if config.method != "standard":
                 delta_init = random_start(batch.x, attack, state.attack_gen)[rows]
-            x, y, index = batch.x[rows], batch.y[rows], batch.index[rows]
+            x, y = batch.x[rows], batch.y[rows]
             te_target = None
             if ensemble is not None:
                 with torch.no_grad(), module_mode(model, False), autocast(device, config.amp):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import timed
 
 from atprobe import objectives
 from atprobe.models import build_model
@@ -40,15 +40,6 @@ def loop_norms(
         norms.append(torch.linalg.vector_norm(torch.stack(per_param)))
     return torch.stack(norms)
 
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,8 +77,8 @@ def main() -> None:
         rel = ((run_ours().double() - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
         loop_times, our_times = [], []
         for _ in range(args.repeats):  # interleaved so load drift hits both equally
-            loop_times.append(_time(run_loop, device))
-            our_times.append(_time(run_ours, device))
+            loop_times.append(timed(run_loop, device))
+            our_times.append(timed(run_ours, device))
         lt, ot = statistics.median(loop_times), statistics.median(our_times)
         params = sum(p.numel() for p in model.parameters())
         print(

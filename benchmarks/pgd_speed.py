@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import timed
 import torch.nn.functional as F
 
 from atprobe.attacks import PGDConfig, pgd
@@ -35,15 +35,6 @@ def reference_pgd(model, x, y, eps, alpha, steps, generator):
         delta = (x + delta).clamp(0, 1) - x
     return (x + delta).detach()
 
-
-def _time(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -77,8 +68,8 @@ def main() -> None:
         fn()
     ref_times, our_times = [], []
     for _ in range(args.repeats):  # interleaved so drift hits both equally
-        ref_times.append(_time(run_reference, device))
-        our_times.append(_time(run_ours, device))
+        ref_times.append(timed(run_reference, device))
+        our_times.append(timed(run_ours, device))
     ref, ours = statistics.median(ref_times), statistics.median(our_times)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"pgd{args.steps} arch={args.arch} batch={args.batch_size} device={name}: "

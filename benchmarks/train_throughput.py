@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from _timing import sync
 
 from atprobe.data import iterate_batches, make_synthetic
 from atprobe.models import build_model
@@ -28,22 +29,18 @@ from atprobe.runtime import make_generator, prepare_model, resolve_device
 from atprobe.train import TrainConfig, training_loss
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_steps(config: TrainConfig, model, optimizer, batches, device, generator) -> float:
     """Seconds per optimizer step, median over the batches (after one warm-up step)."""
     times = []
     for i, batch in enumerate(batches):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step = training_loss(model, batch.x, batch.y, config, epoch=0, generator=generator, amp=config.amp)
         optimizer.zero_grad(set_to_none=True)
         step.loss.backward()
         optimizer.step()
-        _sync(device)
+        sync(device)
         if i > 0:
             times.append(time.perf_counter() - start)
     return statistics.median(times)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 import torch
 
@@ -53,10 +51,14 @@ def cli() -> None:
 
 def _register() -> None:
     from atprobe.cli.evaluate import eval_command
+    from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
     from atprobe.cli.train import train_command
 
     cli.add_command(train_command)
     cli.add_command(eval_command)
+    cli.add_command(gradnorm_command)
+    cli.add_command(stability_command)
+    cli.add_command(gradcos_command)
 
 
 _register()

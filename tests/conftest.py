@@ -25,6 +25,21 @@ def cifar_dir() -> Path:
     return CIFAR10_SUBSET
 
 
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm state (running statistics and affine parameters), so that eval
+    mode and each model's own buffers matter in exact comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+    return model
+
+
 def tiny_net(dtype=torch.float64, seed: int = 0, in_dim: int = 3 * 8 * 8, classes: int = 5) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, 16), nn.Tanh(), nn.Linear(16, classes))

@@ -23,26 +23,13 @@ from atprobe.directions import (
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.runtime import make_generator
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm state, so eval mode and BN parameters matter in the checks."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
-                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
-    return model
+from tests.conftest import randomize_bn
 
 
 @pytest.fixture(scope="module")
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(build_model("cnn-small").double()).eval()
+    return randomize_bn(build_model("cnn-small").double()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +130,7 @@ def test_two_directions_and_iter_points(mlp):
 
 def test_call_at_runs_in_eval_mode_and_restores_modes(images):
     torch.manual_seed(0)
-    model = _randomize_bn(build_model("cnn-small").double())  # train mode
+    model = randomize_bn(build_model("cnn-small").double())  # train mode
     model.features[1].eval()  # a deliberately mixed state survives
     stats = model.features[1].running_mean.clone()
     out = call_at(model, model_parameters(model), images)

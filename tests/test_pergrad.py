@@ -24,6 +24,7 @@ from atprobe.pergrad import (
     per_sample_grads,
     per_sample_starts,
 )
+from tests.conftest import randomize_bn
 
 # Short attacks keep the file fast; the math does not depend on the step count.
 PGD3 = PGDConfig(steps=3)
@@ -36,23 +37,10 @@ def ce64(f, x, y):
     return F.cross_entropy(f(x), y, reduction="none")
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
-                m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
-    return model
-
-
 @pytest.fixture(scope="module")
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(build_model("cnn-small").double()).eval()
+    return randomize_bn(build_model("cnn-small").double()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +209,7 @@ def test_sample_ids_key_the_starts(mlp, data):
 
 def test_eval_mode_is_used_and_restored(data):
     torch.manual_seed(0)
-    model = _randomize_bn(build_model("cnn-small").double())  # train mode
+    model = randomize_bn(build_model("cnn-small").double())  # train mode
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = data
     norms = per_sample_grad_norms(model, ce64, x[:2], y[:2])

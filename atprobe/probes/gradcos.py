@@ -1,0 +1,169 @@
+"""``gradcos``: cosine similarity of per-sample gradients between successive checkpoints
+of a training run (Dong et al., ICLR 2022, Sec. 3.2, Fig. 4(b)).
+
+For checkpoints ``theta_0, theta_1, ...`` (ordered by epoch) and a fixed sample set,
+per successive pair (t, t+1) and sample i:
+
+    cos_i = < g_i(theta_t), g_i(theta_{t+1}) > / (||g_i(theta_t)|| ||g_i(theta_{t+1})||)
+    dist_i = || g_i(theta_t) - g_i(theta_{t+1}) ||
+
+with ``g_i`` the gradient of the chosen objective (default ``pgd_at``) for sample i. Each
+checkpoint is evaluated as itself: its own parameters *and* its own buffers (BatchNorm
+running statistics), and its own adversarial examples, crafted against it from the same
+per-sample random start. So a checkpoint compared with itself gives cosine exactly 1.
+A low cosine between epochs means the per-sample gradients keep changing direction, the
+paper's evidence that adversarial training converges poorly.
+
+Only two models are alive at a time: ``probe`` takes any iterable (e.g. a generator that
+loads checkpoints one by one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from atprobe.data import Split
+from atprobe.directions import model_parameters
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
+from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
+
+__all__ = ["COLUMNS", "GradCosConfig", "check_same_architecture", "order_by_epoch", "probe", "run_checkpoints"]
+
+COLUMNS = ["pair", "checkpoint_a", "checkpoint_b", "epoch_a", "epoch_b", "loss", "n",
+           "cos_mean", "cos_std", "dist_mean", "dist_std"]
+
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class GradCosConfig:
+    """What ``gradcos`` measures.
+
+    loss: the objective (``pergrad.OBJECTIVES``; default ``pgd_at``, the paper's).
+    norm, eps, alpha, steps, beta: the attack's budget and TRADES' beta.
+    chunk_size: samples per per-sample-gradient chunk (two chunks alive at a time).
+    seed: keys the per-sample random starts (the same start at every checkpoint).
+    """
+
+    loss: str = "pgd_at"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    beta: float = 6.0
+    chunk_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.loss, OBJECTIVES, "loss")
+        check_attack_options(self.norm, self.eps, self.alpha, self.steps, self.beta, self.chunk_size)
+
+
+def run_checkpoints(run_dir: str | Path) -> tuple[list[Path], Path | None]:
+    """The per-epoch checkpoints of an ``atprobe train`` run directory, ``epoch_*.pt``
+    sorted by the epoch in the name, and its ``final.pt`` (None when absent).
+    ``best.pt`` and ``last.pt`` are copies of epochs and are not listed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AtprobeError(f"{run_dir} is not a run directory")
+    found = []
+    for p in run_dir.iterdir():
+        m = _EPOCH_FILE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p.name, p))
+    final = run_dir / "final.pt"
+    return [p for _, _, p in sorted(found)], (final if final.is_file() else None)
+
+
+def order_by_epoch(checkpoints: Sequence) -> list:
+    """Checkpoints (anything with an ``epoch`` attribute) sorted by epoch, stably; when
+    some checkpoint does not record its epoch (foreign weights) the order is kept."""
+    items = list(checkpoints)
+    if any(getattr(c, "epoch", None) is None for c in items):
+        return items
+    return sorted(items, key=lambda c: int(c.epoch))
+
+
+def check_same_architecture(a: nn.Module, b: nn.Module, name_a: str = "a", name_b: str = "b") -> None:
+    """One-line error unless ``a`` and ``b`` have the same parameters and buffers (names,
+    shapes, dtypes, devices): the condition for evaluating ``b`` as a point of ``a``."""
+
+    def layout(m: nn.Module, what: str):
+        items = m.named_parameters() if what == "parameters" else m.named_buffers()
+        return [(k, tuple(v.shape), v.dtype, v.device) for k, v in items]
+
+    for what in ("parameters", "buffers"):
+        la, lb = layout(a, what), layout(b, what)
+        if la != lb:
+            diff = next(((x, y) for x, y in zip(la, lb) if x != y), None)
+            detail = (f"{diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]}" if diff is not None
+                      else f"{len(la)} vs {len(lb)} {what}")
+            raise AtprobeError(f"{name_a} and {name_b} have different architectures ({what}: {detail})")
+
+
+def probe(
+    models: Iterable[nn.Module],
+    data: Split,
+    config: GradCosConfig = GradCosConfig(),
+    *,
+    names: Sequence[str] | None = None,
+    epochs: Sequence[int | None] | None = None,
+    progress=None,
+) -> pd.DataFrame:
+    """One row per pair of successive models (columns :data:`COLUMNS`), in the given order.
+
+    ``models``: two or more models of one architecture, on one device (an iterable is
+    consumed lazily; only the current pair is referenced). ``names``/``epochs`` label the
+    rows (default: positions and no epoch). ``data.y`` are the labels the loss uses and
+    ``data.index`` keys the random starts. ``progress``: ``update(n)`` per batch.
+    """
+    obj = make_objective(config.loss, config)
+    rows = []
+    prev: nn.Module | None = None
+    batches = None
+    count = 0
+    for i, model in enumerate(models):
+        count += 1
+        if prev is None:
+            prev = model
+            batches = list(sample_batches(model, data, config.chunk_size))
+            continue
+        name_a = names[i - 1] if names is not None else str(i - 1)
+        name_b = names[i] if names is not None else str(i)
+        check_same_architecture(prev, model, name_a, name_b)
+        buffers_a, buffers_b = dict(prev.named_buffers()), dict(model.named_buffers())
+        params_a, params_b = model_parameters(prev), model_parameters(model)
+        dist, cos = [], []
+        for x, y, ids in batches:
+            # Both points through ``prev``'s module structure: b's parameters and buffers
+            # make it exactly model b (check_same_architecture guarantees the layout).
+            di, ci = per_sample_grad_distance(prev, obj, x, y, params_a, params_b, chunk_size=config.chunk_size,
+                                              sample_ids=ids, buffers_a=buffers_a, buffers_b=buffers_b)
+            dist.append(di.detach())
+            cos.append(ci.detach())
+            if progress is not None:
+                progress.update(len(y))
+        ds, cs = stats(torch.cat(dist)), stats(torch.cat(cos))
+        ea = epochs[i - 1] if epochs is not None else None
+        eb = epochs[i] if epochs is not None else None
+        rows.append({
+            "pair": i - 1, "checkpoint_a": name_a, "checkpoint_b": name_b,
+            "epoch_a": ea, "epoch_b": eb, "loss": config.loss, "n": len(data),
+            "cos_mean": cs["mean"], "cos_std": cs["std"], "dist_mean": ds["mean"], "dist_std": ds["std"],
+        })
+        del params_a, params_b, buffers_a, buffers_b
+        prev = model
+    if count < 2:
+        raise AtprobeError(f"gradcos needs at least two checkpoints, got {count}")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("epoch_a", "epoch_b"):
+        df[col] = df[col].astype("Int64")
+    return df

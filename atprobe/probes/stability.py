@@ -1,0 +1,186 @@
+"""``stability``: how much per-sample gradients change along random filter-normalized
+directions in weight space (Dong et al., ICLR 2022, Sec. 3.2, Fig. 4(a) and Fig. A.8).
+
+For an objective J (``clean``, ``pgd_at``, ``trades``, ``R``; see ``atprobe.pergrad``),
+directions ``d_1..d_K`` (``atprobe.directions``: Gaussian, each filter rescaled to its
+weight filter's norm, 1-d parameters zeroed by default) and a grid of ``lam``:
+
+    dist_i(k, lam) = || grad J_i(theta + lam d_k) - grad J_i(theta) ||_2
+    cos_i(k, lam)  = < grad J_i(theta + lam d_k), grad J_i(theta) > / (||.|| ||.||)
+
+and one row per (objective, direction, lam) with the mean and population std of both over
+the samples. Adversarial examples are re-crafted at every point from the same per-sample
+random start, so ``lam = 0`` gives distance exactly 0 and cosine exactly 1. A larger
+distance for the same ``lam`` means a less smooth (less stable) gradient: the paper finds
+the adversarial objectives' gradients far less stable than the clean one's, already at
+initialization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+import pandas as pd
+import torch
+from torch import nn
+
+from atprobe.data import Split
+from atprobe.directions import IGNORES, NORMS, directions, model_parameters, perturbed_parameters
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.models import build_model
+from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
+from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
+
+__all__ = ["COLUMNS", "DEFAULT_LAMBDAS", "StabilityConfig", "init_model", "parse_lambdas", "probe"]
+
+COLUMNS = ["loss", "direction", "lam", "n", "dist_mean", "dist_std", "cos_mean", "cos_std"]
+
+
+def _fraction(text: str, what: str) -> Fraction:
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise AtprobeError(f"--lambdas: {text.strip()!r} in {what} is not a number") from None
+    return value
+
+
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """A ``lam`` grid: ``START:STOP:NUM`` (NUM evenly spaced values, both ends included) or
+    a comma-separated list (``-0.1,0,0.1``; fractions such as ``1/20`` allowed).
+
+    The grid points of ``START:STOP:NUM`` are computed exactly (as fractions) and then
+    rounded once, so a grid that passes through 0 contains exactly 0.0 (``-0.05:0.05:21``
+    does), and the grid must contain 0: the reference point of the probe. Values must be
+    distinct.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise AtprobeError("--lambdas is empty: give START:STOP:NUM or a comma-separated list")
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise AtprobeError(f"--lambdas {text!r}: expected START:STOP:NUM, e.g. -0.05:0.05:21")
+        start, stop = _fraction(parts[0], text), _fraction(parts[1], text)
+        try:
+            num = int(parts[2].strip())
+        except ValueError:
+            raise AtprobeError(f"--lambdas {text!r}: NUM must be an integer, got {parts[2].strip()!r}") from None
+        if num < 1 or (num == 1 and start != stop):
+            raise AtprobeError(f"--lambdas {text!r}: NUM must be >= 2 (or 1 with START == STOP)")
+        if num > 1 and start >= stop:
+            raise AtprobeError(f"--lambdas {text!r}: START must be smaller than STOP")
+        exact = [start] if num == 1 else [start + (stop - start) * i / (num - 1) for i in range(num)]
+    else:
+        items = [t for t in text.split(",")]
+        if any(not t.strip() for t in items):
+            raise AtprobeError(f"--lambdas {text!r}: an empty entry in the list")
+        exact = [_fraction(t, text) for t in items]
+    values = tuple(float(v) for v in exact)
+    if any(not math.isfinite(v) for v in values):
+        raise AtprobeError(f"--lambdas {text!r}: values must be finite")
+    if len(set(values)) != len(values):
+        raise AtprobeError(f"--lambdas {text!r}: values must be distinct")
+    if 0.0 not in values:
+        raise AtprobeError(f"--lambdas {text!r} does not contain 0, the reference point (lam = 0 must give distance 0)")
+    return values
+
+
+DEFAULT_LAMBDAS = parse_lambdas("-0.05:0.05:21")
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    """What ``stability`` measures.
+
+    losses: objectives from ``pergrad.OBJECTIVES`` (clean, pgd_at, trades, R).
+    lambdas: step sizes along each direction; must contain 0 (see :func:`parse_lambdas`).
+    directions: number K of random directions, drawn one after the other from a CPU
+        generator seeded with ``seed`` (the same directions on every machine).
+    ignore, direction_norm: ``atprobe.directions`` options (``biasbn`` zeroes 1-d
+        parameters; ``filter`` normalization as Li et al.).
+    norm, eps, alpha, steps, beta: the attacks' budget and TRADES' beta (defaults: the
+        training attacks, L-inf 8/255, step 2/255, 10 steps, beta 6).
+    chunk_size: samples per per-sample-gradient chunk (two chunks are alive at a time).
+    seed: directions and the attacks' per-sample random starts.
+    """
+
+    losses: tuple[str, ...] = ("pgd_at", "trades", "clean")
+    lambdas: tuple[float, ...] = field(default=DEFAULT_LAMBDAS)
+    directions: int = 1
+    ignore: str = "biasbn"
+    direction_norm: str = "filter"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    beta: float = 6.0
+    chunk_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "losses", tuple(self.losses))
+        object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))
+        if not self.losses:
+            raise AtprobeError("no loss given: name at least one of " + ", ".join(OBJECTIVES))
+        for name in self.losses:
+            check_choice(name, OBJECTIVES, "loss")
+        if len(set(self.losses)) != len(self.losses):
+            raise AtprobeError(f"a loss is named twice: {','.join(self.losses)}")
+        if not self.lambdas or any(not math.isfinite(v) for v in self.lambdas):
+            raise AtprobeError("lambdas must be finite numbers")
+        if len(set(self.lambdas)) != len(self.lambdas):
+            raise AtprobeError("lambdas must be distinct")
+        if 0.0 not in self.lambdas:
+            raise AtprobeError("the lam grid does not contain 0, the reference point")
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
+            raise AtprobeError(f"number of directions must be an integer >= 1, got {self.directions!r}")
+        check_choice(self.ignore, IGNORES, "direction ignore option")
+        check_choice(self.direction_norm, NORMS, "direction norm")
+        check_attack_options(self.norm, self.eps, self.alpha, self.steps, self.beta, self.chunk_size)
+
+
+def init_model(arch: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.Module:
+    """A freshly initialized ``atprobe.models`` model: ``build_model`` under
+    ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the global RNG is left as
+    it was). On the CPU, so the same seed gives the same weights on every machine; move
+    it afterwards. BatchNorm buffers are fresh (mean 0, var 1), which is what eval mode uses."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model(arch, num_classes, **kwargs)
+
+
+def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConfig(), *, progress=None) -> pd.DataFrame:
+    """One row per (loss, direction, lam), columns :data:`COLUMNS`, in the order
+    ``config.losses`` x directions x ``config.lambdas``.
+
+    ``data.y`` are the labels the losses use; samples are keyed by ``data.index`` for
+    their random starts. The model's weights and buffers are not modified. ``progress``:
+    anything with ``update(n)`` (a tqdm bar), advanced by the samples of each point.
+    """
+    dirs = directions(model, config.directions, config.seed, config.ignore, norm=config.direction_norm,
+                      device="cpu")
+    theta = model_parameters(model)
+    batches = list(sample_batches(model, data, config.chunk_size))
+    rows = []
+    for loss in config.losses:
+        obj = make_objective(loss, config)
+        for k, d in enumerate(dirs):
+            for lam in config.lambdas:
+                point = perturbed_parameters(model, d, lam)
+                dist, cos = [], []
+                for x, y, ids in batches:
+                    di, ci = per_sample_grad_distance(model, obj, x, y, theta, point, chunk_size=config.chunk_size,
+                                                      sample_ids=ids)
+                    dist.append(di.detach())
+                    cos.append(ci.detach())
+                    if progress is not None:
+                        progress.update(len(y))
+                del point
+                ds, cs = stats(torch.cat(dist)), stats(torch.cat(cos))
+                rows.append({
+                    "loss": loss, "direction": k, "lam": lam, "n": len(data),
+                    "dist_mean": ds["mean"], "dist_std": ds["std"],
+                    "cos_mean": cs["mean"], "cos_std": cs["std"],
+                })
+    return pd.DataFrame(rows, columns=COLUMNS)
