@@ -524,12 +524,16 @@ def train(
     set_determinism(config.seed)
 
     data = load_training_data(config)
+    train_split = data.train
+    if config.train_n:  # checked before anything is written
+        if config.train_n > len(train_split):
+            raise AtprobeError(f"--train-n {config.train_n} is larger than the training split ({len(train_split)})")
+        train_split = train_split.subset(slice(0, config.train_n))
     # The full vector of trained labels over the original train split (val rows included).
-    full_labels = torch.empty(len(data.train) + (len(data.val) if data.val is not None else 0), dtype=torch.int64)
-    full_labels[data.train.index] = data.train.y
+    labels = torch.empty(len(data.train) + (len(data.val) if data.val is not None else 0), dtype=torch.int64)
+    labels[data.train.index] = data.train.y
     if data.val is not None:
-        full_labels[data.val.index] = data.val.y
-    labels = full_labels
+        labels[data.val.index] = data.val.y
 
     model = prepare_model(build_model(config.arch, **_arch_kwargs(config, data)), device)
     # Every rank starts from rank 0's weights (seeded init is identical anyway; this makes it certain).
@@ -539,7 +543,7 @@ def train(
                                                       device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
-    ensemble = (torch.zeros(len(full_labels), data.num_classes, device=device) if config.te else None)
+    ensemble = (torch.zeros(len(labels), data.num_classes, device=device) if config.te else None)
     state = RunState(model, optimizer, make_generator(config.seed, device),
                      make_generator(config.seed + 1, device), ensemble)
     curves: list[dict[str, Any]] = []
@@ -565,11 +569,6 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         write_json(config.to_json(), out / "config.json")
 
-    train_split = data.train
-    if config.train_n:
-        if config.train_n > len(train_split):
-            raise AtprobeError(f"--train-n {config.train_n} is larger than the training split ({len(train_split)})")
-        train_split = train_split.subset(slice(0, config.train_n))
     train_split = train_split.to(device)
     eval_train = train_split.subset(slice(0, min(config.eval_n, len(train_split))))
     select_name = "val" if data.val is not None else "test"
