@@ -483,29 +483,67 @@ def per_sample_grad_distance(
     bufs_a, bufs_b = _check_buffers(model, buffers_a), _check_buffers(model, buffers_b)
     if list(point_a) != list(point_b):
         raise AtprobeError("params_a and params_b must name the same parameters in the same order")
+    na, nb, dist = _paired_norms(
+        _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp, bufs_a),
+        _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp, bufs_b),
+    )
+    # The cosine from the three accurate norms (law of cosines) rather than a separate
+    # dot product: a float32 GEMM-based dot over 10^7 entries is off by ~1e-2 on the
+    # CPU, and this form gives exactly 1 when the gradients are identical.
+    cos = (na.square() + nb.square() - dist.square()) / (2 * na * nb).clamp_min(torch.finfo(na.dtype).tiny)
+    return dist, cos.clamp(-1.0, 1.0)
+
+
+def per_sample_grad_norm_pair(
+    model: nn.Module,
+    loss_a: PerSampleLoss,
+    loss_b: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    chunk_size: int = 64,
+    sample_ids: Tensor | Sequence[int] | None = None,
+    amp: bool = False,
+    buffers: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(||g_a,i||, ||g_b,i||, ||g_a,i - g_b,i||)`` of two losses at one parameter point.
+
+    E.g. adversarial and clean CE: their difference is the gradient of
+    ``R = CE(f(x'), y) - CE(f(x), y)``, so the three norms of the gradient-norm probe cost
+    two gradients (and one attack) per sample instead of three (and two). At most two chunks
+    of gradients are alive at a time. Arguments as in :func:`per_sample_grads`.
+    """
+    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
+    bufs = _check_buffers(model, buffers)
+    return _paired_norms(
+        _grad_chunks(model, loss_a, x, y, point, chunk_size, ids, amp, bufs),
+        _grad_chunks(model, loss_b, x, y, point, chunk_size, ids, amp, bufs),
+    )
+
+
+def _paired_norms(
+    chunks_a: Iterator[dict[str, Tensor]], chunks_b: Iterator[dict[str, Tensor]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``||a||``, ``||b||`` and ``||a - b||`` over two aligned chunk streams."""
+    norms_a: list[Tensor] = []
+    norms_b: list[Tensor] = []
     dists: list[Tensor] = []
-    cosines: list[Tensor] = []
-    chunks_b = _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp, bufs_b)
-    for ga in _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp, bufs_a):
+    for ga in chunks_a:
         gb = next(chunks_b)
-        na, nb = _norms(ga), _norms(gb)
+        norms_a.append(_norms(ga))
+        norms_b.append(_norms(gb))
         # The distance from the differences themselves, not from ||a||^2 + ||b||^2 - 2<a,b>,
         # which cancels catastrophically at nearby points. In place into ga's tensors
         # (private to this loop, no longer needed): no temporary of a layer's size.
         for k, a in ga.items():
             a.sub_(gb[k])
-        dist = _norms(ga)
+        dists.append(_norms(ga))
         del ga, gb  # both chunks go before the next pair is computed: two alive at most
-        # The cosine from the three accurate norms (law of cosines) rather than a separate
-        # dot product: a float32 GEMM-based dot over 10^7 entries is off by ~1e-2 on the
-        # CPU, and this form gives exactly 1 when the gradients are identical.
-        cos = (na.square() + nb.square() - dist.square()) / (2 * na * nb).clamp_min(torch.finfo(na.dtype).tiny)
-        dists.append(dist)
-        cosines.append(cos.clamp(-1.0, 1.0))
-    if not dists:
-        empty = x.new_zeros(0)
-        return empty, empty
-    return torch.cat(dists), torch.cat(cosines)
+    if not dists:  # no samples
+        empty = torch.zeros(0)
+        return empty, empty, empty
+    return torch.cat(norms_a), torch.cat(norms_b), torch.cat(dists)
 
 
 def chunk_size_for(

@@ -20,6 +20,7 @@ from atprobe.pergrad import (
     chunk_size_for,
     objective,
     per_sample_grad_distance,
+    per_sample_grad_norm_pair,
     per_sample_grad_norms,
     per_sample_grads,
     per_sample_starts,
@@ -114,6 +115,15 @@ def test_builtin_objectives_match_the_loop(cnn, data):
         got = torch.cat(list(per_sample_grads(cnn, obj, x, y, chunk_size=1)))
         # objectives.ce evaluates in float32: agreement to float32 rounding of the logits.
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_norm_pair_gives_the_norms_of_both_losses_and_of_R(cnn, data):
+    """||g_adv||, ||g_clean||, ||g_adv - g_clean|| equal the norms of pgd_at, clean and R."""
+    x, y = data[0][:3], data[1][:3]
+    adv, clean, r = (objective(n, attack=a, seed=5) for n, a in [("pgd_at", PGD3), ("clean", None), ("R", PGD3)])
+    got = per_sample_grad_norm_pair(cnn, adv, clean, x, y, chunk_size=2)
+    for value, loss in zip(got, (adv, clean, r)):
+        torch.testing.assert_close(value, per_sample_grad_norms(cnn, loss, x, y, chunk_size=2), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["cnn", "mlp"])

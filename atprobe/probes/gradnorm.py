@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from atprobe import objectives
 from atprobe.data import Split
-from atprobe.pergrad import Objective, PerSampleLoss, PointCall, per_sample_grad_norms
+from atprobe.pergrad import Objective, PerSampleLoss, PointCall, per_sample_grad_norm_pair, per_sample_grad_norms
 from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
 
 __all__ = [
@@ -110,11 +110,11 @@ class GradNormConfig:
 
 
 def part_losses(config: GradNormConfig) -> dict[str, PerSampleLoss]:
-    """The per-sample losses whose gradient norms are measured (``beta_kl`` is ``beta * kl``)."""
+    """The per-sample losses whose gradients are measured. ``r`` (R = CE(x') - CE(x)) is
+    the difference of ``adv_ce`` and ``ce``; ``beta_kl`` is ``beta * kl``."""
     return {
         "ce": make_objective("clean", config),
         "adv_ce": make_objective("pgd_at", config),
-        "r": make_objective("R", config),
         "kl": KLTerm(make_objective("trades", config)),
     }
 
@@ -135,12 +135,14 @@ def per_sample(
     each batch and part (``4 x len(data)`` in all).
     """
     losses = part_losses(config)
-    columns: dict[str, list[Tensor]] = {p: [] for p in losses}
+    columns: dict[str, list[Tensor]] = {p: [] for p in ("ce", "adv_ce", "r", "kl")}
     for x, y, ids in sample_batches(model, data, config.chunk_size):
-        for part, loss in losses.items():
-            columns[part].append(
-                per_sample_grad_norms(model, loss, x, y, chunk_size=config.chunk_size, sample_ids=ids).detach()
-            )
+        # grad R = grad CE(x') - grad CE(x): one attack and two gradients give all three norms
+        adv_ce, ce, r = per_sample_grad_norm_pair(model, losses["adv_ce"], losses["ce"], x, y,
+                                                  chunk_size=config.chunk_size, sample_ids=ids)
+        kl = per_sample_grad_norms(model, losses["kl"], x, y, chunk_size=config.chunk_size, sample_ids=ids)
+        for part, value in (("ce", ce), ("adv_ce", adv_ce), ("r", r), ("kl", kl)):
+            columns[part].append(value.detach())
             if progress is not None:
                 progress.update(len(y))
     norms = {p: torch.cat(v).to("cpu", torch.float64) for p, v in columns.items()}
