@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from atprobe.models import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR10_SUBSET = SHARED_DATA / "cifar-10-subset"
@@ -38,6 +40,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
                 m.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
     return model
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    """float64 cnn-small in eval mode with non-trivial BatchNorm state."""
+    torch.manual_seed(0)
+    return randomize_bn(build_model("cnn-small").double()).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> nn.Module:
+    """float64 mlp in eval mode."""
+    torch.manual_seed(1)
+    return build_model("mlp").double().eval()
 
 
 def tiny_net(dtype=torch.float64, seed: int = 0, in_dim: int = 3 * 8 * 8, classes: int = 5) -> nn.Module:

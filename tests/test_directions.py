@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from atprobe.directions import (
     ModelAt,
@@ -24,18 +23,6 @@ from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.runtime import make_generator
 from tests.conftest import randomize_bn
-
-
-@pytest.fixture(scope="module")
-def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(build_model("cnn-small").double()).eval()
-
-
-@pytest.fixture(scope="module")
-def mlp() -> nn.Module:
-    torch.manual_seed(1)
-    return build_model("mlp").double().eval()
 
 
 @pytest.fixture(scope="module")

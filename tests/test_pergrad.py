@@ -39,18 +39,6 @@ def ce64(f, x, y):
 
 
 @pytest.fixture(scope="module")
-def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(build_model("cnn-small").double()).eval()
-
-
-@pytest.fixture(scope="module")
-def mlp() -> nn.Module:
-    torch.manual_seed(1)
-    return build_model("mlp").double().eval()
-
-
-@pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)

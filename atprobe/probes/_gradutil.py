@@ -20,20 +20,38 @@ from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad import chunk_size_for, default_attack, objective, Objective
 
 
-def check_attack_options(norm: str, eps: float, alpha: float, steps: int, beta: float, chunk_size: int) -> None:
-    """One-line errors for the attack/objective fields every gradient-probe config has."""
-    check_choice(norm, NORMS, "norm")
-    for what, v in (("eps", eps), ("alpha", alpha)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise AtprobeError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise AtprobeError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
-    for name in ("pgd_at", "trades"):  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
-        attack_config(name, norm, eps, alpha, steps)
+@dataclasses.dataclass(frozen=True)
+class AttackOptions:
+    """The attack and chunking fields every gradient-probe config has (probe configs
+    extend it). norm, eps, alpha, steps: the attacks' budget (defaults: the training
+    attacks, L-inf 8/255, step 2/255, 10 steps); beta: TRADES' weight on the KL term;
+    chunk_size: samples per per-sample-gradient chunk; seed: keys the per-sample random
+    starts (and, where a probe draws them, its directions)."""
+
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    beta: float = 6.0
+    chunk_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """One-line errors for nonsense values."""
+        norm, eps, alpha, steps, beta, chunk_size = (self.norm, self.eps, self.alpha, self.steps, self.beta,
+                                                    self.chunk_size)
+        check_choice(norm, NORMS, "norm")
+        for what, v in (("eps", eps), ("alpha", alpha)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise AtprobeError(f"steps must be an integer >= 0, got {steps!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise AtprobeError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
+        for name in ("pgd_at", "trades"):  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
+            attack_config(name, norm, eps, alpha, steps)
 
 
 def attack_config(name: str, norm: str, eps: float, alpha: float, steps: int) -> PGDConfig | None:

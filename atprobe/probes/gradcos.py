@@ -33,7 +33,7 @@ from atprobe.data import Split
 from atprobe.directions import model_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
-from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
+from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
 __all__ = ["COLUMNS", "GradCosConfig", "check_same_architecture", "order_by_epoch", "probe", "run_checkpoints"]
 
@@ -44,7 +44,7 @@ _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 @dataclass(frozen=True)
-class GradCosConfig:
+class GradCosConfig(AttackOptions):
     """What ``gradcos`` measures.
 
     loss: the objective (``pergrad.OBJECTIVES``; default ``pgd_at``, the paper's).
@@ -54,17 +54,10 @@ class GradCosConfig:
     """
 
     loss: str = "pgd_at"
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
-    beta: float = 6.0
-    chunk_size: int = 64
-    seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice(self.loss, OBJECTIVES, "loss")
-        check_attack_options(self.norm, self.eps, self.alpha, self.steps, self.beta, self.chunk_size)
+        super().__post_init__()
 
 
 def run_checkpoints(run_dir: str | Path) -> tuple[list[Path], Path | None]:

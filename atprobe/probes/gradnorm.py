@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from atprobe import objectives
 from atprobe.data import Split
 from atprobe.pergrad import Objective, PerSampleLoss, PointCall, per_sample_grad_norm_pair, per_sample_grad_norms
-from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
+from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
 __all__ = [
     "GradNormConfig",
@@ -84,7 +84,7 @@ class KLTerm:
 
 
 @dataclass(frozen=True)
-class GradNormConfig:
+class GradNormConfig(AttackOptions):
     """What ``gradnorm`` measures.
 
     norm, eps, alpha, steps: the budget of both attacks (PGD on CE for ``adv_ce`` and
@@ -96,17 +96,10 @@ class GradNormConfig:
         label (``noisy``) and the others (``clean``), Fig. A.9.
     """
 
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
-    beta: float = 6.0
-    chunk_size: int = 64
-    seed: int = 0
     noisy_vs_clean: bool = False
 
     def __post_init__(self) -> None:
-        check_attack_options(self.norm, self.eps, self.alpha, self.steps, self.beta, self.chunk_size)
+        super().__post_init__()
 
 
 def part_losses(config: GradNormConfig) -> dict[str, PerSampleLoss]:

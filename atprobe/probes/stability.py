@@ -30,7 +30,7 @@ from atprobe.directions import IGNORES, NORMS, directions, model_parameters, per
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.models import build_model
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
-from atprobe.probes._gradutil import check_attack_options, make_objective, sample_batches, stats
+from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
 __all__ = ["COLUMNS", "DEFAULT_LAMBDAS", "StabilityConfig", "init_model", "parse_lambdas", "probe"]
 
@@ -90,7 +90,7 @@ DEFAULT_LAMBDAS = parse_lambdas("-0.05:0.05:21")
 
 
 @dataclass(frozen=True)
-class StabilityConfig:
+class StabilityConfig(AttackOptions):
     """What ``stability`` measures.
 
     losses: objectives from ``pergrad.OBJECTIVES`` (clean, pgd_at, trades, R).
@@ -110,13 +110,6 @@ class StabilityConfig:
     directions: int = 1
     ignore: str = "biasbn"
     direction_norm: str = "filter"
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
-    beta: float = 6.0
-    chunk_size: int = 64
-    seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "losses", tuple(self.losses))
@@ -137,7 +130,7 @@ class StabilityConfig:
             raise AtprobeError(f"number of directions must be an integer >= 1, got {self.directions!r}")
         check_choice(self.ignore, IGNORES, "direction ignore option")
         check_choice(self.direction_norm, NORMS, "direction norm")
-        check_attack_options(self.norm, self.eps, self.alpha, self.steps, self.beta, self.chunk_size)
+        super().__post_init__()
 
 
 def init_model(arch: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.Module:
