@@ -15,11 +15,13 @@ with batch statistics, every ``l_i`` would depend on every sample of the batch, 
 "per-sample gradient" would depend on which samples it was batched with. Modes are
 restored afterwards.
 
-Method. ``torch.func.vmap(torch.func.grad(l_i))`` over ``torch.func.functional_call``
-with the buffers passed as constants: one batched forward/backward per chunk instead of
-one per sample (``benchmarks/pergrad_speed.py`` measures both; see docs/pergrad.md).
-This needs models without in-place ops on activations, which every
-``atprobe.models`` architecture guarantees.
+Method (``method=``, :data:`METHODS`). ``hooks`` (:mod:`atprobe.pergrad_hooks`): one
+batched forward/backward per chunk and the per-layer identities ``dl_i/dW = sum_t g_t
+a_t^T`` as batched GEMMs, with ghost norms where cheaper; used by default wherever every
+probed parameter sits in a supported layer. ``vmap``: ``torch.func.vmap(torch.func.grad(l_i))``
+over ``torch.func.functional_call`` with the buffers passed as constants; any layer, given
+no in-place ops on activations. ``benchmarks/pergrad.py`` measures both against the
+loop; see docs/pergrad.md.
 
 Memory. A chunk of ``b`` samples holds ``b x P`` gradient entries (WRN-28-10:
 P = 36.5M, so 146 MB per sample in float32 and 9.3 GB for ``chunk_size=64``).
@@ -53,9 +55,11 @@ from atprobe import objectives
 from atprobe.attacks import PGDConfig, pgd, random_start
 from atprobe.directions import ModelAt, functional_state, model_parameters
 from atprobe.errors import AtprobeError, check_choice
+from atprobe.pergrad_hooks import layer_plan, row_sq_norms, per_sample_grads_hooks, per_sample_sq_norms_hooks
 from atprobe.runtime import autocast, make_generator, module_mode
 
 __all__ = [
+    "METHODS",
     "OBJECTIVES",
     "Objective",
     "PerSampleLoss",
@@ -64,6 +68,7 @@ __all__ = [
     "default_attack",
     "objective",
     "per_sample_grad_distance",
+    "per_sample_grad_distances",
     "per_sample_grad_norms",
     "per_sample_grads",
     "per_sample_starts",
@@ -277,6 +282,29 @@ def _check(
     return point, ids
 
 
+#: How per-sample gradients are computed: ``hooks`` (per-layer identities on one batched
+#: backward, :mod:`atprobe.pergrad_hooks`), ``vmap`` (``torch.func``), or ``auto``: hooks
+#: where they apply (every probed parameter in a supported layer, and an :class:`Objective`
+#: loss, which is known to keep samples apart and stack whole chunks), else vmap.
+METHODS = ("auto", "hooks", "vmap")
+
+
+def resolve_method(model: nn.Module, loss_fn: "PerSampleLoss", point: Mapping[str, Tensor], method: str) -> str:
+    """``hooks`` or ``vmap`` for ``method`` (one of :data:`METHODS`); ``hooks`` on a model it
+    cannot handle is an error saying why."""
+    check_choice(method, METHODS, "per-sample gradient method")
+    if method == "vmap":
+        return "vmap"
+    plan = layer_plan(model, list(point))
+    if isinstance(plan, str):
+        if method == "hooks":
+            raise AtprobeError(f"per-sample gradients by hooks do not support {plan}; use method='vmap'")
+        return "vmap"
+    if method == "auto" and not isinstance(loss_fn, Objective):
+        return "vmap"
+    return "hooks"
+
+
 def _check_buffers(model: nn.Module, buffers: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
     """``None`` (the model's own buffers) or a detached copy of the mapping, which must give
     every buffer of the model (``named_buffers()``), with its shape, and nothing else: a
@@ -306,8 +334,12 @@ def _grad_chunks(
     sample_ids: Sequence[int],
     amp: bool,
     buffers: dict[str, Tensor] | None = None,
-) -> Iterator[dict[str, Tensor]]:
-    """Per-sample gradients chunk by chunk: ``{name: (b, *param.shape)}`` in ``point`` order.
+    method: str = "auto",
+    norms_only: bool = False,
+) -> Iterator[Any]:
+    """Per-sample gradients chunk by chunk: ``{name: (b, *param.shape)}`` in ``point`` order
+    (with ``norms_only``, their norms ``(b,)``, which the hooks method computes without
+    materializing every layer's gradients).
 
     ``buffers`` (default: the model's own) are the constants of the point: the loss and
     the attack of ``prepare`` both see them. Drops its own reference to a chunk as soon as
@@ -326,6 +358,11 @@ def _grad_chunks(
 
     prepare = loss_fn.prepare if isinstance(loss_fn, _Prepared) else None
     view = ModelAt(model, point, buffers) if prepare is not None else None
+    method = resolve_method(model, loss_fn, point, method)
+    plan = layer_plan(model, list(point)) if method == "hooks" else None
+    # Leaves that require grad, sharing the point's storage: the layers' outputs then
+    # require grad, and the backward stops at them (no weight gradient is accumulated).
+    point_leaves = {k: v.detach().requires_grad_() for k, v in point.items()} if plan is not None else None
     for start in range(0, x.shape[0], chunk_size):
         xb, yb = x[start : start + chunk_size].detach(), y[start : start + chunk_size]
         # Eval mode per chunk (restored in between), so a consumer that keeps the
@@ -334,9 +371,25 @@ def _grad_chunks(
             extra: tuple[Tensor, ...] = ()
             if prepare is not None:
                 extra = tuple(e.detach() for e in prepare(view, xb, yb, sample_ids[start : start + chunk_size]))
-            in_dims = (None, 0, 0, *([0] * len(extra)))
-            with autocast(x.device, amp):
-                grads = vmap(grad(single), in_dims=in_dims)(point, xb, yb, *extra)
+            if plan is not None:
+
+                def run_loss(xb: Tensor = xb, yb: Tensor = yb, extra: tuple[Tensor, ...] = extra) -> Tensor:
+                    def f(inputs: Tensor) -> Tensor:
+                        return functional_call(model, (point_leaves, consts), (inputs,))
+
+                    return loss_fn(f, xb, yb, *extra)
+
+                with torch.enable_grad(), autocast(x.device, amp):
+                    if norms_only:
+                        grads = per_sample_sq_norms_hooks(model, plan, run_loss, point, xb.shape[0]).sqrt()
+                    else:
+                        grads = per_sample_grads_hooks(model, plan, run_loss, point, xb.shape[0])
+            else:
+                in_dims = (None, 0, 0, *([0] * len(extra)))
+                with autocast(x.device, amp):
+                    grads = vmap(grad(single), in_dims=in_dims)(point, xb, yb, *extra)
+                if norms_only:
+                    grads = _norms(grads)
         del extra
         yield grads
         del grads
@@ -353,6 +406,7 @@ def per_sample_grads(
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
     buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
 ) -> Iterator[Tensor]:
     """Per-sample gradients ``g_i = d l_i / d theta`` as flat ``(b, P)`` chunks, ``b <= chunk_size``.
 
@@ -376,9 +430,11 @@ def per_sample_grads(
             normalization), ``{name: tensor}`` for every buffer of the model; default the
             model's own. With ``params`` and ``buffers`` of another model of the same
             architecture, the gradients are that model's (e.g. another epoch's checkpoint).
+        method: ``auto`` (default), ``hooks`` or ``vmap`` (see :data:`METHODS`); the same
+            gradients up to rounding.
     """
     point, ids = _check(model, x, y, params, chunk_size, sample_ids)
-    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, _check_buffers(model, buffers))
+    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, _check_buffers(model, buffers), method)
 
 
 def _flat_chunks(
@@ -391,37 +447,19 @@ def _flat_chunks(
     ids: Sequence[int],
     amp: bool,
     buffers: dict[str, Tensor] | None = None,
+    method: str = "auto",
 ) -> Iterator[Tensor]:
-    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, buffers):
+    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, buffers, method):
         flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
         del grads
         yield flat
         del flat
 
 
-#: Entries per partial sum in :func:`_norms`. The CPU's float32 norm kernel accumulates
-#: long rows sequentially: over 10^7 entries it is off by ~1e-4 (relative), the cascade of
-#: 4096-entry blocks by ~1e-7, at the same speed. On a GPU the extra level costs nothing.
-_BLOCK = 4096
-
-
 def _norms(grads: Mapping[str, Tensor]) -> Tensor:
-    """Per-sample L2 norm over all parameters of a chunk, (b,), in the gradients' dtype.
-
-    A two-level reduction: norms of 4096-entry blocks of every parameter, then the norm of
-    those. ``vector_norm`` throughout: no ``(b, numel)`` temporary (``g.pow(2)`` would
-    allocate one per layer, ~9x the cost of the reduction on the CPU) and no overflow.
-    """
-    parts: list[Tensor] = []
-    for g in grads.values():
-        flat = g.flatten(1)
-        b, n = flat.shape
-        full = n - n % _BLOCK
-        if full:  # a view: rows are contiguous, so (b, n) -> (b, n / 4096, 4096) copies nothing
-            parts.append(torch.linalg.vector_norm(flat[:, :full].reshape(b, -1, _BLOCK), dim=2))
-        if full < n:
-            parts.append(torch.linalg.vector_norm(flat[:, full:], dim=1, keepdim=True))
-    return torch.linalg.vector_norm(torch.cat(parts, dim=1), dim=1)
+    """Per-sample L2 norm over all parameters of a chunk, (b,), in the gradients' dtype:
+    accurately blocked squared norms per parameter (``pergrad_hooks.row_sq_norms``), summed."""
+    return torch.stack([row_sq_norms(g) for g in grads.values()]).sum(0).sqrt()
 
 
 def per_sample_grad_norms(
@@ -435,15 +473,13 @@ def per_sample_grad_norms(
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
     buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
 ) -> Tensor:
     """``||g_i||_2`` for every sample, shape (N,), on ``x``'s device (arguments as in
     :func:`per_sample_grads`). One chunk of gradients is alive at a time, never flattened."""
     point, ids = _check(model, x, y, params, chunk_size, sample_ids)
     bufs = _check_buffers(model, buffers)
-    norms: list[Tensor] = []
-    for grads in _grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, bufs):
-        norms.append(_norms(grads))
-        del grads  # before the next chunk is computed: one chunk alive, not two
+    norms = list(_grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, bufs, method, norms_only=True))
     return torch.cat(norms) if norms else x.new_zeros(0)
 
 
@@ -460,6 +496,7 @@ def per_sample_grad_distance(
     amp: bool = False,
     buffers_a: Mapping[str, Tensor] | None = None,
     buffers_b: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``(||g_i(a) - g_i(b)||_2, cos(g_i(a), g_i(b)))`` for every sample, each (N,).
 
@@ -484,14 +521,74 @@ def per_sample_grad_distance(
     if list(point_a) != list(point_b):
         raise AtprobeError("params_a and params_b must name the same parameters in the same order")
     na, nb, dist = _paired_norms(
-        _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp, bufs_a),
-        _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp, bufs_b),
+        _grad_chunks(model, loss_fn, x, y, point_a, chunk_size, ids, amp, bufs_a, method),
+        _grad_chunks(model, loss_fn, x, y, point_b, chunk_size, ids, amp, bufs_b, method),
     )
-    # The cosine from the three accurate norms (law of cosines) rather than a separate
-    # dot product: a float32 GEMM-based dot over 10^7 entries is off by ~1e-2 on the
-    # CPU, and this form gives exactly 1 when the gradients are identical.
+    return dist, _cosine(na, nb, dist)
+
+
+def per_sample_grad_distances(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: Tensor,
+    y: Tensor,
+    reference: Mapping[str, Tensor],
+    points: Sequence[Mapping[str, Tensor]],
+    *,
+    chunk_size: int = 64,
+    sample_ids: Tensor | Sequence[int] | None = None,
+    amp: bool = False,
+    buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`per_sample_grad_distance` from one ``reference`` point to each of ``points``:
+    ``[(dist, cos)]`` in ``points`` order, each pair as that function returns it.
+
+    Each chunk's reference gradients are computed once and compared with every point's
+    (the stability probe's grid: one gradient at ``theta`` per chunk, not one per ``lam``).
+    ``points`` is indexed once per chunk (``len`` and ``[k]``), so it may build each point
+    on demand instead of holding them all. Two chunks of gradients are alive at a time.
+    ``buffers``: the buffers of every point, the reference included (default the model's).
+    """
+    ref_point, ids = _check(model, x, y, reference, chunk_size, sample_ids)
+    bufs = _check_buffers(model, buffers)
+    dists: list[list[Tensor]] = [[] for _ in range(len(points))]
+    coss: list[list[Tensor]] = [[] for _ in range(len(points))]
+    for start in range(0, x.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_ids = ids[rows]
+
+        def grads_at(point: dict[str, Tensor]) -> dict[str, Tensor]:
+            (g,) = _grad_chunks(model, loss_fn, x[rows], y[rows], point, chunk_size, chunk_ids, amp, bufs, method)
+            return g
+
+        ref = grads_at(ref_point)
+        ref_norms = _norms(ref)
+        for k in range(len(points)):
+            point, _ = _check(model, x, y, points[k], chunk_size, None)
+            if list(point) != list(ref_point):
+                raise AtprobeError("every point must name the reference's parameters in the same order")
+            g = grads_at(point)
+            norms = _norms(g)
+            for name, t in g.items():  # in place into this point's gradients, discarded next
+                t.sub_(ref[name])
+            dist = _norms(g)
+            del g
+            dists[k].append(dist)
+            coss[k].append(_cosine(ref_norms, norms, dist))
+        del ref
+    if x.shape[0] == 0:
+        empty = torch.zeros(0)
+        return [(empty, empty) for _ in range(len(points))]
+    return [(torch.cat(d), torch.cat(c)) for d, c in zip(dists, coss)]
+
+
+def _cosine(na: Tensor, nb: Tensor, dist: Tensor) -> Tensor:
+    """The cosine from three accurate norms (law of cosines) rather than a separate dot
+    product: a float32 GEMM-based dot over 10^7 entries is off by ~1e-2 on the CPU, and
+    this form gives exactly 1 when the gradients are identical; 0 if either is zero."""
     cos = (na.square() + nb.square() - dist.square()) / (2 * na * nb).clamp_min(torch.finfo(na.dtype).tiny)
-    return dist, cos.clamp(-1.0, 1.0)
+    return cos.clamp(-1.0, 1.0)
 
 
 def per_sample_grad_norm_pair(
@@ -506,6 +603,7 @@ def per_sample_grad_norm_pair(
     sample_ids: Tensor | Sequence[int] | None = None,
     amp: bool = False,
     buffers: Mapping[str, Tensor] | None = None,
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(||g_a,i||, ||g_b,i||, ||g_a,i - g_b,i||)`` of two losses at one parameter point.
 
@@ -517,8 +615,8 @@ def per_sample_grad_norm_pair(
     point, ids = _check(model, x, y, params, chunk_size, sample_ids)
     bufs = _check_buffers(model, buffers)
     return _paired_norms(
-        _grad_chunks(model, loss_a, x, y, point, chunk_size, ids, amp, bufs),
-        _grad_chunks(model, loss_b, x, y, point, chunk_size, ids, amp, bufs),
+        _grad_chunks(model, loss_a, x, y, point, chunk_size, ids, amp, bufs, method),
+        _grad_chunks(model, loss_b, x, y, point, chunk_size, ids, amp, bufs, method),
     )
 
 

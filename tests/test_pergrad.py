@@ -61,46 +61,56 @@ def loop_grads(model, loss, x, y, extra=()) -> torch.Tensor:
     for i in range(x.shape[0]):
         model.zero_grad()
         loss(model, x[i : i + 1], y[i : i + 1], *(e[i : i + 1] for e in extra)).sum().backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                               for p in model.parameters()]))
     return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------------- against the loop
 
 
+METHODS = ["hooks", "vmap"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ["cnn", "mlp"])
-def test_grads_and_norms_match_the_loop(arch, cnn, mlp, data):
+def test_grads_and_norms_match_the_loop(arch, method, cnn, mlp, data):
     model = cnn if arch == "cnn" else mlp
     x, y = data
     ref = loop_grads(model, ce64, x, y)
-    chunks = list(per_sample_grads(model, ce64, x, y, chunk_size=3))
+    chunks = list(per_sample_grads(model, ce64, x, y, chunk_size=3, method=method))
     assert [c.shape for c in chunks] == [(3, ref.shape[1]), (1, ref.shape[1])]
     torch.testing.assert_close(torch.cat(chunks), ref, rtol=1e-10, atol=1e-12)
-    norms = per_sample_grad_norms(model, ce64, x, y, chunk_size=3)
+    norms = per_sample_grad_norms(model, ce64, x, y, chunk_size=3, method=method)
     torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=0)
 
 
-def test_distance_and_cosine_match_the_loop(cnn, data):
+@pytest.mark.parametrize("method", METHODS)
+def test_distance_and_cosine_match_the_loop(method, cnn, data):
     x, y = data
     d = directions(cnn, 1, seed=0, ignore="none")[0]
     a, b = model_parameters(cnn), perturbed_parameters(cnn, d, 0.2)
     ga, gb = loop_grads(cnn, ce64, x, y), loop_grads(_at(cnn, b), ce64, x, y)
-    dist, cos = per_sample_grad_distance(cnn, ce64, x, y, a, b, chunk_size=3)
+    dist, cos = per_sample_grad_distance(cnn, ce64, x, y, a, b, chunk_size=3, method=method)
     torch.testing.assert_close(dist, (ga - gb).norm(dim=1), rtol=1e-10, atol=0)
     torch.testing.assert_close(cos, F.cosine_similarity(ga, gb, dim=1), rtol=0, atol=1e-12)
     assert (dist > 0).all() and (cos < 1).all()
 
 
-def test_builtin_objectives_match_the_loop(cnn, data):
-    """clean/pgd_at/trades/R through vmap equal single-sample backward passes with x'
-    held fixed (Danskin), the x' being the objective's own at that point."""
+@pytest.mark.parametrize("method", METHODS)
+def test_builtin_objectives_match_the_loop(method, cnn, data):
+    """clean/pgd_at/trades/R by either method equal single-sample backward passes with x'
+    held fixed (Danskin), the x' being the objective's own at that point (TRADES and R
+    stack [x, x'] in one call: the hooks method must add both rows of a sample)."""
     x, y = data[0][:2], data[1][:2]
     view = ModelAt(cnn, model_parameters(cnn))
     for name, attack in [("clean", None), ("pgd_at", PGD3), ("trades", TRADES3), ("R", PGD3)]:
         obj = objective(name, attack=attack, seed=11)
         extra = obj.prepare(view, x, y, range(x.shape[0]))
         ref = loop_grads(cnn, obj, x, y, extra)
-        got = torch.cat(list(per_sample_grads(cnn, obj, x, y, chunk_size=1)))
+        got = torch.cat(list(per_sample_grads(cnn, obj, x, y, chunk_size=2, method=method)))
+        torch.testing.assert_close(per_sample_grad_norms(cnn, obj, x, y, chunk_size=2, method=method), got.norm(dim=1),
+                                   rtol=1e-10, atol=0)
         # objectives.ce evaluates in float32: agreement to float32 rounding of the logits.
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -239,9 +249,10 @@ def _track(monkeypatch):
         for grads in real(*args, **kwargs):
             token = next(counter)
             alive.add(token)
-            weakref.finalize(next(iter(grads.values())), alive.discard, token)
+            first = grads if isinstance(grads, torch.Tensor) else next(iter(grads.values()))  # norms or gradients
+            weakref.finalize(first, alive.discard, token)
             record["peak"] = max(record["peak"], len(alive))
-            record["rows"].append(next(iter(grads.values())).shape[0])
+            record["rows"].append(first.shape[0])
             yield grads
             del grads
 
@@ -257,7 +268,9 @@ def test_memory_is_bounded_by_chunks(monkeypatch):
     y = torch.randint(0, 10, (7,), generator=g)
     record = _track(monkeypatch)
     per_sample_grad_norms(mlp, ce64, x, y, chunk_size=3)
-    assert record["rows"] == [3, 3, 1] and record["peak"] == 1  # one chunk of 3 x P at a time
+    # Chunks of 3; what leaves the generator is each chunk's (3,) norms (the gradients
+    # are reduced inside it, and per_sample_grads below shows those are 3 x P).
+    assert record["rows"] == [3, 3, 1]
 
     record = _track(monkeypatch)
     d = directions(mlp, 1, seed=0)[0]
@@ -306,3 +319,123 @@ def test_float32_reductions_are_accurate():
     got = pergrad._norms(grads)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------- the hooks method
+
+
+class _Layers(nn.Module):
+    """Every case the per-layer identities handle: strided, dilated and unpadded
+    convolutions with and without bias, 1x1 convolutions, eval-mode BatchNorm, a linear
+    layer applied over a sequence dimension, a layer called twice (shared weights), and a
+    layer whose output never reaches the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(6, 6, 3, dilation=2, padding=2)
+        self.c4 = nn.Conv2d(6, 5, 1)
+        self.c5 = nn.Conv2d(5, 5, (2, 3), padding=0)
+        self.seq = nn.Linear(5, 7)
+        self.head = nn.Linear(7, 3)
+        self.dead = nn.Linear(7, 2)
+
+    def forward(self, x):
+        h = F.softplus(self.bn1(self.c1(x)))
+        h = torch.tanh(self.c3(torch.tanh(self.c2(h))))
+        h = self.c3(h) + h  # called twice
+        h = self.c5(F.softplus(self.c4(h)))  # (n, 5, 3, 2)
+        h = torch.tanh(self.seq(h.flatten(2).transpose(1, 2)))  # (n, 6, 7): a sequence of 6
+        self.dead(h)
+        return self.head(h.mean(1))
+
+
+def test_hooks_cover_every_layer_kind():
+    torch.manual_seed(0)
+    model = randomize_bn(_Layers().double()).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 8, 8, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (5,), generator=g)
+    ref = loop_grads(model, ce64, x, y)
+    got = torch.cat(list(per_sample_grads(model, ce64, x, y, chunk_size=3, method="hooks")))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+    names = [n for n, _ in model.named_parameters()]
+    offset = sum(p.numel() for p in list(model.parameters())[: names.index("dead.weight")])
+    assert not got[:, offset : offset + 7 * 2 + 2].any()  # the unused layer: exactly zero
+    assert got[:, :offset].abs().sum(0).gt(0).float().mean() > 0.9  # the others mostly not
+    norms = per_sample_grad_norms(model, ce64, x, y, chunk_size=2, method="hooks")
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=0)
+
+
+def test_ghost_and_direct_norms_agree():
+    """Each layer's squared norm by the ghost identity and by the materialized gradient."""
+    from atprobe import pergrad_hooks as H
+
+    torch.manual_seed(1)
+    model = _Layers().double().eval()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    point = model_parameters(model)
+    plan = H.layer_plan(model, list(point))
+    leaves = {k: v.detach().requires_grad_() for k, v in point.items()}
+
+    def run_loss():
+        return ce64(lambda inp: torch.func.functional_call(model, leaves, (inp,)), x, y)
+
+    outs = H._backward(plan, run_loss, 4)
+    for layer, layer_outs in H._per_layer(plan, outs):
+        if not H._has_weight_matrix(layer) or all(o is None for o in layer_outs):
+            continue
+        w = H._layer_grads(layer, 4, torch.float64, layer_outs)["weight"]
+        pairs = [H._positions(layer.module, a.double(), g.double(), 4) for a, g, _ in H._calls(layer, torch.float64, layer_outs)]
+        pa, pg = torch.cat([p for p, _ in pairs], 1), torch.cat([q for _, q in pairs], 1)
+        ghost = (torch.bmm(pa, pa.transpose(1, 2)) * torch.bmm(pg, pg.transpose(1, 2))).sum((1, 2))
+        torch.testing.assert_close(ghost, w.flatten(1).square().sum(1), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn-10-2", "dense121"])
+def test_hooks_equal_vmap_on_every_architecture(arch):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(arch, 10, mean=(0.5,) * 3, std=(0.25,) * 3).double()).eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([1, 7])
+    obj = objective("trades", attack=PGDConfig(steps=1, loss="kl", init="normal"))
+    hooks = torch.cat(list(per_sample_grads(model, obj, x, y, method="hooks")))
+    vmapped = torch.cat(list(per_sample_grads(model, obj, x, y, method="vmap")))
+    torch.testing.assert_close(hooks, vmapped, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(per_sample_grad_norms(model, obj, x, y), vmapped.norm(dim=1), rtol=1e-10, atol=0)
+
+
+def test_method_choice():
+    torch.manual_seed(0)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    x, y = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    assert pergrad.resolve_method(grouped, objective("clean"), model_parameters(grouped), "auto") == "vmap"
+    with pytest.raises(AtprobeError, match="grouped convolution"):
+        per_sample_grad_norms(grouped, ce64, x, y, method="hooks")
+    torch.testing.assert_close(per_sample_grad_norms(grouped, ce64, x, y), loop_grads(grouped, ce64, x, y).norm(dim=1),
+                               rtol=1e-10, atol=0)
+    cnn = build_model("cnn-small")
+    assert pergrad.resolve_method(cnn, objective("clean"), model_parameters(cnn), "auto") == "hooks"
+    assert pergrad.resolve_method(cnn, ce64, model_parameters(cnn), "auto") == "vmap"  # a loss it cannot vouch for
+    with pytest.raises(AtprobeError, match="method"):
+        pergrad.resolve_method(cnn, ce64, model_parameters(cnn), "ghost")
+
+
+def test_distances_to_many_points_equal_the_pairwise_ones(mlp, data):
+    """The reference gradients computed once per chunk give what one call per point gives."""
+    x, y = data
+    obj = objective("pgd_at", attack=PGD3, seed=2)
+    d = directions(mlp, 1, seed=0)[0]
+    theta = model_parameters(mlp)
+    points = [perturbed_parameters(mlp, d, lam) for lam in (-0.3, 0.0, 0.2)]
+    many = pergrad.per_sample_grad_distances(mlp, obj, x, y, theta, points, chunk_size=3)
+    for (dist, cos), point in zip(many, points):
+        ref_dist, ref_cos = per_sample_grad_distance(mlp, obj, x, y, theta, point, chunk_size=3)
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=0)
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-12)
+    assert torch.equal(many[1][0], torch.zeros(4, dtype=torch.float64)) and torch.equal(many[1][1], torch.ones(4, dtype=torch.float64))
+    with pytest.raises(AtprobeError, match="same order"):
+        pergrad.per_sample_grad_distances(mlp, obj, x, y, theta, [{"fc3.weight": mlp.fc3.weight}])

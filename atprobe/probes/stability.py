@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from fractions import Fraction
 import pandas as pd
 import torch
@@ -29,7 +30,7 @@ from atprobe.data import Split
 from atprobe.directions import IGNORES, NORMS, directions, model_parameters, perturbed_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.models import build_model
-from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
+from atprobe.pergrad import OBJECTIVES, per_sample_grad_distances
 from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
 __all__ = ["COLUMNS", "DEFAULT_LAMBDAS", "StabilityConfig", "init_model", "parse_lambdas", "probe"]
@@ -143,6 +144,19 @@ def init_model(arch: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.
         return build_model(arch, num_classes, **kwargs)
 
 
+class _Grid(Sequence):
+    """The points ``theta + lam d`` of a lam grid, built when indexed (not all held)."""
+
+    def __init__(self, model: nn.Module, direction, lambdas: tuple[float, ...]) -> None:
+        self.model, self.direction, self.lambdas = model, direction, lambdas
+
+    def __len__(self) -> int:
+        return len(self.lambdas)
+
+    def __getitem__(self, k):
+        return perturbed_parameters(self.model, self.direction, self.lambdas[k])
+
+
 def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConfig(), *, progress=None) -> pd.DataFrame:
     """One row per (loss, direction, lam), columns :data:`COLUMNS`, in the order
     ``config.losses`` x directions x ``config.lambdas``.
@@ -159,18 +173,20 @@ def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConf
     for loss in config.losses:
         obj = make_objective(loss, config)
         for k, d in enumerate(dirs):
-            for lam in config.lambdas:
-                point = perturbed_parameters(model, d, lam)
-                dist, cos = [], []
-                for x, y, ids in batches:
-                    di, ci = per_sample_grad_distance(model, obj, x, y, theta, point, chunk_size=config.chunk_size,
-                                                      sample_ids=ids)
-                    dist.append(di.detach())
-                    cos.append(ci.detach())
-                    if progress is not None:
-                        progress.update(len(y))
-                del point
-                ds, cs = stats(torch.cat(dist)), stats(torch.cat(cos))
+            grid = _Grid(model, d, config.lambdas)
+            dist: list[list[torch.Tensor]] = [[] for _ in config.lambdas]
+            cos: list[list[torch.Tensor]] = [[] for _ in config.lambdas]
+            for x, y, ids in batches:
+                # theta's gradients once per chunk, compared with every lam's
+                pairs = per_sample_grad_distances(model, obj, x, y, theta, grid, chunk_size=config.chunk_size,
+                                                  sample_ids=ids)
+                for j, (di, ci) in enumerate(pairs):
+                    dist[j].append(di.detach())
+                    cos[j].append(ci.detach())
+                if progress is not None:
+                    progress.update(len(y) * len(config.lambdas))
+            for j, lam in enumerate(config.lambdas):
+                ds, cs = stats(torch.cat(dist[j])), stats(torch.cat(cos[j]))
                 rows.append({
                     "loss": loss, "direction": k, "lam": lam, "n": len(data),
                     "dist_mean": ds["mean"], "dist_std": ds["std"],

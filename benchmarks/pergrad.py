@@ -1,10 +1,11 @@
-"""Per-sample gradient norms: atprobe.pergrad (vmap over grad) against a plain loop of
-single-sample backward passes, same model, same batch, same process.
+"""Per-sample gradient norms: atprobe.pergrad (both methods: ``hooks``, the per-layer
+identities on one batched backward, atprobe's default; and torch.func ``vmap``) against a
+plain loop of single-sample backward passes, same model, same batch, same process.
 
-    python benchmarks/pergrad_speed.py                       # cnn-small and mlp, batch 64, CPU
-    python benchmarks/pergrad_speed.py --arch resnet18 --device cuda
+    python benchmarks/pergrad.py                             # cnn-small and resnet18, batch 128, CPU
+    python benchmarks/pergrad.py --arch resnet18 --device cuda
 
-Prints one line per arch: median seconds of each and ratio = loop / atprobe (> 1 means
+Prints one line per arch and method: median seconds and ratio = loop / atprobe (> 1 means
 atprobe is faster), plus the largest relative difference of atprobe's norms from the
 loop's norms reduced in float64. Both compute
 ||d CE(f(x_i), y_i) / d theta|| for every sample in eval mode, float32; the loop is what
@@ -18,12 +19,11 @@ import argparse
 import statistics
 
 import torch
-from _timing import timed
+from _timing import add_machine_options, machine, timed
 
 from atprobe import objectives
 from atprobe.models import build_model
 from atprobe.pergrad import objective, per_sample_grad_norms
-from atprobe.runtime import resolve_device
 
 
 def loop_norms(
@@ -44,19 +44,14 @@ def loop_norms(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["cnn-small", "mlp"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--arch", nargs="+", default=["cnn-small", "resnet18"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--methods", nargs="+", default=["hooks", "vmap"], choices=["hooks", "vmap"])
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the batch size")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's); 1 gives stable numbers on a shared, loaded machine")
+    add_machine_options(parser)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    device, name = machine(args)
     for arch in args.arch:
         torch.manual_seed(0)
         mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -69,23 +64,29 @@ def main() -> None:
         def run_loop():
             return loop_norms(model, x, y)
 
-        def run_ours():
-            return per_sample_grad_norms(model, loss, x, y, chunk_size=chunk)
-
-        run_loop(), run_ours()  # warm-up (allocator, first-call dispatch)
+        runs = {
+            method: (lambda method=method: per_sample_grad_norms(model, loss, x, y, chunk_size=chunk, method=method))
+            for method in args.methods
+        }
+        run_loop()  # warm-up (allocator, first-call dispatch)
         ref = loop_norms(model, x, y, accumulate=torch.float64)
-        rel = ((run_ours().double() - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
-        loop_times, our_times = [], []
-        for _ in range(args.repeats):  # interleaved so load drift hits both equally
-            loop_times.append(timed(run_loop, device))
-            our_times.append(timed(run_ours, device))
-        lt, ot = statistics.median(loop_times), statistics.median(our_times)
+        rel = {}
+        for method, run in runs.items():
+            rel[method] = ((run().double() - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
+        times: dict[str, list[float]] = {"loop": [], **{m: [] for m in runs}}
+        for _ in range(args.repeats):  # interleaved so load drift hits all equally
+            times["loop"].append(timed(run_loop, device))
+            for method, run in runs.items():
+                times[method].append(timed(run, device))
+        lt = statistics.median(times["loop"])
         params = sum(p.numel() for p in model.parameters())
-        print(
-            f"per-sample grad norms arch={arch} params={params:,} batch={args.batch_size} chunk={chunk} "
-            f"device={name}: loop {lt:.4f}s atprobe {ot:.4f}s ratio loop/atprobe {lt / ot:.2f} "
-            f"(max rel diff from float64-reduced loop {rel:.1e})"
-        )
+        for method in runs:
+            ot = statistics.median(times[method])
+            print(
+                f"per-sample grad norms arch={arch} params={params:,} batch={args.batch_size} chunk={chunk} "
+                f"method={method} device={name}: loop {lt:.4f}s atprobe {ot:.4f}s ratio loop/atprobe {lt / ot:.2f} "
+                f"(max rel diff from float64-reduced loop {rel[method]:.1e})"
+            )
 
 
 if __name__ == "__main__":
