@@ -51,6 +51,7 @@ def cli() -> None:
 
 def _register() -> None:
     from atprobe.cli.evaluate import eval_command
+    from atprobe.cli.hardness import hardness_command
     from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
     from atprobe.cli.train import train_command
 
@@ -59,6 +60,7 @@ def _register() -> None:
     cli.add_command(gradnorm_command)
     cli.add_command(stability_command)
     cli.add_command(gradcos_command)
+    cli.add_command(hardness_command)
 
 
 _register()

@@ -1,0 +1,546 @@
+"""``hardness``: per-sample adversarial loss of several models on the same samples, and how
+consistently the models rank the samples by it (Dong et al., ICLR 2022, Sec. 4.1,
+Fig. 7(c), Fig. C.2, Fig. C.3: are the "hard" training examples of robust overfitting the
+same across seeds and architectures?).
+
+For every model ``m`` and sample ``i`` (image ``x_i``, the label ``y_i^m`` model ``m``
+uses):
+
+    adv_loss_i^m = CE(f_m(x_i'^m), y_i^m),   x_i'^m = PGD against f_m on CE(f_m(.), y_i^m)
+    rank_i^m     = position of sample i when the samples are sorted by adv_loss^m,
+                   largest first (1 = hardest); ties keep the samples' order in the split
+
+Each model is attacked by its own PGD (``atprobe.attacks.pgd``, the code of ``atprobe
+eval``), from a random start that depends only on ``(seed, sample index)``
+(``atprobe.pergrad.per_sample_starts``): every model starts sample ``i`` from the same
+point. For every unordered pair of models (in the order given) :func:`consistency` reports
+Kendall's tau-b and Spearman's rho between the two models' ``adv_loss`` vectors (scipy),
+and the overlap of their ``k`` hardest samples, ``|top_k(a) & top_k(b)| / k``.
+
+Losses are streamed batch by batch: only ``N`` floats (and ``N`` flags) per model are kept,
+never the adversarial images; models are visited one after the other, so a lazy
+``Mapping`` (as the CLI passes) holds one model in memory at a time.
+
+``probe(models, data, config)`` returns the consistency table; :func:`per_sample_losses`
+the per-sample table it is computed from. :func:`gallery_figure`, :func:`hardest_gallery`
+and :func:`sorted_loss_figure` draw the figures (matplotlib, imported when called).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from atprobe import objectives
+from atprobe.attacks import AttackSpec, parse_attack, pgd
+from atprobe.data import Split
+from atprobe.errors import AtprobeError
+from atprobe.pergrad import per_sample_starts
+from atprobe.probes._gradutil import model_device_dtype, sample_batches
+from atprobe.runtime import autocast, make_generator, module_mode
+
+if TYPE_CHECKING:  # matplotlib is imported lazily, inside the figure functions
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "COLUMNS",
+    "CONSISTENCY_COLUMNS",
+    "DEFAULT_DPI",
+    "SORTED_SIZE",
+    "HardnessConfig",
+    "adversarial_examples",
+    "consistency",
+    "default_gallery_size",
+    "gallery_figure",
+    "hardest",
+    "hardest_gallery",
+    "parse_size",
+    "per_sample_losses",
+    "png_bytes",
+    "probe",
+    "ranks",
+    "sorted_loss_figure",
+]
+
+#: Columns of :func:`per_sample_losses` (one row per model and sample).
+COLUMNS = ["index", "label", "true_label", "model", "adv_loss", "adv_correct", "rank"]
+#: Columns of :func:`consistency` (one row per unordered pair of models).
+CONSISTENCY_COLUMNS = ["model_a", "model_b", "n", "kendall_tau", "kendall_p", "spearman_rho", "spearman_p",
+                       "top_k", "top_k_overlap"]
+
+#: Dots per inch of every figure: sizes are given in pixels, figsize = pixels / DEFAULT_DPI.
+DEFAULT_DPI = 100
+#: Pixel size of ``sorted.png``.
+SORTED_SIZE = (900, 500)
+#: Pixel width of one gallery column and the gallery's height (``default_gallery_size``).
+GALLERY_COLUMN_PX = 110
+GALLERY_HEIGHT_PX = 320
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class HardnessConfig:
+    """What ``hardness`` measures.
+
+    attack: an attack name for ``atprobe.attacks.parse_attack`` (``pgd10``: 10 steps of PGD
+        on CE; ``pgd20x5``, ``cw50``, ``fgsm``, ``natural`` = no attack, the clean loss).
+    norm, eps, alpha: its budget; the default is the L-inf training budget, 8/255 with step
+        ``alpha = eps/4`` (2/255) when ``alpha`` is None.
+    batch_size: samples per attack batch.
+    seed: keys each sample's random start (with the sample's index).
+    top_k: the ``k`` of the top-k overlap (capped at the number of samples).
+    amp: bf16 autocast on CUDA for the attack and the loss (off: exact float32 losses).
+    """
+
+    attack: str = "pgd10"
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float | None = None
+    batch_size: int = 256
+    seed: int = 0
+    top_k: int = 100
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attack, str):
+            raise AtprobeError(f"attack must be a name such as pgd10, got {self.attack!r}")
+        for what, v in (("eps", self.eps), ("alpha", self.alpha)):
+            if v is None and what == "alpha":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise AtprobeError(f"{what} must be a number, got {v!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise AtprobeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
+        if not _is_int(self.top_k) or self.top_k < 1:
+            raise AtprobeError(f"top-k must be an integer >= 1, got {self.top_k!r}")
+        if not _is_int(self.seed):
+            raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.amp, bool):
+            raise AtprobeError(f"amp must be True or False, got {self.amp!r}")
+        self.spec  # parse_attack's (and PGDConfig's) one-line errors
+
+    @property
+    def spec(self) -> AttackSpec:
+        """The parsed attack."""
+        return parse_attack(self.attack, norm=self.norm, eps=float(self.eps),
+                            alpha=None if self.alpha is None else float(self.alpha))
+
+
+# ---------------------------------------------------------------------------- per-sample losses
+
+
+def _splits_for(models: Mapping[str, nn.Module], data: Split | Mapping[str, Split]) -> dict[str, Split]:
+    """Each model's split (its labels); all must hold the same samples in the same order."""
+    names = list(models.keys())
+    if not names:
+        raise AtprobeError("no model given")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise AtprobeError(f"model names must be non-empty strings, got {name!r}")
+    if isinstance(data, Split):
+        return {name: data for name in names}
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise AtprobeError(f"no samples given for model {missing[0]!r}")
+    splits = {name: data[name] for name in names}
+    first = splits[names[0]]
+    for name in names[1:]:
+        s = splits[name]
+        same = len(s) == len(first) and (
+            s.index is first.index or torch.equal(s.index.cpu(), first.index.cpu())
+        ) and (s.x is first.x or torch.equal(s.x.cpu(), first.x.cpu()))
+        if not same:
+            raise AtprobeError(f"model {name!r} was given other samples than {names[0]!r}: "
+                               "every model must see the same samples in the same order")
+    return splits
+
+
+def _attack(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, spec: AttackSpec, config: HardnessConfig,
+            generator: torch.Generator | None) -> Tensor:
+    """``x`` attacked by ``spec`` against ``model``: restart 0 from the per-sample start
+    keyed by ``(config.seed, index)``, further restarts from ``generator``."""
+    if spec.config is None:
+        return x
+    delta0 = per_sample_starts(x, spec.config, config.seed, ids.tolist())
+    return pgd(model, x, y, spec.config, generator=generator, delta_init=delta0, amp=config.amp)
+
+
+def _model_losses(name: str, model: nn.Module, split: Split, config: HardnessConfig,
+                  progress) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(adv_loss float64 (N,), adv_correct bool (N,), num_classes)`` of one model."""
+    device, _ = model_device_dtype(model)
+    spec = config.spec
+    n = len(split)
+    max_label = int(split.y.max()) if n else -1
+    losses = torch.empty(n, dtype=torch.float64, device=device)
+    correct = torch.empty(n, dtype=torch.bool, device=device)
+    generator = make_generator(config.seed, device) if spec.restarts > 1 else None
+    classes = -1
+    start = 0
+    with module_mode(model, False):
+        for x, y, ids in sample_batches(model, split, config.batch_size):
+            if start == 0:
+                with torch.no_grad():
+                    classes = int(model(x[:1]).shape[-1])
+                if max_label >= classes:
+                    raise AtprobeError(f"model {name!r} has {classes} classes but the labels go up to {max_label}")
+            x_adv = _attack(model, x, y, ids, spec, config, generator)
+            with torch.no_grad(), autocast(device, config.amp):
+                logits = model(x_adv)
+            b = y.shape[0]
+            losses[start:start + b] = objectives.ce(logits, y).detach().to(torch.float64)
+            correct[start:start + b] = logits.argmax(dim=1) == y
+            start += b
+            if progress is not None:
+                progress.update(b)
+    return losses.cpu().numpy(), correct.cpu().numpy(), classes
+
+
+def ranks(adv_loss: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Rank of each entry when sorted by loss, largest first: 1 = hardest.
+
+    Ties are broken by position (the earlier sample gets the smaller rank: a stable sort);
+    NaN losses rank last, in their order. Returns int64 ranks 1..N.
+    """
+    loss = np.asarray(adv_loss, dtype=np.float64)
+    order = np.argsort(-loss, kind="stable")  # stable: ties keep sample order; NaN sort last
+    out = np.empty(loss.shape[0], dtype=np.int64)
+    out[order] = np.arange(1, loss.shape[0] + 1)
+    return out
+
+
+def per_sample_losses(
+    models: Mapping[str, nn.Module],
+    data: Split | Mapping[str, Split],
+    config: HardnessConfig = HardnessConfig(),
+    *,
+    progress=None,
+) -> pd.DataFrame:
+    """One row per (model, sample), columns :data:`COLUMNS`, models in the mapping's order
+    and samples in the split's order.
+
+    models: name -> model (on its device, any dtype; images are cast to it). Visited once
+        each, in order: a lazy mapping that builds a model on access keeps one in memory.
+    data: the samples, one ``Split`` for every model, or a mapping name -> ``Split`` when
+        models use different labels (e.g. each its own trained labels); then every split
+        must hold the same images in the same order (same ``index``), only ``y`` may differ.
+    progress: anything with ``update(n)`` (a tqdm bar), advanced by the samples of every
+        batch of every model.
+
+    ``index`` is the sample's row in its original split (``Split.index``), ``label`` the
+    label this model was attacked and scored with, ``adv_correct`` whether the model
+    classifies the adversarial example as ``label``; ``adv_loss`` is in nats.
+    Models are evaluated in eval mode (each submodule's mode restored afterwards).
+    """
+    splits = _splits_for(models, data)
+    frames = []
+    classes: dict[str, int] = {}
+    for name, model in models.items():
+        split = splits[name]
+        if len(split) == 0:
+            raise AtprobeError("no samples to probe")
+        loss, correct, classes[name] = _model_losses(name, model, split, config, progress)
+        del model
+        first = next(iter(classes))
+        if classes[name] != classes[first]:
+            raise AtprobeError(f"the models have different numbers of classes ({first!r}: {classes[first]}, "
+                               f"{name!r}: {classes[name]})")
+        frames.append(pd.DataFrame({
+            "index": split.index.cpu().numpy(),
+            "label": split.y.cpu().numpy(),
+            "true_label": split.true_y.cpu().numpy(),
+            "model": name,
+            "adv_loss": loss,
+            "adv_correct": correct,
+            "rank": ranks(loss),
+        }, columns=COLUMNS))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- consistency
+
+
+def _by_model(per_sample: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The table's rows per model (models in order of first appearance), each model
+    checked to hold the same samples in the same order as the first."""
+    lacking = [c for c in ("index", "model", "adv_loss", "rank") if c not in per_sample.columns]
+    if lacking:
+        raise AtprobeError(f"the per-sample table lacks column(s) {', '.join(lacking)}")
+    names = list(dict.fromkeys(per_sample["model"].tolist()))
+    groups = {name: part for name, part in per_sample.groupby("model", sort=False)}
+    parts = {name: groups[name] for name in names}
+    if names:
+        first = parts[names[0]]["index"].to_numpy()
+        for name in names[1:]:
+            if not np.array_equal(parts[name]["index"].to_numpy(), first):
+                raise AtprobeError(f"model {name!r} has other samples than {names[0]!r} in the per-sample table")
+    return parts
+
+
+def consistency(per_sample: pd.DataFrame, top_k: int = 100) -> pd.DataFrame:
+    """One row per unordered pair of models (``model_a`` before ``model_b`` in the table's
+    order), columns :data:`CONSISTENCY_COLUMNS`:
+
+    n: samples compared (every model has the same ones).
+    kendall_tau, kendall_p: Kendall's tau-b of the two ``adv_loss`` vectors and its
+        two-sided p-value (``scipy.stats.kendalltau``; tau-b corrects for ties).
+    spearman_rho, spearman_p: Spearman's rank correlation (ties get their average rank)
+        and its two-sided p-value (``scipy.stats.spearmanr``).
+    top_k: ``k = min(top_k, n)``.
+    top_k_overlap: ``|H_a & H_b| / k`` with ``H_m`` the samples of rank <= k under model m
+        (the table's ``rank`` column): 1 = the same k hardest samples, about ``k / n`` by chance.
+
+    NaN losses make tau and rho NaN; a model with constant losses gives NaN tau and rho.
+    """
+    from scipy import stats  # local: scipy.stats import is slow
+
+    if not _is_int(top_k) or top_k < 1:
+        raise AtprobeError(f"top-k must be an integer >= 1, got {top_k!r}")
+    parts = _by_model(per_sample)
+    names = list(parts)
+    if len(names) < 2:
+        raise AtprobeError(f"consistency needs at least two models, got {len(names)}")
+    n = len(parts[names[0]])
+    k = min(int(top_k), n)
+    loss = {m: parts[m]["adv_loss"].to_numpy(dtype=np.float64) for m in names}
+    top = {m: set(parts[m]["index"].to_numpy()[parts[m]["rank"].to_numpy() <= k].tolist()) for m in names}
+    rows = []
+    for a, b in itertools.combinations(names, 2):
+        with warnings.catch_warnings():  # constant input: NaN, documented
+            warnings.simplefilter("ignore")
+            tau, tau_p = stats.kendalltau(loss[a], loss[b])
+            rho, rho_p = stats.spearmanr(loss[a], loss[b])
+        rows.append({
+            "model_a": a, "model_b": b, "n": n,
+            "kendall_tau": float(tau), "kendall_p": float(tau_p),
+            "spearman_rho": float(rho), "spearman_p": float(rho_p),
+            "top_k": k, "top_k_overlap": len(top[a] & top[b]) / k if k else float("nan"),
+        })
+    return pd.DataFrame(rows, columns=CONSISTENCY_COLUMNS)
+
+
+def probe(
+    models: Mapping[str, nn.Module],
+    data: Split | Mapping[str, Split],
+    config: HardnessConfig = HardnessConfig(),
+    *,
+    progress=None,
+) -> pd.DataFrame:
+    """The consistency table of ``models`` on ``data``:
+    ``consistency(per_sample_losses(models, data, config), config.top_k)``."""
+    if len(models) < 2:
+        raise AtprobeError(f"hardness needs at least two models, got {len(models)}")
+    return consistency(per_sample_losses(models, data, config, progress=progress), config.top_k)
+
+
+def hardest(per_sample: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` hardest samples by mean rank over the models (smallest mean first; ties in
+    sample order), columns ``index, label, true_label, mean_rank`` (labels of the first model)."""
+    if not _is_int(k) or k < 1:
+        raise AtprobeError(f"k must be an integer >= 1, got {k!r}")
+    parts = _by_model(per_sample)
+    names = list(parts)
+    if not names:
+        raise AtprobeError("the per-sample table is empty")
+    first = parts[names[0]]
+    mean_rank = np.mean([parts[m]["rank"].to_numpy(dtype=np.float64) for m in names], axis=0)
+    order = np.argsort(mean_rank, kind="stable")[: min(int(k), len(first))]
+    return pd.DataFrame({
+        "index": first["index"].to_numpy()[order],
+        "label": first["label"].to_numpy()[order] if "label" in first else -1,
+        "true_label": first["true_label"].to_numpy()[order] if "true_label" in first else -1,
+        "mean_rank": mean_rank[order],
+    })
+
+
+# ---------------------------------------------------------------------------- adversarial images
+
+
+def adversarial_examples(model: nn.Module, data: Split, config: HardnessConfig = HardnessConfig()) -> Tensor:
+    """The adversarial images of ``data`` against ``model`` (float32, CPU, NCHW), crafted as
+    :func:`per_sample_losses` crafts them: the same attack and per-sample start, eval mode.
+    Meant for a handful of samples (the gallery); with one restart they equal the loss
+    pass's examples up to floating-point differences of the batch composition."""
+    spec = config.spec
+    device, _ = model_device_dtype(model)
+    generator = make_generator(config.seed, device) if spec.restarts > 1 else None
+    out = []
+    with module_mode(model, False):
+        for x, y, ids in sample_batches(model, data, config.batch_size):
+            out.append(_attack(model, x, y, ids, spec, config, generator).detach().to("cpu", torch.float32))
+    return torch.cat(out).contiguous()
+
+
+# ---------------------------------------------------------------------------- figures
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` in pixels (e.g. ``1100x320``) -> ``(width, height)``, each 16..20000."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise AtprobeError(f"size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 1100x320)")
+    width, height = int(match[1]), int(match[2])
+    _check_size((width, height))
+    return width, height
+
+
+def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+    if (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(v) for v in size)
+            or not all(16 <= int(v) <= 20000 for v in size)):
+        raise AtprobeError(f"figure size must be two whole numbers of pixels in 16..20000, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def default_gallery_size(k: int) -> tuple[int, int]:
+    """``(GALLERY_COLUMN_PX * max(k, 2), GALLERY_HEIGHT_PX)`` pixels: 110 px per sample, 320 high."""
+    return GALLERY_COLUMN_PX * max(int(k), 2), GALLERY_HEIGHT_PX
+
+
+def _new_figure(size: tuple[int, int], dpi: int) -> "Figure":
+    """A matplotlib Figure of exactly ``size`` pixels at ``dpi`` (no pyplot, no global state;
+    it renders with the Agg canvas when saved)."""
+    from matplotlib.figure import Figure
+
+    width, height = _check_size(size)
+    if not _is_int(dpi) or dpi < 1:
+        raise AtprobeError(f"dpi must be an integer >= 1, got {dpi!r}")
+    return Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+
+
+def png_bytes(fig: "Figure") -> bytes:
+    """The figure as PNG bytes at its own dpi (its pixel size is ``figsize * dpi``; no tight
+    bounding box, so the size is exactly the one asked for)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+def _hwc(image: Tensor | np.ndarray) -> np.ndarray:
+    a = image.detach().to("cpu", torch.float32).numpy() if isinstance(image, Tensor) else np.asarray(image, np.float32)
+    a = np.clip(a, 0.0, 1.0)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a.transpose(1, 2, 0)
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+
+
+def gallery_figure(
+    natural: Tensor | np.ndarray,
+    adversarial: Tensor | np.ndarray,
+    captions: Sequence[str],
+    *,
+    size: tuple[int, int] | None = None,
+    dpi: int = DEFAULT_DPI,
+    title: str | None = None,
+    row_labels: tuple[str, str] = ("natural", "adversarial"),
+) -> "Figure":
+    """A 2 x k grid: natural images (k, C, H, W in [0, 1]) above their adversarial versions,
+    each column captioned. ``size`` in pixels (default :func:`default_gallery_size`)."""
+    k = len(captions)
+    if k < 1 or len(natural) != k or len(adversarial) != k:
+        raise AtprobeError(f"the gallery needs as many natural ({len(natural)}) and adversarial "
+                           f"({len(adversarial)}) images as captions ({k}), at least one")
+    fig = _new_figure(size or default_gallery_size(k), dpi)
+    axes = fig.subplots(2, k, squeeze=False)
+    for j in range(k):
+        for row, images in enumerate((natural, adversarial)):
+            ax = axes[row][j]
+            img = _hwc(images[j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(row_labels[row], fontsize=8)
+        axes[1][j].set_xlabel(captions[j], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.88 if title else 0.97, bottom=0.2, wspace=0.08, hspace=0.06)
+    return fig
+
+
+def _class(label: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= int(label) < len(class_names):
+        return str(class_names[int(label)])
+    return str(int(label))
+
+
+def hardest_gallery(
+    model: nn.Module,
+    data: Split,
+    per_sample: pd.DataFrame,
+    config: HardnessConfig = HardnessConfig(),
+    *,
+    k: int = 10,
+    class_names: Sequence[str] | None = None,
+    size: tuple[int, int] | None = None,
+    dpi: int = DEFAULT_DPI,
+    model_name: str | None = None,
+) -> "Figure":
+    """Fig. C.3: the ``k`` hardest samples by mean rank (:func:`hardest`), natural above
+    adversarial. The adversarial images are re-crafted for just these samples against
+    ``model`` (the first model: pass ``data`` with its labels) by :func:`adversarial_examples`.
+    Captions: sample index, class name of the label (and of the true label if it differs),
+    mean rank."""
+    top = hardest(per_sample, k)
+    position = {int(v): i for i, v in enumerate(data.index.cpu().tolist())}
+    missing = [int(i) for i in top["index"] if int(i) not in position]
+    if missing:
+        raise AtprobeError(f"sample {missing[0]} of the per-sample table is not in the given split")
+    rows = [position[int(i)] for i in top["index"]]
+    chosen = data.subset(rows)
+    adversarial = adversarial_examples(model, chosen, config)
+    natural = chosen.x.float() / 255.0 if chosen.x.dtype == torch.uint8 else chosen.x.float()
+    captions = []
+    for i, y, t, r in zip(chosen.index.tolist(), chosen.y.tolist(), chosen.true_y.tolist(), top["mean_rank"]):
+        label = _class(y, class_names) + ("" if y == t else f"\n(true {_class(t, class_names)})")
+        captions.append(f"#{i} {label}\nmean rank {r:.4g}")
+    who = f" against {model_name}" if model_name else ""
+    title = (f"{len(rows)} hardest samples by mean rank ({config.attack}{who}, re-crafted)")
+    return gallery_figure(natural, adversarial, captions, size=size, dpi=dpi, title=title,
+                          row_labels=("natural", "adversarial"))
+
+
+def sorted_loss_figure(
+    per_sample: pd.DataFrame,
+    *,
+    size: tuple[int, int] = SORTED_SIZE,
+    dpi: int = DEFAULT_DPI,
+    log: bool = False,
+) -> "Figure":
+    """Fig. 7(c): every model's per-sample adversarial loss over the samples sorted by the
+    first model's loss (x = the first model's rank, 1 = hardest). The first model is a
+    line, the others are points. ``log``: logarithmic loss axis."""
+    parts = _by_model(per_sample)
+    names = list(parts)
+    if not names or len(parts[names[0]]) == 0:
+        raise AtprobeError("the per-sample table is empty")
+    order = np.argsort(parts[names[0]]["rank"].to_numpy(), kind="stable")
+    x = np.arange(1, len(order) + 1)
+    fig = _new_figure(size, dpi)
+    ax = fig.add_subplot()
+    y0 = parts[names[0]]["adv_loss"].to_numpy(dtype=np.float64)[order]
+    ax.plot(x, y0, color="C0", linewidth=1.5, label=f"{names[0]} (sort key)", zorder=3)
+    for j, name in enumerate(names[1:], start=1):
+        y = parts[name]["adv_loss"].to_numpy(dtype=np.float64)[order]
+        ax.scatter(x, y, s=3, alpha=0.5, linewidths=0, color=f"C{j % 10}", label=name, rasterized=True, zorder=2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(f"sample, sorted by the adversarial loss of {names[0]} (1 = hardest)")
+    ax.set_ylabel("adversarial loss (CE, nats)")
+    ax.legend(fontsize=7, markerscale=3, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
