@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from atprobe.attacks import NORMS
-from atprobe.checkpoint import Checkpoint
+from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.errors import AtprobeError
 from atprobe.inputs import (LABEL_MODES, SPLITS, checkpoint_loader, first_n, load_for_checkpoints, pick_split,
                             with_checkpoint_labels)
@@ -38,9 +38,28 @@ Examples:
 """
 
 
+def _copies_of_epochs(found: Sequence[Path]) -> set[Path]:
+    """``best.pt``/``final.pt`` of an ``atprobe train`` run directory that hold the weights of
+    an ``epoch_NNNN.pt`` beside them (same recorded epoch): comparing a model with its own
+    copy would add a pair with tau 1 to the table."""
+    epochs = {int(q.stem[len("epoch_"):]) for q in found if q.stem.startswith("epoch_") and q.stem[6:].isdigit()}
+    copies = set()
+    for q in found:
+        if q.name in ("best.pt", "final.pt") and epochs:
+            try:
+                epoch = load_checkpoint(q).epoch
+            except AtprobeError:
+                continue  # not one of ours: keep it, the loader will say what is wrong
+            if epoch in epochs:
+                copies.add(q)
+    return copies
+
+
 def checkpoint_paths(args: Sequence[str]) -> list[Path]:
     """The checkpoint files: each argument as given, a directory replaced by its ``*.pt``
-    files (sorted by name, ``last.pt`` left out: the resume copy of the newest epoch)."""
+    files (sorted by name; ``last.pt`` left out: the resume copy of the newest epoch; in a
+    training run directory also ``best.pt``/``final.pt`` when an ``epoch_*.pt`` holds the
+    same epoch)."""
     paths: list[Path] = []
     for arg in args:
         p = Path(arg)
@@ -48,7 +67,8 @@ def checkpoint_paths(args: Sequence[str]) -> list[Path]:
             found = sorted(q for q in p.glob("*.pt") if q.name != "last.pt" and q.is_file())
             if not found:
                 raise AtprobeError(f"{p}: no *.pt checkpoints in this directory (last.pt is left out)")
-            paths.extend(found)
+            copies = _copies_of_epochs(found) if (p / "config.json").is_file() else set()
+            paths.extend(q for q in found if q not in copies)
         else:
             paths.append(p)
     return paths

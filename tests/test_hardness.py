@@ -430,3 +430,15 @@ def test_two_pgd_at_seeds_agree_on_the_hard_samples(tmp_path):
     assert row["kendall_tau"] > 0.4, row
     assert row["kendall_p"] < 1e-10
     assert row["top_k_overlap"] > 3 * 50 / 500, row  # chance: k/n = 0.1
+
+
+def test_training_run_directory_leaves_out_copies_of_its_epochs(tmp_path):
+    """In an `atprobe train` directory best.pt/final.pt repeat an epoch_*.pt: left out, so
+    a model is never compared with its own copy; a best.pt of another epoch stays."""
+    run = tmp_path / "run"
+    for name, epoch in (("epoch_0001.pt", 1), ("epoch_0002.pt", 2), ("final.pt", 2), ("best.pt", 1), ("last.pt", 2)):
+        _save(run / name, seed=epoch, epoch=epoch)
+    (run / "config.json").write_text("{}")
+    assert [p.name for p in checkpoint_paths([str(run)])] == ["epoch_0001.pt", "epoch_0002.pt"]
+    _save(run / "best.pt", seed=3, epoch=3)
+    assert [p.name for p in checkpoint_paths([str(run)])] == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
