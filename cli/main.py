@@ -50,6 +50,7 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from atprobe.cli.complexity import complexity_command
     from atprobe.cli.evaluate import eval_command
     from atprobe.cli.hardness import hardness_command
     from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
@@ -61,6 +62,7 @@ def _register() -> None:
     cli.add_command(stability_command)
     cli.add_command(gradcos_command)
     cli.add_command(hardness_command)
+    cli.add_command(complexity_command)
 
 
 _register()
