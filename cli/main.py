@@ -53,6 +53,7 @@ def _register() -> None:
     from atprobe.cli.complexity import complexity_command
     from atprobe.cli.evaluate import eval_command
     from atprobe.cli.hardness import hardness_command
+    from atprobe.cli.plot import plot_command
     from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
     from atprobe.cli.train import train_command
 
@@ -63,6 +64,7 @@ def _register() -> None:
     cli.add_command(gradcos_command)
     cli.add_command(hardness_command)
     cli.add_command(complexity_command)
+    cli.add_command(plot_command)
 
 
 _register()
