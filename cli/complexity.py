@@ -24,7 +24,14 @@ from atprobe.cli.common import NUMBER, common_options, data_options, foreign_opt
 #: Samples per split for the data-dependent measures when --n is not given (or the whole split).
 DEFAULT_N = 1000
 #: Columns of the written table.
-CSV_COLUMNS = ["checkpoint", "epoch", "measure", "variant", "value", "reason", "n"]
+CSV_COLUMNS = ["checkpoint", "epoch", "label_noise", "measure", "variant", "value", "reason", "n"]
+
+
+def label_noise(ckpt: Checkpoint) -> float | None:
+    """The fraction of training labels the checkpoint's run replaced by random ones (0 = true
+    labels, 1 = random labels; Fig. 6 marks the two kinds apart); None when unrecorded."""
+    value = (ckpt.label_spec or {}).get("label_noise")
+    return None if value is None else float(value)
 
 EXAMPLES = """
 \b
@@ -111,7 +118,7 @@ def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on
     Measures: spectral (product of layer spectral norms, and its log10), l1 (sum of entrywise l1
     norms), margin (q-quantile of f(x)_y - max_j!=y f(x)_j on training samples), curvature,
     hessian, flatness, gap (natural/robust train and test accuracy and their gaps). Writes one
-    row per (checkpoint, measure, variant): checkpoint, epoch, measure, variant, value, reason, n
+    row per (checkpoint, measure, variant): checkpoint, epoch, label_noise, measure, variant, value, reason, n
     (docs/probes/complexity.md).
     """
     device = resolve_device(device)
@@ -151,6 +158,7 @@ def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on
             del ckpt
             samples = None if train is None else with_checkpoint_labels(train, stub, "trained", "train")
             df = complexity.probe(model, samples, config, test=test)
+            df.insert(0, "label_noise", pd.array([label_noise(stub)] * len(df), dtype="Float64"))
             df.insert(0, "epoch", pd.array([stub.epoch] * len(df), dtype="Int64"))
             df.insert(0, "checkpoint", str(stub.path))
             frames.append(df)

@@ -461,7 +461,7 @@ def test_real_dispatch_to_curvature_on_a_tiny_model():
 # ------------------------------------------------------------------------- CLI
 
 ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
-CSV_COLUMNS = ["checkpoint", "epoch", "measure", "variant", "value", "reason", "n"]
+CSV_COLUMNS = ["checkpoint", "epoch", "label_noise", "measure", "variant", "value", "reason", "n"]
 FAST = ["--n", "16", "--steps", "1", "--device", "cpu", "-q"]
 
 
@@ -484,7 +484,8 @@ def ckpts(tmp_path_factory):
         _save(run / f"epoch_{epoch:04d}.pt", seed=epoch, epoch=epoch)
     _save(run / "final.pt", seed=2, epoch=2)  # same epoch as epoch_0002.pt: not measured twice
     _save(run / "best.pt", seed=1, epoch=1)  # a copy: never read from a run dir
-    return {"a": _save(root / "a.pt", seed=0), "noisy": _save(root / "noisy.pt", seed=3, labels=noisy),
+    return {"a": _save(root / "a.pt", seed=0),
+            "noisy": _save(root / "noisy.pt", seed=3, labels=noisy, label_spec={"label_noise": 1.0, "label_seed": 0}),
             "run": run, "data": synthetic, "labels": noisy}
 
 
@@ -509,6 +510,8 @@ def test_cli_writes_the_table_of_the_library(ckpts, tmp_path, monkeypatch):
     assert list(df.columns) == CSV_COLUMNS
     assert df["checkpoint"].unique().tolist() == [str(ckpts["a"]), str(ckpts["noisy"])]
     assert (df["epoch"] == 1).all()
+    # label kind for Fig. 6: unrecorded for a.pt, 1.0 (random labels) for noisy.pt
+    assert df.groupby("checkpoint")["label_noise"].first().tolist() == [pytest.approx(float("nan"), nan_ok=True), 1.0]
     config = cx.ComplexityConfig(measures=("spectral", "l1", "margin", "gap"), margin=True,
                                  spectral_method="reshape", steps=1)
     data = ckpts["data"]
