@@ -53,6 +53,7 @@ def _register() -> None:
     from atprobe.cli.complexity import complexity_command
     from atprobe.cli.evaluate import eval_command
     from atprobe.cli.hardness import hardness_command
+    from atprobe.cli.landscape import curvature_command, flatness_command, hessian_command
     from atprobe.cli.plot import plot_command
     from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
     from atprobe.cli.train import train_command
@@ -64,6 +65,9 @@ def _register() -> None:
     cli.add_command(gradcos_command)
     cli.add_command(hardness_command)
     cli.add_command(complexity_command)
+    cli.add_command(curvature_command)
+    cli.add_command(hessian_command)
+    cli.add_command(flatness_command)
     cli.add_command(plot_command)
 
 

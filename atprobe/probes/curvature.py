@@ -1,0 +1,293 @@
+"""``curvature``: the dominant eigenvalue of the input Hessian of the loss, per sample
+(Moosavi-Dezfooli et al., CVPR 2019, "Robustness via curvature regularization, and vice
+versa"; Dong et al., ICLR 2022, Sec. 3.3, Fig. 6).
+
+For a sample ``(x_i, y_i)`` and the per-sample loss ``l_i(x) = CE(f(x), y_i)``,
+
+    H_i = d^2 l_i / d x^2        (D x D, D = C * H * W, at x = x_i or at its PGD example x'_i)
+    lambda_i = the eigenvalue of H_i of largest magnitude, with its sign
+
+computed by power iteration on Hessian-vector products (double backward, ``H_i v`` =
+``d/dx <d l_i/dx, v>``), never forming ``H_i``:
+
+    v_0 ~ N(0, I) / ||.||,   w_t = H_i v_{t-1},   lambda_t = <w_t, v_{t-1}>,   v_t = w_t / ||w_t||
+
+``lambda_t`` is the Rayleigh quotient of the unit vector ``v_{t-1}``: it converges to the
+signed eigenvalue of largest magnitude. A sample stops when
+``|lambda_t - lambda_{t-1}| <= tol * |lambda_t|`` (``converged``) or after ``iterations``
+Hessian-vector products (``converged = False``).
+
+Batched. In eval mode the samples of a batch do not interact, so the gradient of the
+*summed* loss with respect to the batch ``x`` holds every sample's own gradient, and one
+double backward with a batch of vectors ``v`` gives every sample's ``H_i v_i`` at once.
+The gradient graph is built once per batch and reused by every iteration; converged samples
+keep their value (their rows of ``v`` are frozen), so the result is the per-sample loop's
+(``benchmarks/curvature.py`` measures both). Each sample's random start is drawn from its
+own generator seeded by ``(seed, sample index)``, so it does not depend on the batch.
+
+ReLU networks have piecewise-linear logits ``z(x)`` (zero second derivative almost
+everywhere), but the loss is not: ``H_i = J^T (diag(p) - p p^T) J + sum_k (p_k - [k = y]) d^2 z_k / dx^2``
+with ``J = dz/dx`` and ``p = softmax(z)``; the second term vanishes for ReLU networks, the
+first does not (the softmax curvature pulled back through ``J``). It is positive
+semi-definite, so for ReLU networks ``lambda_i >= 0``; smooth activations (tanh, softplus)
+can give negative dominant eigenvalues.
+
+``probe(model, data, config)`` returns one row per sample; :func:`summarize` gives the
+mean/median; :func:`complexity_rows` the rows of ``atprobe complexity``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from atprobe import objectives
+from atprobe.attacks import NORMS, PGDConfig, pgd
+from atprobe.data import Split
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.pergrad import per_sample_starts, start_seed
+from atprobe.probes._gradutil import attack_config, sample_batches, stats
+from atprobe.runtime import frozen_parameters, make_generator, module_mode
+
+__all__ = [
+    "AT_CHOICES",
+    "COMPLEXITY_COLUMNS",
+    "CurvatureConfig",
+    "PGDFields",
+    "SAMPLE_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "adversarial_examples",
+    "complexity_rows",
+    "input_hessian_eigenvalues",
+    "power_seed",
+    "probe",
+    "summarize",
+]
+
+#: Where the Hessian is taken: at the natural samples or at their PGD examples.
+AT_CHOICES = ("natural", "adv")
+SAMPLE_COLUMNS = ["sample", "label", "eigenvalue", "iterations", "converged"]
+SUMMARY_COLUMNS = ["statistic", "n", "value"]
+#: The columns every measure's ``complexity_rows`` returns (``atprobe complexity``).
+COMPLEXITY_COLUMNS = ["measure", "variant", "value", "reason"]
+
+#: XOR-ed into ``seed`` for the power iteration's starts, so they are another stream than
+#: the PGD starts (which use ``start_seed(seed, id)`` like every other probe).
+_POWER_STREAM = 0x5EED_C0DE
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class PGDFields:
+    """The PGD attack of the landscape probes (curvature, hessian, flatness): CE on the
+    labels, uniform random start per sample (``pergrad.per_sample_starts``), eval mode.
+    Defaults: PGD-10, L-inf 8/255, step 2/255 (the training attack). ``seed`` keys the
+    per-sample starts (with each sample's index) and every other draw of the probe."""
+
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.norm, NORMS, "norm")
+        for what, v in (("eps", self.eps), ("alpha", self.alpha)):
+            if not _is_number(v) or v < 0:
+                raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
+        if not _is_int(self.steps) or self.steps < 0:
+            raise AtprobeError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not _is_int(self.seed):
+            raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
+        self.attack  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
+
+    @property
+    def attack(self) -> PGDConfig:
+        """The attack as a ``PGDConfig`` (CE, uniform start, one restart)."""
+        config = attack_config("pgd_at", self.norm, self.eps, self.alpha, self.steps)
+        assert config is not None
+        return config
+
+
+def adversarial_examples(model: nn.Module, x: Tensor, y: Tensor, ids: Sequence[int], fields: PGDFields) -> Tensor:
+    """PGD examples of ``x`` against ``model`` (a module or an ``atprobe.directions.ModelAt``)
+    from each sample's own start ``per_sample_starts(x, attack, seed, ids)``: the same
+    sample starts from the same point whatever its batch and whatever the parameters.
+    fp32/fp64, no autocast (the probes compare values at nearby points)."""
+    attack = fields.attack
+    return pgd(model, x, y, attack, delta_init=per_sample_starts(x, attack, fields.seed, ids), amp=False)
+
+
+@dataclass(frozen=True)
+class CurvatureConfig(PGDFields):
+    """What ``curvature`` measures.
+
+    at: ``natural`` (the Hessian at x_i, default) or ``adv`` (at the PGD example x'_i,
+        crafted with the attack fields norm/eps/alpha/steps; default PGD-10 at 8/255).
+    iterations: the most Hessian-vector products per sample (power-iteration steps).
+    tol: stop a sample when ``|lambda_t - lambda_{t-1}| <= tol |lambda_t|``; 0 runs every
+        sample for exactly ``iterations`` steps.
+    batch_size: samples per double backward (memory: the batch's double-backward graph).
+    seed: the power iteration's random starts (per sample) and the PGD starts.
+    """
+
+    at: str = "natural"
+    iterations: int = 20
+    tol: float = 1e-3
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.at, AT_CHOICES, "curvature point (--at)")
+        if not _is_int(self.iterations) or self.iterations < 1:
+            raise AtprobeError(f"iterations must be an integer >= 1, got {self.iterations!r}")
+        if not _is_number(self.tol) or self.tol < 0:
+            raise AtprobeError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise AtprobeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
+
+
+def power_seed(seed: int, sample_id: int) -> int:
+    """The generator seed of sample ``sample_id``'s power-iteration start (another stream
+    than its PGD start ``pergrad.start_seed(seed, id)``)."""
+    return start_seed(int(seed) ^ _POWER_STREAM, sample_id)
+
+
+def _starts(x: Tensor, seed: int, ids: Sequence[int]) -> Tensor:
+    """Unit Gaussian starts, one per sample, each from its own generator (on x's device)."""
+    v = torch.cat([
+        torch.randn((1, *x.shape[1:]), generator=make_generator(power_seed(seed, k), x.device), device=x.device,
+                    dtype=x.dtype)
+        for k in ids
+    ])
+    return v / v.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def input_hessian_eigenvalues(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    iterations: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+    sample_ids: Sequence[int] | Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dominant (largest-magnitude, signed) eigenvalue of each sample's input Hessian of
+    ``CE(f(x_i), y_i)``, by batched power iteration (see the module docstring).
+
+    Args:
+        model: eval mode is used (and each submodule's mode restored); its parameters are
+            frozen during the computation (flags restored), so no weight-gradient graph is built.
+        x, y: one batch (B, ...) on the model's device, in the model's dtype.
+        iterations, tol: the most Hessian-vector products per sample; relative stopping tolerance.
+        seed, sample_ids: sample ``i``'s start is drawn from a generator seeded with
+            :func:`power_seed` ``(seed, sample_ids[i])`` (default ids: 0..B-1).
+
+    Returns ``(eigenvalue, iterations, converged)``: (B,) tensors (x's dtype, int64, bool)
+    on x's device. One host synchronization per iteration (to stop when all samples have converged).
+    """
+    if x.shape[0] != y.shape[0]:
+        raise AtprobeError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+    ids = list(range(x.shape[0])) if sample_ids is None else (
+        sample_ids.tolist() if isinstance(sample_ids, Tensor) else [int(i) for i in sample_ids])
+    if len(ids) != x.shape[0]:
+        raise AtprobeError(f"{len(ids)} sample ids for {x.shape[0]} samples")
+    b = x.shape[0]
+    shape = (-1, *([1] * (x.dim() - 1)))
+    with module_mode(model, False), frozen_parameters(model), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        loss = objectives.ce(model(xg), y).sum()  # sum: each sample's gradient keeps its own scale
+        (grad,) = torch.autograd.grad(loss, xg, create_graph=True)
+        v = _starts(xg, seed, ids)
+        eig = torch.zeros(b, dtype=x.dtype, device=x.device)
+        prev = torch.full((b,), math.nan, dtype=x.dtype, device=x.device)
+        count = torch.zeros(b, dtype=torch.int64, device=x.device)
+        converged = torch.zeros(b, dtype=torch.bool, device=x.device)
+        active = torch.ones(b, dtype=torch.bool, device=x.device)
+        for _ in range(iterations):
+            (hv,) = torch.autograd.grad(grad, xg, grad_outputs=v, retain_graph=True)
+            hv = hv.detach()
+            lam = (hv * v).flatten(1).sum(dim=1)  # Rayleigh quotient of the unit v
+            norm = hv.flatten(1).norm(dim=1)
+            count += active.long()
+            eig = torch.where(active, lam, eig)
+            done = active & (((lam - prev).abs() <= tol * lam.abs()) | (norm == 0))
+            moving = active & ~done & (norm > 0)
+            v = torch.where(moving.view(shape), hv / norm.clamp_min(torch.finfo(hv.dtype).tiny).view(shape), v)
+            prev = torch.where(active, lam, prev)
+            converged |= done
+            active &= ~done
+            if not bool(active.any()):
+                break
+        del grad, loss
+    return eig.detach(), count, converged
+
+
+def probe(model: nn.Module, data: Split, config: CurvatureConfig = CurvatureConfig(), *, progress=None) -> pd.DataFrame:
+    """One row per sample (columns :data:`SAMPLE_COLUMNS`): ``sample`` (its row in the
+    original split, ``Split.index``), ``label`` (the label the loss uses, ``data.y``),
+    ``eigenvalue`` (signed, nats per pixel^2 with pixels in [0, 1]), ``iterations``
+    (Hessian-vector products used) and ``converged``. The model is not modified.
+    ``progress``: anything with ``update(n)``, advanced by the samples of each batch."""
+    eigs, iters, conv = [], [], []
+    for x, y, ids in sample_batches(model, data, config.batch_size):
+        id_list = ids.tolist()
+        if config.at == "adv":
+            x = adversarial_examples(model, x, y, id_list, config)
+        e, t, c = input_hessian_eigenvalues(model, x, y, iterations=config.iterations, tol=config.tol,
+                                            seed=config.seed, sample_ids=id_list)
+        eigs.append(e)
+        iters.append(t)
+        conv.append(c)
+        if progress is not None:
+            progress.update(len(y))
+    return pd.DataFrame({
+        "sample": data.index.cpu().numpy(),
+        "label": data.y.cpu().numpy(),
+        "eigenvalue": torch.cat(eigs).to("cpu", torch.float64).numpy(),
+        "iterations": torch.cat(iters).cpu().numpy(),
+        "converged": torch.cat(conv).cpu().numpy(),
+    }, columns=SAMPLE_COLUMNS)
+
+
+def summarize(samples: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows (columns :data:`SUMMARY_COLUMNS`) of a :func:`probe` table: ``mean``,
+    ``median``, ``std`` (population) and ``mean_abs`` of the eigenvalues over the samples
+    where it is finite (``n`` of them), and ``converged`` (fraction of all samples that
+    met the tolerance, ``n`` = all samples)."""
+    values = torch.from_numpy(samples["eigenvalue"].to_numpy(dtype="float64", copy=True))
+    s = stats(values)
+    finite = values[torch.isfinite(values)]
+    mean_abs = float(finite.abs().mean()) if finite.numel() else math.nan
+    rows = [{"statistic": k, "n": s["n"], "value": s[k]} for k in ("mean", "median", "std")]
+    rows.append({"statistic": "mean_abs", "n": s["n"], "value": mean_abs})
+    n = len(samples)
+    rows.append({"statistic": "converged", "n": n,
+                 "value": float(samples["converged"].astype(bool).mean()) if n else math.nan})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def complexity_rows(model: nn.Module, samples: Split, config: CurvatureConfig = CurvatureConfig()) -> pd.DataFrame:
+    """The rows of ``atprobe complexity`` (columns :data:`COMPLEXITY_COLUMNS`): measure
+    ``curvature``, variants ``mean;at=<at>`` and ``median;at=<at>`` (mean/median over the
+    samples of the signed dominant eigenvalue), ``reason`` '' or why the value is NaN."""
+    summary = summarize(probe(model, samples, config)).set_index("statistic")
+    rows = []
+    for stat in ("mean", "median"):
+        value = float(summary.loc[stat, "value"])
+        reason = "" if math.isfinite(value) else "no sample has a finite input-Hessian eigenvalue (non-finite loss)"
+        rows.append({"measure": "curvature", "variant": f"{stat};at={config.at}", "value": value, "reason": reason})
+    return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS)

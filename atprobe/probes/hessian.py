@@ -1,0 +1,605 @@
+"""``hessian``: the weight-space Hessian of the adversarial loss (Dong et al., ICLR 2022,
+Sec. 3.3, Fig. 6; Yao et al. 2020, "PyHessian").
+
+For fixed samples ``(x'_i, y_i)`` (PGD examples crafted once against the model at its
+parameters ``theta`` and then held fixed; or the natural ``x_i`` with ``at="natural"``):
+
+    L(theta) = 1/N sum_i CE(f(x'_i; theta), y_i),      H = d^2 L / d theta^2   (P x P)
+
+and, never forming ``H``, from Hessian-vector products ``H v = d/dtheta <dL/dtheta, v>``:
+
+* the top-k eigenvalues (largest magnitude, signed; power iteration with deflation) and the
+  trace (Hutchinson: ``tr H = E[v^T H v]`` for Rademacher ``v``) of the whole model, by
+  ``pyhessian``: ``hessian(...).eigenvalues()`` as is, and ``.trace(maxIter=1)`` once per
+  probe with the stopping decision taken here (:func:`hutchinson_samples`: pyhessian's own
+  loop stops after two probes whenever the running mean is negative);
+* the same two quantities for each *block* ``H_bb`` (the Hessian restricted to one layer's
+  parameters, the others held fixed), by this module's own power iteration and Hutchinson
+  estimator on block-restricted Hessian-vector products, with pyhessian's stopping rules;
+  pyhessian has no way to restrict its products to a block. Applied to the block of all
+  parameters, :func:`power_iteration` gives pyhessian's eigenvalues (tested);
+* optionally the eigenvalue density by stochastic Lanczos quadrature (:func:`slq`):
+  pyhessian 0.1's ``density()`` calls ``torch.eig``, which torch removed, so the Lanczos
+  recursion runs here on the same Hessian-vector products and the tridiagonal matrix is
+  diagonalized by ``scipy.linalg.eigh_tridiagonal``. torch is not patched.
+
+``scope="batch"`` uses the first ``batch_size`` samples as one batch (the gradient graph is
+built once and every product reuses it); ``scope="all"`` accumulates every product over
+all samples in batches of ``batch_size`` (one forward and double backward per batch and
+product: slower, lower variance), as pyhessian's ``dataloader`` mode does.
+
+Eval mode throughout (each submodule's mode restored). The model's weights, buffers,
+``.grad`` and ``requires_grad`` flags are as before afterwards; pyhessian writes ``.grad``
+(``loss.backward(create_graph=True)``), so they are saved and put back around it.
+Device: pyhessian moves its vectors and batches with a bare ``.to("cuda")`` / ``.cuda()``
+or keeps them on the CPU (its ``cuda`` flag). For a model on ``cuda:N`` it runs with
+``cuda=True`` inside ``torch.cuda.device(N)``, so ``"cuda"`` means that GPU; for a CPU model
+with ``cuda=False``. Random draws: pyhessian draws from the global torch generators; they
+are seeded with ``seed`` inside ``torch.random.fork_rng`` just before each pyhessian call,
+so the global random state of the caller is left as it was. This module's own draws come
+from local generators on the model's device, seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.linalg import eigh_tridiagonal
+from torch import Tensor, nn
+
+from atprobe import objectives
+from atprobe.data import Split
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.probes._gradutil import sample_batches
+from atprobe.probes.curvature import COMPLEXITY_COLUMNS, PGDFields, _is_int, _is_number, adversarial_examples
+from atprobe.runtime import make_generator, module_mode
+
+__all__ = [
+    "BLOCK_MODES",
+    "COLUMNS",
+    "DENSITY_COLUMNS",
+    "HessianConfig",
+    "HessianResult",
+    "LOSS_POINTS",
+    "LossHessian",
+    "SCOPES",
+    "complexity_rows",
+    "compute",
+    "hutchinson",
+    "hutchinson_samples",
+    "lanczos",
+    "loss_batches",
+    "parameter_blocks",
+    "power_iteration",
+    "probe",
+    "pyhessian_top",
+    "slq",
+]
+
+#: Per-block rows: ``none``; ``module`` (one block per module owning parameters: a conv
+#: weight, a linear weight + bias, a BatchNorm weight + bias); ``tensor`` (one per parameter).
+BLOCK_MODES = ("none", "module", "tensor")
+#: ``batch``: the first ``batch_size`` samples; ``all``: every sample, products accumulated over batches.
+SCOPES = ("batch", "all")
+#: The loss's inputs: the PGD examples (``adv``) or the natural samples.
+LOSS_POINTS = ("adv", "natural")
+
+COLUMNS = ["block", "params", "quantity", "k", "value", "iterations", "converged", "std_error", "method"]
+DENSITY_COLUMNS = ["run", "node", "eigenvalue", "weight"]
+
+Vector = list[Tensor]
+HVP = Callable[[Vector], Vector]
+
+
+@dataclass(frozen=True)
+class HessianConfig(PGDFields):
+    """What ``hessian`` measures.
+
+    at: ``adv`` (the loss on PGD examples crafted once at theta with norm/eps/alpha/steps,
+        default PGD-10 at 8/255) or ``natural``.
+    scope, batch_size: one batch of ``batch_size`` samples, or ``all`` samples in batches.
+    top_k: eigenvalues per block (and for the whole model), largest magnitude first.
+    iterations, tol: power iteration: the most products per eigenvalue, and the relative
+        change of the estimate that stops it (pyhessian's ``maxIter``/``tol``; its defaults).
+    trace_samples, trace_tol: Hutchinson: the most Rademacher probes, and the relative change
+        of the running mean that stops it (pyhessian's ``maxIter``/``tol``). Default 0: every
+        probe is used; pyhessian's default 1e-3 often stops after a dozen probes by chance
+        (the running mean happens to move little), leaving a standard error of several percent.
+    blocks: per-block rows (:data:`BLOCK_MODES`).
+    density, density_steps, density_runs: stochastic Lanczos quadrature of the whole model's
+        spectrum: Lanczos steps per run (capped at the number of parameters) and runs.
+    seed: the PGD starts, pyhessian's draws and this module's own.
+    """
+
+    at: str = "adv"
+    scope: str = "batch"
+    batch_size: int = 128
+    top_k: int = 1
+    iterations: int = 100
+    tol: float = 1e-3
+    trace_samples: int = 100
+    trace_tol: float = 0.0
+    blocks: str = "module"
+    density: bool = False
+    density_steps: int = 100
+    density_runs: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.at, LOSS_POINTS, "loss point (--at)")
+        check_choice(self.scope, SCOPES, "Hessian scope")
+        check_choice(self.blocks, BLOCK_MODES, "block mode")
+        for what, v in (("batch size", self.batch_size), ("top-k", self.top_k), ("iterations", self.iterations),
+                        ("trace samples", self.trace_samples), ("density steps", self.density_steps),
+                        ("density runs", self.density_runs)):
+            if not _is_int(v) or v < 1:
+                raise AtprobeError(f"{what} must be an integer >= 1, got {v!r}")
+        for what, v in (("tol", self.tol), ("trace tol", self.trace_tol)):
+            if not _is_number(v) or v < 0:
+                raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.density, bool):
+            raise AtprobeError(f"density must be True or False, got {self.density!r}")
+
+
+# ---------------------------------------------------------------------------- vectors
+
+
+def _dot(a: Vector, b: Vector) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _norm(a: Vector) -> Tensor:
+    return _dot(a, a).sqrt()
+
+
+def _scale(a: Vector, c) -> Vector:
+    return [x * c for x in a]
+
+
+def _sub(a: Vector, b: Vector, c) -> Vector:
+    """a - c b"""
+    return [x - c * y for x, y in zip(a, b)]
+
+
+def _orthogonalize(w: Vector, basis: Sequence[Vector]) -> Vector:
+    """Gram-Schmidt against orthonormal ``basis`` (twice: stable in floating point)."""
+    for _ in range(2):
+        for q in basis:
+            w = _sub(w, q, _dot(w, q))
+    return w
+
+
+def _gaussian(like: Vector, generator: torch.Generator) -> Vector:
+    return [torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+            for p in like]
+
+
+def _rademacher(like: Vector, generator: torch.Generator) -> Vector:
+    return [(torch.randint(0, 2, p.shape, generator=generator, device=generator.device) * 2 - 1).to(p)
+            for p in like]
+
+
+# ---------------------------------------------------------------------------- blocks and products
+
+
+def parameter_blocks(model: nn.Module, mode: str = "module") -> list[tuple[str, list[str]]]:
+    """``[(block name, [parameter names])]`` in ``named_parameters()`` order.
+
+    ``module``: the parameters a module owns directly (``recurse=False``) form one block
+    named after the module (``features.0``, ``fc``); ``tensor``: one block per parameter,
+    named after it (``fc.weight``); ``none``: no blocks.
+    """
+    check_choice(mode, BLOCK_MODES, "block mode")
+    if mode == "none":
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    if mode == "tensor":
+        return [(n, [n]) for n in names]
+    blocks: dict[str, list[str]] = {}
+    for n in names:
+        owner = n.rsplit(".", 1)[0] if "." in n else ""
+        blocks.setdefault(owner, []).append(n)
+    return [(owner or "(root)", group) for owner, group in blocks.items()]
+
+
+class LossHessian:
+    """Hessian-vector products of ``L(theta) = 1/N sum_i CE(f(x_i; theta), y_i)`` over fixed
+    ``batches`` of ``(x, y)``, optionally restricted to a block of parameters.
+
+    ``hvp(v, block)``: ``H_bb v`` for the parameters at positions ``block`` of
+    :attr:`params` (all when None), ``v`` a list of tensors shaped like them. With one batch
+    the gradient graph is built once (here) and reused; with several, each product runs a
+    forward and a double backward per batch and sums the products weighted by batch size
+    (the Hessian of the mean over all samples). Forward passes run in eval mode. Gradients
+    are taken with ``torch.autograd.grad`` (``.grad`` is not touched); the parameters must
+    require grad.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+        if not batches:
+            raise AtprobeError("no samples for the Hessian")
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        if not self.params:
+            raise AtprobeError("the model has no parameters")
+        self.batches = [(x.detach(), y) for x, y in batches]
+        self.total = sum(int(y.shape[0]) for _, y in self.batches)
+        self.products = 0
+        self._cached: tuple[Tensor, ...] | None = None
+        if len(self.batches) == 1:
+            self._cached = self._grads(*self.batches[0], list(range(len(self.params))))
+
+    def _grads(self, x: Tensor, y: Tensor, block: list[int]) -> tuple[Tensor, ...]:
+        with module_mode(self.model, False), torch.enable_grad():
+            loss = objectives.ce(self.model(x), y).sum() / self.total
+            return torch.autograd.grad(loss, [self.params[i] for i in block], create_graph=True,
+                                       materialize_grads=True)
+
+    def _product(self, grads: Sequence[Tensor], block: list[int], v: Vector, retain: bool) -> Vector:
+        outs = [(g, w) for g, w in zip(grads, v) if g.requires_grad]
+        if not outs:
+            return [torch.zeros_like(self.params[i]) for i in block]
+        with torch.enable_grad():
+            hv = torch.autograd.grad([g for g, _ in outs], [self.params[i] for i in block],
+                                     grad_outputs=[w for _, w in outs], retain_graph=retain, materialize_grads=True)
+        return [h.detach() for h in hv]
+
+    def hvp(self, v: Vector, block: Sequence[int] | None = None) -> Vector:
+        idx = list(range(len(self.params))) if block is None else list(block)
+        if len(v) != len(idx):
+            raise AtprobeError(f"a vector of {len(v)} tensors for a block of {len(idx)} parameters")
+        self.products += 1
+        if self._cached is not None:
+            return self._product([self._cached[i] for i in idx], idx, v, retain=True)
+        total: Vector | None = None
+        for x, y in self.batches:
+            hv = self._product(self._grads(x, y, idx), idx, v, retain=False)
+            total = hv if total is None else [a + b for a, b in zip(total, hv)]
+        assert total is not None
+        return total
+
+    def operator(self, block: Sequence[int] | None = None) -> HVP:
+        """``v -> H_bb v`` for one block (all parameters when None)."""
+        return lambda v: self.hvp(v, block)
+
+    def like(self, block: Sequence[int] | None = None) -> Vector:
+        return list(self.params) if block is None else [self.params[i] for i in block]
+
+
+# ---------------------------------------------------------------------------- algorithms
+
+
+def power_iteration(
+    hvp: HVP,
+    like: Vector,
+    *,
+    top_k: int = 1,
+    iterations: int = 100,
+    tol: float = 1e-3,
+    generator: torch.Generator,
+) -> list[tuple[float, int, bool]]:
+    """The ``top_k`` eigenvalues of largest magnitude (signed) of the symmetric operator
+    ``hvp``, as ``(eigenvalue, products used, converged)``, largest first.
+
+    pyhessian's algorithm, with exact unit vectors: start from a Gaussian vector; each step
+    orthogonalizes ``v`` against the eigenvectors already found (deflation), ``w = H v``,
+    ``lambda = <w, v>`` (Rayleigh quotient), ``v = w / ||w||``; stop when
+    ``|lambda - lambda_prev| / |lambda_prev| < tol`` (converged) or after ``iterations``
+    products. A zero product (``H v = 0``) gives eigenvalue 0, converged.
+    """
+    found: list[Vector] = []
+    out = []
+    for _ in range(top_k):
+        v = _orthogonalize(_gaussian(like, generator), found)
+        v = _scale(v, 1 / _norm(v))
+        eig: float | None = None
+        used, converged = 0, False
+        for _ in range(iterations):
+            v = _orthogonalize(v, found)
+            v = _scale(v, 1 / _norm(v))
+            hv = hvp(v)
+            used += 1
+            lam = float(_dot(hv, v))
+            norm = float(_norm(hv))
+            if norm == 0 or not math.isfinite(norm):
+                eig, converged = lam, norm == 0
+                break
+            v = _scale(hv, 1 / norm)
+            if eig is not None and abs(lam - eig) / max(abs(eig), torch.finfo(like[0].dtype).tiny) < tol:
+                eig, converged = lam, True
+                break
+            eig = lam
+        assert eig is not None
+        out.append((eig, used, converged))
+        found.append(v)
+    return out
+
+
+def hutchinson_samples(draw: Callable[[], float], *, samples: int = 100, tol: float = 1e-3) -> list[float]:
+    """Hutchinson probes ``v_j^T H v_j`` from ``draw()`` until ``samples`` of them or until the
+    running mean changes by less than ``tol`` relative to the previous running mean (after
+    at least two probes; ``tol = 0`` uses all ``samples``). pyhessian's stopping rule, with
+    the absolute value of the previous mean as denominator: pyhessian divides by the signed
+    mean plus 1e-6, so a negative running mean stops it after two probes."""
+    values: list[float] = []
+    mean = 0.0
+    for _ in range(samples):
+        values.append(float(draw()))
+        new = float(np.mean(values))
+        if len(values) > 1 and abs(new - mean) < tol * abs(mean):
+            break
+        mean = new
+    return values
+
+
+def hutchinson(
+    hvp: HVP, like: Vector, *, samples: int = 100, tol: float = 1e-3, generator: torch.Generator
+) -> tuple[float, float, int]:
+    """Hutchinson's trace estimate ``mean_j v_j^T H v_j`` over Rademacher ``v_j`` drawn from
+    ``generator``, as ``(estimate, standard error, probes used)``, stopped by
+    :func:`hutchinson_samples`. The standard error is ``std(v^T H v, ddof=1) / sqrt(m)``
+    (NaN for m = 1)."""
+
+    def draw() -> float:
+        v = _rademacher(like, generator)
+        return float(_dot(hvp(v), v))
+
+    values = hutchinson_samples(draw, samples=samples, tol=tol)
+    return float(np.mean(values)), _std_error(values), len(values)
+
+
+def _std_error(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def lanczos(hvp: HVP, v0: Vector, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` Lanczos steps from ``v0`` (normalized here) with full reorthogonalization:
+    the diagonal ``alpha`` (m,) and off-diagonal ``beta`` (m - 1,) of the tridiagonal
+    ``T_m = Q^T H Q``, float64. Stops early (m < steps) when the Krylov space is invariant
+    (``beta`` at rounding level): the quadrature is then exact for ``v0``'s spectral measure.
+    Keeps ``m`` vectors of the parameters' size."""
+    q = _scale(v0, 1 / _norm(v0))
+    basis = [q]
+    alpha: list[float] = []
+    beta: list[float] = []
+    eps = torch.finfo(v0[0].dtype).eps
+    scale = 0.0
+    for j in range(steps):
+        w = hvp(q)
+        a = float(_dot(w, q))
+        alpha.append(a)
+        scale = max(scale, abs(a))
+        if j == steps - 1:
+            break
+        w = _sub(w, q, a)
+        if j > 0:
+            w = _sub(w, basis[-2], beta[-1])
+        w = _orthogonalize(w, basis)
+        b = float(_norm(w))
+        scale = max(scale, b)
+        if not b > 100 * eps * scale:
+            break
+        beta.append(b)
+        q = _scale(w, 1 / b)
+        basis.append(q)
+    return np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+
+
+def quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss quadrature of a Lanczos run: nodes = eigenvalues of ``T`` (ascending), weights =
+    squared first components of its eigenvectors (they sum to 1)."""
+    if len(alpha) == 1:
+        return alpha.copy(), np.ones(1)
+    nodes, vectors = eigh_tridiagonal(alpha, beta)
+    return nodes, vectors[0, :] ** 2
+
+
+def slq(hvp: HVP, like: Vector, *, steps: int = 100, runs: int = 1, generator: torch.Generator) -> pd.DataFrame:
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019; pyhessian's ``density``): for
+    each run a Rademacher start ``v`` (normalized), :func:`lanczos` and :func:`quadrature`.
+    The spectral density estimate is ``phi(t) = 1/runs sum_runs sum_j weight_j delta(t - node_j)``
+    (smooth it with a Gaussian kernel to plot); ``P sum_j weight_j node_j^k`` estimates
+    ``tr H^k``. Rows (columns :data:`DENSITY_COLUMNS`): run, node (0-based, ascending
+    eigenvalue), eigenvalue, weight (each run's weights sum to 1)."""
+    size = sum(p.numel() for p in like)
+    rows = []
+    for run in range(runs):
+        alpha, beta = lanczos(hvp, _rademacher(like, generator), min(steps, size))
+        nodes, weights = quadrature(alpha, beta)
+        rows += [{"run": run, "node": j, "eigenvalue": float(t), "weight": float(w)}
+                 for j, (t, w) in enumerate(zip(nodes, weights))]
+    return pd.DataFrame(rows, columns=DENSITY_COLUMNS)
+
+
+# ---------------------------------------------------------------------------- pyhessian
+
+
+@contextlib.contextmanager
+def _pyhessian_guard(model: nn.Module, seed: int) -> Iterator[bool]:
+    """Eval mode, all parameters requiring grad, ``.grad`` saved and put back, the global
+    generators seeded inside ``fork_rng``, and ``torch.cuda.device`` of the model's GPU.
+    Yields pyhessian's ``cuda`` flag."""
+    params = list(model.parameters())
+    device = params[0].device
+    saved = [(p, p.grad, p.requires_grad) for p in params]
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        with module_mode(model, False), torch.random.fork_rng(devices=[index] if cuda else []), \
+                (torch.cuda.device(index) if cuda else contextlib.nullcontext()), torch.enable_grad():
+            torch.default_generator.manual_seed(int(seed))
+            if cuda:
+                torch.cuda.manual_seed(int(seed))  # the current device: the model's
+            yield cuda
+    finally:
+        for p, grad, flag in saved:
+            p.grad = grad  # also breaks pyhessian's parameter <-> .grad graph cycle
+            p.requires_grad_(flag)
+
+
+def _criterion(logits: Tensor, y: Tensor) -> Tensor:
+    return objectives.ce(logits, y).mean()
+
+
+def pyhessian_top(
+    model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], config: HessianConfig
+) -> tuple[list[float], list[float]]:
+    """pyhessian's top-``k`` eigenvalues and Hutchinson probes of the mean CE over ``batches``
+    (one batch: pyhessian's ``data=`` mode; several: its ``dataloader=`` mode).
+
+    Eigenvalues: ``hessian.eigenvalues(maxIter=iterations, tol=tol, top_n=top_k)`` as is.
+    Its vectors are normalized as ``v / (||v|| + 1e-6)``, which biases each eigenvalue by
+    about ``-2e-6`` in absolute value (negligible unless the eigenvalue is itself tiny).
+    Trace: each probe is one ``hessian.trace(maxIter=1)`` call (pyhessian draws the
+    Rademacher vector and computes ``v^T H v``), and :func:`hutchinson_samples` decides when to
+    stop: pyhessian's own loop stops after two probes whenever the running mean is negative.
+    """
+    from pyhessian import hessian as PyHessian  # noqa: N812 (the library's class name)
+
+    kwargs = {"data": batches[0]} if len(batches) == 1 else {"dataloader": list(batches)}
+    with _pyhessian_guard(model, config.seed) as cuda, warnings.catch_warnings():
+        # pyhessian calls loss.backward(create_graph=True); the guard resets .grad, which
+        # breaks the parameter <-> gradient cycle torch warns about.
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        hess = PyHessian(model, _criterion, cuda=cuda, **kwargs)
+        eigenvalues, _ = hess.eigenvalues(maxIter=config.iterations, tol=config.tol, top_n=config.top_k)
+        torch.default_generator.manual_seed(int(config.seed))
+        if cuda:
+            torch.cuda.manual_seed(int(config.seed))
+        trace = hutchinson_samples(lambda: hess.trace(maxIter=1, tol=0.0)[0], samples=config.trace_samples,
+                                   tol=config.trace_tol)
+        del hess
+    return [float(e) for e in eigenvalues], [float(t) for t in trace]
+
+
+# ---------------------------------------------------------------------------- probe
+
+
+def loss_batches(model: nn.Module, data: Split, config: HessianConfig) -> list[tuple[Tensor, Tensor]]:
+    """The fixed ``(x, y)`` batches of the loss: ``scope="batch"`` the first ``batch_size``
+    samples, ``"all"`` every sample in batches of ``batch_size``; PGD examples crafted once
+    against the model at theta (``at="adv"``, per-sample starts) or the natural images."""
+    if len(data) == 0:
+        raise AtprobeError("no samples for the Hessian")
+    if config.scope == "batch":
+        data = data.subset(slice(0, config.batch_size))
+    out = []
+    for x, y, ids in sample_batches(model, data, config.batch_size):
+        if config.at == "adv":
+            x = adversarial_examples(model, x, y, ids.tolist(), config)
+        out.append((x.detach(), y))
+    return out
+
+
+@dataclass(frozen=True)
+class HessianResult:
+    """``table``: the rows of :func:`probe`; ``density``: :func:`slq`'s rows (None unless
+    ``config.density``); ``n``: samples in the loss."""
+
+    table: pd.DataFrame
+    density: pd.DataFrame | None
+    n: int
+
+
+@contextlib.contextmanager
+def _requiring_grad(model: nn.Module) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig(), *, progress=None) -> HessianResult:
+    """Everything ``atprobe hessian`` writes: the eigenvalue/trace table and the density.
+
+    Table rows (columns :data:`COLUMNS`), whole model first:
+
+    * ``block="all"``, ``method="pyhessian"``: ``quantity="eigenvalue"`` for k = 1..top_k
+      (``iterations``/``converged`` NA: pyhessian does not report them) and ``"trace"``
+      (``iterations`` = Hutchinson probes used, ``std_error`` their standard error);
+    * per block (``config.blocks``), ``method="atprobe"``: the same quantities of ``H_bb``
+      by :func:`power_iteration` (with ``iterations`` and ``converged``) and :func:`hutchinson`.
+
+    ``params`` is the block's number of parameters; ``k`` is NA on trace rows. ``progress``:
+    anything with ``update(n)``, advanced once per block (the whole model counts as one).
+    """
+    batches = loss_batches(model, data, config)
+    n = sum(int(y.shape[0]) for _, y in batches)
+    size = sum(p.numel() for p in model.parameters())
+    rows: list[dict] = []
+
+    def add(block, params, quantity, k, value, iterations, converged, std_error, method):
+        rows.append({"block": block, "params": params, "quantity": quantity, "k": k, "value": value,
+                     "iterations": iterations, "converged": converged, "std_error": std_error, "method": method})
+
+    eigenvalues, trace = pyhessian_top(model, batches, config)
+    for k, e in enumerate(eigenvalues, 1):
+        add("all", size, "eigenvalue", k, e, None, None, math.nan, "pyhessian")
+    add("all", size, "trace", None, float(np.mean(trace)), len(trace), None, _std_error(trace), "pyhessian")
+    if progress is not None:
+        progress.update(1)
+
+    density = None
+    device = next(model.parameters()).device
+    with _requiring_grad(model):
+        hessian = LossHessian(model, batches)
+        position = {name: i for i, name in enumerate(hessian.names)}
+        generator = make_generator(config.seed, device)
+        for name, names in parameter_blocks(model, config.blocks):
+            block = [position[n] for n in names]
+            op, like = hessian.operator(block), hessian.like(block)
+            params = sum(p.numel() for p in like)
+            for k, (e, used, conv) in enumerate(power_iteration(op, like, top_k=config.top_k,
+                                                                iterations=config.iterations, tol=config.tol,
+                                                                generator=generator), 1):
+                add(name, params, "eigenvalue", k, e, used, conv, math.nan, "atprobe")
+            t, se, m = hutchinson(op, like, samples=config.trace_samples, tol=config.trace_tol, generator=generator)
+            add(name, params, "trace", None, t, m, None, se, "atprobe")
+            if progress is not None:
+                progress.update(1)
+        if config.density:
+            density = slq(hessian.operator(), hessian.like(), steps=config.density_steps, runs=config.density_runs,
+                          generator=make_generator(config.seed, device))
+        del hessian
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["k"] = table["k"].astype("Int64")
+    table["iterations"] = table["iterations"].astype("Int64")
+    table["converged"] = table["converged"].astype("boolean")
+    return HessianResult(table, density, n)
+
+
+def probe(model: nn.Module, data: Split, config: HessianConfig = HessianConfig(), *, progress=None) -> pd.DataFrame:
+    """The eigenvalue/trace table of :func:`compute` (columns :data:`COLUMNS`)."""
+    return compute(model, data, config, progress=progress).table
+
+
+def complexity_rows(model: nn.Module, samples: Split, config: HessianConfig = HessianConfig()) -> pd.DataFrame:
+    """The rows of ``atprobe complexity`` (columns :data:`~atprobe.probes.curvature.COMPLEXITY_COLUMNS`):
+    measure ``hessian``, the whole model's (pyhessian) values only (no per-block rows, no
+    density, whatever ``config`` says): variants ``top<k>;at=<at>;scope=<scope>`` and
+    ``trace;at=<at>;scope=<scope>``; ``reason`` '' or why the value is NaN."""
+    config = replace(config, blocks="none", density=False)
+    table = compute(model, samples, config).table
+    rows = []
+    for row in table.itertuples(index=False):
+        stat = f"top{row.k}" if row.quantity == "eigenvalue" else "trace"
+        value = float(row.value)
+        reason = "" if math.isfinite(value) else "the Hessian products are not finite (non-finite loss or weights)"
+        rows.append({"measure": "hessian", "variant": f"{stat};at={config.at};scope={config.scope}",
+                     "value": value, "reason": reason})
+    return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS)
