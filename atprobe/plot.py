@@ -615,11 +615,12 @@ def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
                 hue = header if header else GRAD_LEGEND
                 part = _named(part, "_s", header) if header else part
                 order = [g for g in grad_order if g in set(part[GRAD_LEGEND])]
-                sns.barplot(data=part, x=GRAD_LEGEND, y="y", order=order, hue=hue,
+                levels = order if hue == GRAD_LEGEND else _order(part[hue])
+                sns.barplot(data=part, x=GRAD_LEGEND, y="y", order=order, hue=hue, hue_order=levels,
                             palette=palette if hue == GRAD_LEGEND else PALETTE, errorbar=None, ax=ax,
                             legend=bool(header))
                 if panel == "norms":
-                    _bar_errors(ax, part, order, header or None)
+                    _bar_errors(ax, part, order, hue, levels)
                 ax.set_xlabel("gradient of" if panel == "norms" else "robust term (its norm ÷ ‖∇CE(x)‖)")
             if panel == "norms":
                 ax.set_yscale("log")
@@ -635,14 +636,14 @@ def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
     return fig
 
 
-def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str | None) -> None:
-    """± std whiskers on seaborn's bars: a bar's category from its position on the x axis,
-    its hue level from its container's label."""
+def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str, levels: list) -> None:
+    """± std whiskers on seaborn's bars: a bar's category from its position on the x axis, its
+    hue level from its container's place (seaborn draws one container per level of
+    ``hue_order``, in that order; the containers' labels are not the levels)."""
     from matplotlib.container import BarContainer
 
-    for cont in [c for c in ax.containers if isinstance(c, BarContainer)]:
-        level = cont.get_label()
-        g = part if hue is None else part[part[hue].astype(str) == str(level)]
+    for cont, level in zip([c for c in ax.containers if isinstance(c, BarContainer)], levels):
+        g = part[part[hue].astype(str) == str(level)]
         for bar in cont.patches:
             i = int(round(bar.get_x() + bar.get_width() / 2))
             rows = g[g[GRAD_LEGEND] == order[i]] if 0 <= i < len(order) else g.iloc[:0]
@@ -893,14 +894,18 @@ def complexity(data: Data, *, title: str | None = None) -> "Figure":
               if not (v.startswith("product") and (m, v.replace("product", "log10", 1)) in have)]
     if not panels:
         raise AtprobeError("complexity: no finite complexity measure next to a robust gap to draw")
+    # Colour: the run (the CSV file, else the checkpoint's folder); marker: the label kind
+    # when the table records it (Fig. 6), else the run again.
+    rest["run_dir"] = _dirs(rest["checkpoint"])
+    header, rest["_s"] = _series(rest, [("run", "source"), ("run", "run_dir")])
+    rest = _named(rest, "_s", header) if header else rest
+    style = header
     if "label_noise" in rest.columns and rest["label_noise"].notna().any():
-        header = "labels"
-        rest[header] = rest["label_noise"].map(_label_kind)
-    else:  # no label kind in the table: the CSV file, else the folder of the checkpoint
-        rest["run_dir"] = _dirs(rest["checkpoint"])
-        header, rest["_s"] = _series(rest, [("run", "source"), ("run", "run_dir")])
-        rest = _named(rest, "_s", header) if header else rest
+        style = "labels"
+        rest[style] = rest["label_noise"].map(_label_kind)
+        header = header or style
     levels = _order(rest[header]) if header else []
+    style_levels = _order(rest[style]) if style else []
     palette = _palette(levels) if header else None
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
@@ -908,8 +913,8 @@ def complexity(data: Data, *, title: str | None = None) -> "Figure":
         fig, axes = _figure(ncols, (4.3 * ncols + (1.8 if header else 0), 3.6 * nrows + 0.5), nrows=nrows)
         for ax, (measure, variant) in zip(axes, panels):
             part = rest[(rest["measure"] == measure) & (rest["variant"] == variant)]
-            sns.scatterplot(data=part, x="robust_gap", y="value", hue=header or None, style=header or None,
-                            hue_order=levels or None, style_order=levels or None, palette=palette,
+            sns.scatterplot(data=part, x="robust_gap", y="value", hue=header or None, style=style or None,
+                            hue_order=levels or None, style_order=style_levels or None, palette=palette,
                             color=None if header else sns.color_palette(PALETTE)[0], s=55, ax=ax,
                             legend="auto" if header else False)
             tau = ""

@@ -178,7 +178,8 @@ def test_complexity_points_are_measure_against_robust_gap(more):
     labelled = pd.read_csv(more["complexity"]).assign(  # a label-kind column gives the markers
         label_noise=lambda d: np.where(d.checkpoint.str.contains("pgd"), 0.5, 0.0))
     legend = " ".join(t.get_text() for t in plot.complexity(labelled).legends[0].get_texts())
-    assert "true labels" in legend and "label noise 0.5" in legend
+    assert "true labels" in legend and "label noise 0.5" in legend  # markers: the label kind
+    assert "pgd" in legend and "trades" in legend  # colours: still the runs
 
 
 def test_slq_density_is_a_smoothed_quadrature():
