@@ -400,16 +400,19 @@ def _figure_legend(fig: "Figure", axes: Sequence["Axes"], title: str | None = No
             fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title=title, frameon=False)
 
 
-def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18) -> None:
+def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18, positive: bool = False) -> None:
+    """``y ± err``; ``positive`` (a log axis): the lower edge at least 5% of ``y``, as the bar
+    whiskers of :func:`_bar_errors`, so that a std larger than the mean does not reach 0."""
     x, y, err = (np.asarray(v, dtype=float) for v in (x, y, err))
     ok = np.isfinite(err)
+    lower = y - (np.minimum(err, 0.95 * y) if positive else err)
     if ok.any():
-        ax.fill_between(x[ok], (y - err)[ok], (y + err)[ok], color=color, alpha=alpha, linewidth=0)
+        ax.fill_between(x[ok], lower[ok], (y + err)[ok], color=color, alpha=alpha, linewidth=0)
 
 
 def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str | None = None,
            style: str | None = None, palette: dict | None = None, style_order: list | None = None,
-           legend: bool = True) -> None:
+           legend: bool = True, positive: bool = False) -> None:
     """One line per ``hue`` value (colour) and ``style`` value (dashes and markers), with an
     optional ``y ± err`` band. The column names are the legend's headers."""
     sns = _sns()
@@ -426,7 +429,7 @@ def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str |
     if err is not None and err in df.columns:
         for key, g in df.groupby([hue] + ([style] if style else []), sort=False):
             g = g.sort_values(x)
-            _band(ax, g[x], g[y], g[err], palette[key[0] if isinstance(key, tuple) else key])
+            _band(ax, g[x], g[y], g[err], palette[key[0] if isinstance(key, tuple) else key], positive=positive)
 
 
 def _epoch_axis(ax: "Axes") -> None:
@@ -608,7 +611,7 @@ def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
                 if header:
                     part = _named(part, "_s", header)
                 _lines(ax, part, "epoch", "y", GRAD_LEGEND, err="std" if panel == "norms" else None,
-                       style=header or None, palette=palette)
+                       style=header or None, palette=palette, positive=True)  # the norms' axis is log
                 ax.set_xlabel("epoch of the checkpoint")
                 _epoch_axis(ax)
             else:
@@ -955,7 +958,7 @@ def hardness_sorted(data: Data, *, title: str | None = None) -> "Figure":
     models = df["model"].nunique()
     fig.axes[0].set_title(title if title is not None else
                           f"Per-sample adversarial loss of {models} model{'s' if models > 1 else ''}, sorted by the "
-                          f"first (cf. {PAPER}, Fig. 7(c))", fontweight="bold")
+                          f"first\n(cf. {PAPER}, Fig. 7(c))", fontweight="bold")  # one line is wider than the figure
     fig.tight_layout()
     return fig
 

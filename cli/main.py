@@ -51,6 +51,7 @@ def cli() -> None:
 
 def _register() -> None:
     from atprobe.cli.complexity import complexity_command
+    from atprobe.cli.demo import demo_command
     from atprobe.cli.evaluate import eval_command
     from atprobe.cli.hardness import hardness_command
     from atprobe.cli.landscape import curvature_command, flatness_command, hessian_command
@@ -69,6 +70,7 @@ def _register() -> None:
     cli.add_command(hessian_command)
     cli.add_command(flatness_command)
     cli.add_command(plot_command)
+    cli.add_command(demo_command)
 
 
 _register()

@@ -68,3 +68,16 @@ def tiny_batch():
     x = torch.rand(12, 3, 8, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (12,), generator=g)
     return x, y
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``atprobe demo --quick`` run once per session, in-process through the click group
+    (tests/test_demo.py and tests/test_notebook.py read its outputs): ``(out, result)``."""
+    from click.testing import CliRunner
+
+    from atprobe.cli.main import cli
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--device", "cpu"], prog_name="atprobe")
+    return out, result

@@ -1,0 +1,232 @@
+"""`atprobe demo`: one run at the CI size (the session fixture ``demo_run`` in conftest),
+every expected file written and readable, each CSV's meta recording its step's command, the
+figures valid PNGs, the report showing every figure; bad options and a failing step give one
+line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from atprobe.cli.main import cli
+from atprobe.demo import BUDGETS, RUNS, Budget, DemoConfig, budget_for, expected_files, figures, steps
+from atprobe.errors import AtprobeError
+from atprobe.io import meta_path
+
+QUICK = BUDGETS["quick"]
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    out, result = demo_run
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out, result
+
+
+def _plan(out: Path):
+    return steps(DemoConfig(out=out, quick=True, device="cpu"), QUICK, "cpu")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, after checking its signature, IHDR chunk and CRC and that it
+    has image data and ends with IEND."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13, path
+    ihdr = data[16:29]
+    (crc,) = struct.unpack(">I", data[29:33])
+    assert crc == zlib.crc32(b"IHDR" + ihdr), f"{path}: bad IHDR CRC"
+    width, height = struct.unpack(">II", ihdr[:8])
+    assert b"IDAT" in data and data.endswith(b"IEND\xaeB`\x82"), f"{path}: no image data or truncated"
+    return width, height
+
+
+def test_progress_one_line_per_step(demo):
+    out, result = demo
+    plan = _plan(out)
+    lines = result.stderr.strip().splitlines()
+    numbered = [line for line in lines if re.match(r"^\[ ?\d+/\d+\] ", line)]
+    assert len(numbered) == len(plan) == 34
+    assert [line.split("] ", 1)[1].split(":", 1)[0] for line in numbered] == [s.name for s in plan]
+    assert lines[0].startswith("atprobe demo: 34 steps") and "budget quick" in lines[0]
+    assert lines[-1].startswith("done in ") and "index.html" in lines[-1]
+    assert len(lines) == len(plan) + 2  # the steps' own output is silenced (-q)
+
+
+def test_every_expected_file_exists(demo):
+    out, _ = demo
+    files = expected_files(DemoConfig(out=out, quick=True, device="cpu"), QUICK)
+    missing = [f for f in files if not (out / f).is_file()]
+    assert not missing
+    assert len([f for f in files if f.endswith(".csv")]) == 5 + 4 + 17  # curves, gradratio, probes
+    written = min((out / f).stat().st_mtime for f in ("report.md", "index.html"))
+    assert all((out / f).stat().st_mtime <= written for f in files if f not in ("report.md", "index.html"))
+
+
+def test_csvs_parse_and_meta_records_the_step(demo):
+    out, _ = demo
+    for step in _plan(out):
+        if step.args[0] in ("train", "plot"):
+            continue
+        for f in step.outputs:
+            if not f.endswith(".csv"):
+                continue
+            df = pd.read_csv(out / f)
+            assert len(df) > 0, f
+            meta = json.loads(meta_path(out / f).read_text())
+            assert meta["command"] == ["atprobe", *step.args], f
+            assert meta["rows"] == len(df) and meta["columns"] == list(df.columns), f
+    for run in RUNS:
+        curves = pd.read_csv(out / "runs" / run.name / "curves.csv")
+        assert sorted(curves["epoch"].unique()) == list(range(1, QUICK.epochs + 1))
+        config = json.loads((out / "runs" / run.name / "config.json").read_text())
+        assert config["label_noise"] == (1.0 if run.random_labels else 0.0), run
+        assert config["method"] == run.method and config["seed"] == run.seed_offset, run
+
+
+def test_tables_hold_what_the_report_says(demo):
+    out, _ = demo
+    ev = pd.read_csv(out / "probes" / "eval.csv")
+    assert set(ev["checkpoint"]) == {f"runs/{r.name}/final.pt" for r in RUNS}
+    assert set(ev["attack"]) == set(QUICK.eval_attacks.split(","))
+    assert (ev["n"] == QUICK.eval_n).all() and ev["accuracy"].between(0, 1).all()
+    gn = pd.read_csv(out / "probes" / "gradnorm_training.csv")
+    assert sorted(gn["epoch"].unique()) == list(range(1, QUICK.epochs + 1)) and gn["checkpoint"].nunique() == 2 * QUICK.epochs
+    noisy = pd.read_csv(out / "probes" / "gradnorm_random.csv")
+    assert {"clean", "noisy"} <= set(noisy["group"])
+    for method in ("pgd_at", "trades"):
+        gc = pd.read_csv(out / "probes" / f"gradcos_{method}.csv")
+        assert len(gc) == QUICK.epochs - 1 and (gc["loss"] == method).all() and gc["cos_mean"].between(-1, 1).all()
+    cx = pd.read_csv(out / "probes" / "complexity.csv")
+    noise = cx.drop_duplicates("checkpoint").set_index("checkpoint")["label_noise"]
+    assert noise.to_dict() == {f"runs/{r.name}/final.pt": (1.0 if r.random_labels else 0.0) for r in RUNS}
+    assert set(cx["measure"]) == set(QUICK.complexity_measures.split(","))
+    pairs = pd.read_csv(out / "probes" / "hardness" / "consistency.csv")
+    assert len(pairs) == 1 and -1 <= pairs["kendall_tau"].iloc[0] <= 1
+    record = json.loads((out / "demo.json").read_text())
+    assert record["budget"] == dataclasses.asdict(QUICK) and len(record["steps"]) == 34
+    assert record["total_seconds"] >= sum(s["seconds"] for s in record["steps"]) - 1
+
+
+def test_figures_are_valid_images(demo):
+    out, _ = demo
+    pngs = sorted(out.glob("figures/*.png")) + [out / "probes/hardness/hardest.png", out / "probes/hardness/sorted.png"]
+    assert len(pngs) == 19
+    for png in pngs:
+        w, h = png_size(png)
+        assert 200 <= w <= 3000 and 150 <= h <= 3000, (png, w, h)
+    # atprobe plot draws (figure inches x dpi) pixels: every figure at the budget's dpi
+    w, h = png_size(out / "figures" / "fig4a_stability.png")
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(out / "figures" / "fig4a_stability.png")
+    assert pixels.shape[:2] == (h, w) and pixels.std() > 0.01  # something drawn, not a blank canvas
+
+
+def test_report_shows_every_figure(demo):
+    out, _ = demo
+    md = (out / "report.md").read_text()
+    page = (out / "index.html").read_text()
+    md_images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    html_images = re.findall(r'<img src="([^"]+)"', page)
+    wanted = [f.file for f in figures()]
+    assert md_images == wanted and html_images == wanted
+    for f in wanted:
+        assert (out / f).is_file() and png_size(out / f)[0] > 0
+    for fig in figures():  # one line on what it shows and the paper figure, and the command
+        assert fig.caption in md and f"Mirrors {fig.paper}." in md
+    shown = md.split("## Figures")[1].split("## Files")[0]
+    assert shown.count("\n`atprobe plot ") == len([f for f in figures() if f.made_by is None])
+    assert shown.count("\n`atprobe hardness ") == 1
+    assert "pgd_at-random" in md and "| model | natural | pgd5 |" in md
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+
+
+def test_budgets_and_config():
+    assert budget_for("synthetic", "cpu") is BUDGETS["synthetic-cpu"]
+    assert budget_for("cifar10", "cpu") is BUDGETS["real-cpu"]
+    assert budget_for("cifar10", "cuda") is BUDGETS["cuda"] and BUDGETS["cuda"].arch == "resnet18"
+    assert budget_for("cifar10", "cuda", quick=True) is QUICK
+    assert "hessian" not in BUDGETS["synthetic-cpu"].complexity_measures and BUDGETS["cuda"].complexity_measures == ""
+    with pytest.raises(AtprobeError, match="epochs must be >= 2"):
+        Budget(name="x", epochs=1)
+    with pytest.raises(AtprobeError, match="integer"):
+        Budget(name="x", probe_n=3.5)
+    with pytest.raises(AtprobeError, match="unknown dataset"):
+        DemoConfig(dataset="imagenet")
+    with pytest.raises(AtprobeError, match="npz needs --data-dir"):
+        DemoConfig(dataset="npz")
+    with pytest.raises(AtprobeError, match="--download is for real datasets"):
+        DemoConfig(download=True)
+    plan = steps(DemoConfig(dataset="cifar10", data_dir="/data/c10", download=True), BUDGETS["real-cpu"], "cpu")
+    train = next(s for s in plan if s.name == "train pgd_at-true")
+    assert ("--dataset", "cifar10") == train.args[train.args.index("--dataset"):][:2]
+    assert all("/data/c10" in s.args for s in plan if s.args[0] != "plot")
+    assert [s.args[0] for s in plan if "--download" in s.args] == ["train"] * len(RUNS)
+    gpu = {s.args[0]: s.args for s in steps(DemoConfig(), BUDGETS["cuda"], "cuda")}
+    assert "--n" not in gpu["eval"] and "--all" in gpu["hardness"] and "--measures" not in gpu["complexity"]
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def test_bad_options_one_line(tmp_path):
+    runner = CliRunner()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(full)], prog_name="atprobe"))
+    assert "already exists and is not an empty folder" in line and (full / "x.txt").read_text() == "x"
+    assert len(list(full.iterdir())) == 1
+    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "a"), "--dataset", "mnist"]))
+    assert "mnist" in line
+    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "b"), "--seed", "x"]))
+    assert "seed" in line
+    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "c"), "--device", "tpu"]))
+    assert "tpu" in line
+    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--dataset", "cifar10",
+                                               "--data-dir", str(tmp_path / "nowhere")]))
+    assert "does not exist" in line
+
+
+def test_failing_step_is_named(tmp_path):
+    """A step that fails stops the demo with one line naming it, and no report."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--dataset", "cifar10", "--data-dir", str(empty),
+                                      "--quick", "--device", "cpu"], prog_name="atprobe")
+    line = _one_line_error(result)
+    assert line.startswith("Error: demo step 1/34 'train pgd_at-true' failed: ")
+    assert not (out / "report.md").exists() and not (out / "index.html").exists()
+
+
+def test_gradnorm_bars_have_their_std_whiskers(demo):
+    """atprobe.plot.gradnorm's bar mode (one epoch per checkpoint) draws a ± std whisker on every
+    norm bar (three lines each: the bar and two caps) at the bar's mean, matched to its hue level."""
+    from atprobe import plot
+
+    out, _ = demo
+    table = pd.read_csv(out / "probes" / "gradnorm_random.csv")
+    norms = table[table["quantity"].isin(plot.GRADS)]
+    wide = norms.pivot_table(index=["checkpoint", "group", "quantity"], columns="statistic", values="value")
+    fig = plot.gradnorm(table)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 * len(wide)  # per whisker: the point and two caps
+    drawn = sorted(round(float(line.get_ydata()[0]), 9) for line in ax.lines)
+    expected = sorted(round(v, 9) for m, sd in zip(wide["mean"], wide["std"]) for v in (m, m - min(sd, 0.95 * m), m + sd))
+    assert drawn == expected
