@@ -750,6 +750,7 @@ def stability(data: Data, *, title: str | None = None) -> "Figure":
             ax.set_title(f"{ttl}, band ± std over samples", fontsize="medium")
             ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
         axes[1].set_ylim(top=1.003)
+        axes[0].set_ylim(bottom=max(axes[0].get_ylim()[0], 0.0))  # a distance: the ± std band stops at 0
         _figure_legend(fig, axes)
         _title(fig, title, f"Gradient stability along random directions (cf. {PAPER}, Figs. 4(a), A.8)")
     return fig
@@ -783,6 +784,7 @@ def gradcos(data: Data, *, title: str | None = None) -> "Figure":
             ax.set_title(f"{ttl}, band ± std over samples", fontsize="medium")
             _epoch_axis(ax)
         axes[0].set_ylim(top=1.003)
+        axes[1].set_ylim(bottom=max(axes[1].get_ylim()[0], 0.0))  # a distance: the ± std band stops at 0
         if not header:
             axes[0].set_title(f"{axes[0].get_title()} (loss {df['loss'].iloc[0]})", fontsize="medium")
         _figure_legend(fig, axes)
