@@ -18,7 +18,7 @@ From Python::
 
 Sizes (:class:`Budget`) are picked by :func:`budget_for` from the dataset, the device and
 ``quick``: ``synthetic`` on a CPU (the default: a few minutes on two cores), a real dataset
-on a CPU (``cifar10`` against a 5,000-image subset: about a quarter of an hour), any dataset
+on a CPU (``cifar10`` against a 5,000-image subset: about 11 minutes), any dataset
 on a GPU (ResNet-18 on the whole training set), and ``quick`` (the CI test's size).
 docs/demo.md lists every step, output and budget.
 """
@@ -28,11 +28,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -129,7 +128,7 @@ BUDGETS: dict[str, Budget] = {
         hessian_iterations=5, hessian_trace_samples=5, hessian_density_steps=10, dpi=80),
     # The default (the README's main job): synthetic data on a CPU, about 3 minutes on two cores.
     "synthetic-cpu": Budget(name="synthetic-cpu"),
-    # A real dataset on a CPU (cifar10 against ../shared/data/cifar-10-subset: ~15 minutes).
+    # A real dataset on a CPU (cifar10 against ../shared/data/cifar-10-subset: ~11 minutes).
     "real-cpu": Budget(
         name="real-cpu", train_n=2000, epochs=8, batch_size=128, curve_n=256, grad_ratio_iters=16, eval_n=500,
         probe_n=64, noisy_n=128, complexity_n=128, hardness_n=1000, stability_lambdas="-0.05:0.05:7",
@@ -369,7 +368,6 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
 
 def figures() -> list[Figure]:
     """The report's figures, in the order it shows them."""
-    true_runs = ("pgd_at-true", "trades-true")
     all_runs = ("pgd_at-true", "trades-true", "pgd_at-random", "trades-random")
     return [
         Figure("figures/eval.png", ("probes/eval.csv",), "Test accuracy of the five models",
