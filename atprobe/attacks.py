@@ -1,9 +1,12 @@
 """Projected gradient attacks in [0,1] pixel space: the one implementation that
 training, evaluation and every probe call.
 
-``pgd`` maximizes a per-sample loss inside an L-inf or L2 ball around ``x`` (and the
-[0,1] box). FGSM and FGSM with random start are one-step configurations of it
-(``fgsm_config``, ``fgsm_rs_config``), not a second copy of the loop.
+``pgd`` maximizes a per-sample loss (``atprobe.objectives``) inside an L-inf or L2 ball
+around ``x`` (and the [0,1] box). Its budget comes from a ``ThreatModel``
+(``atprobe.threat``) through ``ThreatModel.attack``; its random starts are keyed per
+sample (``atprobe.starts``), so an example depends on its sample alone, never on its batch.
+FGSM and FGSM with random start are one-step configurations of it (``fgsm_config``,
+``fgsm_rs_config``), not a second copy of the loop.
 """
 
 from __future__ import annotations
@@ -12,26 +15,25 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atprobe.errors import AtprobeError, check_choice
+from atprobe.objectives import ATTACK_LOSSES as LOSSES
+from atprobe.objectives import PerSampleLoss, attack_loss, full_precision
 from atprobe.runtime import autocast, frozen_parameters, module_mode
+from atprobe.starts import Starts, keyed_normal, keyed_uniform
+from atprobe.threat import NORMS, ThreatModel
 
-NORMS = ("linf", "l2")
-LOSSES = ("ce", "kl", "cw")
 INITS = ("uniform", "normal", "zero")
-
-# A per-sample attack objective: logits of the perturbed input -> (B,) losses to maximize.
-PerSampleLoss = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """One projected-gradient attack.
+    """One projected-gradient attack: a threat model's budget (``ThreatModel.attack``
+    builds it) plus the loss it maximizes and the mode it runs the model in.
 
     norm: ``linf`` or ``l2`` ball of radius ``eps`` (pixel units, images in [0,1]).
     alpha: step size. L-inf steps are ``alpha * sign(g)``, L2 steps ``alpha * g / ||g||_2``.
@@ -74,57 +76,15 @@ class PGDConfig:
             raise AtprobeError(f"restarts must be >= 1, got {self.restarts}")
 
 
-def fgsm_config(eps: float = 8 / 255, norm: str = "linf") -> PGDConfig:
-    """FGSM (Goodfellow et al.): one full-size step from the clean input."""
-    return PGDConfig(norm=norm, eps=eps, alpha=eps, steps=1, init="zero")
+def fgsm_config(threat: ThreatModel = ThreatModel()) -> PGDConfig:
+    """FGSM (Goodfellow et al.): one full-size step (alpha = eps) from the clean input."""
+    return threat.attack("ce", steps=1, restarts=1, alpha=threat.eps, start="zero")
 
 
-def fgsm_rs_config(eps: float = 8 / 255, norm: str = "linf", alpha: float | None = None) -> PGDConfig:
-    """FGSM with random start (Wong et al. 2020, "fast AT"): uniform start, step 1.25 * eps."""
-    return PGDConfig(norm=norm, eps=eps, alpha=1.25 * eps if alpha is None else alpha, steps=1)
-
-
-# ---------------------------------------------------------------------------- losses
-
-
-def full_precision(t: Tensor) -> Tensor:
-    """Half/bf16 (autocast) logits up to float32 for losses; float32/float64 unchanged,
-    so float64 reference tests stay in float64."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-sample margin max_{j != y} z_j - z_y (> 0 exactly when misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return others.amax(dim=1) - true
-
-
-def kl_to_natural(logits: Tensor, natural_log_probs: Tensor) -> Tensor:
-    """Per-sample KL(p_nat || p_adv) = sum_j p_nat,j (log p_nat,j - log p_adv,j)."""
-    log_q = F.log_softmax(full_precision(logits), dim=1)
-    p = natural_log_probs.exp()
-    return (p * (natural_log_probs - log_q)).sum(dim=1)
-
-
-def attack_loss(
-    name: str, y: Tensor | None = None, natural_logits: Tensor | None = None
-) -> PerSampleLoss:
-    """The per-sample objective ``name`` as a function of the perturbed logits."""
-    if name == "ce":
-        if y is None:
-            raise ValueError("the ce attack loss needs labels")
-        return lambda z: F.cross_entropy(full_precision(z), y, reduction="none")
-    if name == "cw":
-        if y is None:
-            raise ValueError("the cw attack loss needs labels")
-        return lambda z: cw_margin(full_precision(z), y)
-    if name == "kl":
-        if natural_logits is None:
-            raise ValueError("the kl attack loss needs the natural logits")
-        log_p = F.log_softmax(full_precision(natural_logits.detach()), dim=1)
-        return lambda z: kl_to_natural(z, log_p)
-    raise AtprobeError(f"unknown attack loss {name!r}: choose from {', '.join(LOSSES)}")
+def fgsm_rs_config(threat: ThreatModel = ThreatModel()) -> PGDConfig:
+    """FGSM with random start (Wong et al. 2020, "fast AT"): uniform start, one step of
+    1.25 eps (the method's own step, whatever the threat model's alpha)."""
+    return threat.attack("ce", steps=1, restarts=1, alpha=1.25 * threat.eps, start="uniform")
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -158,20 +118,23 @@ def _same_format(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
-def random_start(
-    x: Tensor, config: PGDConfig, generator: torch.Generator | None = None
-) -> Tensor:
-    """The initial perturbation of ``config.init``, projected into the feasible set."""
+def random_start(x: Tensor, config: PGDConfig, starts: Starts, restart: int = 0) -> Tensor:
+    """The initial perturbation of ``config.init`` for restart ``restart``, drawn per sample
+    from ``starts`` (``atprobe.starts``: a function of seed and sample index only) in NCHW
+    order and projected into the feasible set."""
     if config.init == "zero" or config.eps == 0:
         return torch.zeros_like(x)
+    keys = starts.keys(restart).to(x.device)
+    if keys.shape[0] != x.shape[0]:
+        raise ValueError(f"{keys.shape[0]} start keys for a batch of {x.shape[0]}")
+    shape = tuple(x.shape[1:])
     if config.init == "normal":
-        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = 0.001 * keyed_normal(keys, shape, x.dtype)
     elif config.norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * config.eps
+        delta = (keyed_uniform(keys, shape, x.dtype) * 2 - 1) * config.eps
     else:
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
-        radius = radius.view(-1, *([1] * (x.dim() - 1))) * config.eps
+        direction = keyed_normal(keys, shape, x.dtype)
+        radius = keyed_uniform(keys ^ 0x5EED, (1,), x.dtype).view(-1, *([1] * (x.dim() - 1))) * config.eps
         delta = direction / _per_sample_l2(direction).clamp_min(1e-12) * radius
     return project(_same_format(delta, x), x, config.norm, config.eps)
 
@@ -191,7 +154,7 @@ def pgd(
     y: Tensor | None,
     config: PGDConfig = PGDConfig(),
     *,
-    generator: torch.Generator | None = None,
+    starts: Starts | None = None,
     natural_logits: Tensor | None = None,
     loss_fn: Optional[PerSampleLoss] = None,
     delta_init: Tensor | None = None,
@@ -204,7 +167,9 @@ def pgd(
         x: clean images (B, C, H, W) in [0,1]; never modified.
         y: labels for ``ce``/``cw`` (may be None for ``kl`` or a custom ``loss_fn``).
         config: the attack (see ``PGDConfig``).
-        generator: draws the random starts; the same seeded generator gives the same examples.
+        starts: the per-sample keys of the random starts (``Starts(seed, ids)``, ``ids`` the
+            samples' dataset indices); default ``Starts(0, arange(B))``. The same keys give
+            the same examples, whatever else is in the batch.
         natural_logits: for ``kl``; computed once on ``x`` (in the attack's mode) if omitted.
         loss_fn: a custom per-sample objective of the logits, replacing ``config.loss``
             (temporal ensembling adds its term this way).
@@ -215,6 +180,8 @@ def pgd(
     Returns the detached adversarial images, same dtype and memory format as ``x``.
     """
     x = x.detach()
+    if starts is None:
+        starts = Starts(0, torch.arange(x.shape[0], device=x.device))
     mode = module_mode(model, False) if config.eval_mode else contextlib.nullcontext()
     with mode, frozen_parameters(model):
         if loss_fn is None:
@@ -229,7 +196,7 @@ def pgd(
             if restart == 0 and delta_init is not None:
                 delta = project(delta_init.detach().to(x), x, config.norm, config.eps)
             else:
-                delta = random_start(x, config, generator)
+                delta = random_start(x, config, starts, restart)
             for _ in range(config.steps):
                 delta.requires_grad_(True)
                 with autocast(x.device, amp):
@@ -254,25 +221,9 @@ def pgd(
         return best_x
 
 
-def fgsm(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float = 8 / 255,
-    norm: str = "linf",
-    *,
-    random_start: bool = False,
-    generator: torch.Generator | None = None,
-    amp: bool = True,
-) -> Tensor:
-    """FGSM, or FGSM with random start (step 1.25 eps): ``pgd`` with one step."""
-    config = fgsm_rs_config(eps, norm) if random_start else fgsm_config(eps, norm)
-    return pgd(model, x, y, config, generator=generator, amp=amp)
-
-
 # ---------------------------------------------------------------------------- names
 
-_ATTACK_NAME = re.compile(r"^(?P<kind>pgd|cw)(?P<steps>\d+)(?:x(?P<restarts>\d+))?$")
+_ATTACK_NAME = re.compile(r"^(?P<kind>pgd|cw)(?P<steps>\d+)?(?:x(?P<restarts>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -291,32 +242,32 @@ class AttackSpec:
         return 0 if self.config is None else self.config.restarts
 
 
-def parse_attack(
-    name: str, *, norm: str = "linf", eps: float = 8 / 255, alpha: float | None = None
-) -> AttackSpec:
-    """Parse an attack name: ``natural``, ``fgsm``, ``fgsm_rs``, ``pgdK`` or ``cwK``
-    (K steps of PGD on CE or on the CW margin), optionally ``xR`` for R restarts
-    (``pgd50x10``). The step size defaults to eps/4 (2/255 at 8/255).
+def parse_attack(name: str, threat: ThreatModel = ThreatModel()) -> AttackSpec:
+    """Parse an attack name against a threat model: ``natural``, ``fgsm``, ``fgsm_rs``,
+    ``pgd``/``cw`` (PGD on CE / on the CW margin with the threat model's steps and
+    restarts), ``pgdK``/``cwK`` (K steps) with an optional ``xR`` for R restarts
+    (``pgd50x10``). Norm, eps, step size and start are the threat model's.
     """
     name = name.strip().lower()
     if name == "natural":
         return AttackSpec(name, None)
     if name == "fgsm":
-        return AttackSpec(name, fgsm_config(eps, norm))
+        return AttackSpec(name, fgsm_config(threat))
     if name == "fgsm_rs":
-        return AttackSpec(name, fgsm_rs_config(eps, norm, alpha))
+        return AttackSpec(name, fgsm_rs_config(threat))
     match = _ATTACK_NAME.match(name)
     if not match:
         raise AtprobeError(
-            f"unknown attack {name!r}: use natural, fgsm, fgsm_rs, pgdK or cwK (e.g. pgd10, cw100, pgd50x5)"
+            f"unknown attack {name!r}: use natural, fgsm, fgsm_rs, pgd[K] or cw[K] (e.g. pgd10, cw100, pgd50x5)"
         )
-    steps = int(match["steps"])
-    restarts = int(match["restarts"] or 1)
+    steps = threat.steps if match["steps"] is None else int(match["steps"])
+    restarts = threat.restarts if match["restarts"] is None else int(match["restarts"])
     if steps < 1:
         raise AtprobeError(f"attack {name!r} needs at least one step")
+    if restarts < 1:
+        raise AtprobeError(f"attack {name!r} needs at least one restart")
     loss = "ce" if match["kind"] == "pgd" else "cw"
-    step = eps / 4 if alpha is None else alpha
-    return AttackSpec(name, PGDConfig(norm=norm, eps=eps, alpha=step, steps=steps, loss=loss, restarts=restarts))
+    return AttackSpec(name, threat.attack(loss, steps=steps, restarts=restarts))
 
 
 def with_config(spec: AttackSpec, **changes) -> AttackSpec:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from atprobe.attacks import AttackSpec, full_precision, pgd
-from atprobe.data import Split, iterate_batches
+from atprobe.attacked import attacked_batches, model_device_dtype
+from atprobe.attacks import AttackSpec
+from atprobe.data import Split
 from atprobe.errors import AtprobeError
-from atprobe.runtime import autocast, make_generator, module_mode
+from atprobe.objectives import ce
 
 EVAL_COLUMNS = ["attack", "norm", "eps", "alpha", "steps", "restarts", "n", "accuracy", "loss"]
 
@@ -21,10 +21,9 @@ EVAL_COLUMNS = ["attack", "norm", "eps", "alpha", "steps", "restarts", "n", "acc
 class EvalConfig:
     """What ``evaluate`` measures.
 
-    attacks: parsed attack specs (``atprobe.attacks.parse_attack``).
-    batch_size: samples per forward/attack batch.
-    seed: seeds each attack's random starts (a fresh generator per attack, so the
-        result of one attack does not depend on which attacks ran before it).
+    attacks: parsed attack specs (``atprobe.attacks.parse_attack`` against a threat model).
+    batch_size: samples per forward/attack batch (does not change the result).
+    seed: keys each sample's random starts with its index (the same for every attack).
     amp: bf16 autocast on CUDA.
     """
 
@@ -40,54 +39,40 @@ class EvalConfig:
             raise AtprobeError(f"batch size must be >= 1, got {self.batch_size}")
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def evaluate(model: nn.Module, split: Split, config: EvalConfig, progress=None) -> pd.DataFrame:
     """Accuracy and mean cross-entropy of ``model`` on ``split`` under each attack.
 
     One row per attack with columns ``EVAL_COLUMNS``: ``accuracy`` is the fraction of
     samples whose (attacked) prediction equals ``split.y``; ``loss`` the mean CE there.
-    The model is evaluated in eval mode (restored afterwards). Counts accumulate on the
-    device; the only host syncs are one per attack, at the end.
+    The model is evaluated in eval mode (restored afterwards) through
+    ``atprobe.attacked.attacked_batches``. Per-sample values are kept on the device by row
+    and reduced once per attack, so neither the batch size nor the summation order changes
+    the result; the only host syncs are one per attack, at the end.
     """
-    device = _device_of(model)
-    split = split.to(device)
+    device, _ = model_device_dtype(model)
     n = len(split)
     if n == 0:
         raise AtprobeError("the evaluation split is empty")
     rows = []
-    with module_mode(model, False):
-        for spec in config.attacks:
-            generator = make_generator(config.seed, device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in iterate_batches(split, config.batch_size, channels_last=True):
-                x = batch.x
-                if spec.config is not None:
-                    x = pgd(model, x, batch.y, spec.config, generator=generator, amp=config.amp)
-                with torch.no_grad(), autocast(device, config.amp):
-                    logits = model(x)
-                logits = full_precision(logits)
-                correct += (logits.argmax(1) == batch.y).sum()
-                loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").double()
-                if progress is not None:
-                    progress.update(len(batch.y))
-            c = spec.config
-            rows.append(
-                {
-                    "attack": spec.name,
-                    "norm": "none" if c is None else c.norm,
-                    "eps": 0.0 if c is None else c.eps,
-                    "alpha": 0.0 if c is None else c.alpha,
-                    "steps": spec.steps,
-                    "restarts": spec.restarts,
-                    "n": n,
-                    "accuracy": correct.item() / n,
-                    "loss": loss_sum.item() / n,
-                }
-            )
+    for spec in config.attacks:
+        correct = torch.zeros(n, dtype=torch.bool, device=device)
+        losses = torch.zeros(n, dtype=torch.float64, device=device)
+        for b in attacked_batches(model, split, spec.config, seed=config.seed, batch_size=config.batch_size,
+                                  amp=config.amp, progress=progress):
+            correct[b.rows] = b.logits.argmax(1) == b.y
+            losses[b.rows] = ce(b.logits, b.y).double()
+        c = spec.config
+        rows.append(
+            {
+                "attack": spec.name,
+                "norm": "none" if c is None else c.norm,
+                "eps": 0.0 if c is None else c.eps,
+                "alpha": 0.0 if c is None else c.alpha,
+                "steps": spec.steps,
+                "restarts": spec.restarts,
+                "n": n,
+                "accuracy": correct.sum().item() / n,
+                "loss": losses.sum().item() / n,
+            }
+        )
     return pd.DataFrame(rows, columns=EVAL_COLUMNS)

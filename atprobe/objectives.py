@@ -1,24 +1,74 @@
-"""Training objectives of adversarial training, as per-sample losses.
+"""Every loss of atprobe, as per-sample values: the attacks' objectives and the
+training objectives of adversarial training.
 
-Training (``atprobe.train``), the grad-ratio log and the gradient probes all compute
-their losses here, so "the PGD-AT loss" or "the TRADES loss" means one formula
-everywhere. Every function returns per-sample values (shape (B,)); callers take the
-mean for a batch objective.
+The attacks (``atprobe.attacks``), training (``atprobe.train``), the grad-ratio log,
+evaluation and every probe compute their losses here, so "CE", "the CW margin", "the
+PGD-AT loss" or "the TRADES loss" means one formula everywhere. Every function returns
+per-sample values (shape (B,)); callers take the mean for a batch objective.
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atprobe.attacks import full_precision, kl_to_natural
+from atprobe.errors import AtprobeError
+
+#: The attacks' objectives (``PGDConfig.loss``).
+ATTACK_LOSSES = ("ce", "kl", "cw")
+
+#: A per-sample attack objective: logits of the perturbed input -> (B,) losses to maximize.
+PerSampleLoss = Callable[[Tensor], Tensor]
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """Half/bf16 (autocast) logits up to float32 for losses; float32/float64 unchanged,
+    so float64 reference tests stay in float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def ce(logits: Tensor, y: Tensor) -> Tensor:
     """Per-sample cross-entropy CE(f(x), y)."""
     return F.cross_entropy(full_precision(logits), y, reduction="none")
+
+
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample margin max_{j != y} z_j - z_y (> 0 exactly when misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def kl_to_natural(logits: Tensor, natural_log_probs: Tensor) -> Tensor:
+    """Per-sample KL(p_nat || p_adv) = sum_j p_nat,j (log p_nat,j - log p_adv,j)."""
+    log_q = F.log_softmax(full_precision(logits), dim=1)
+    p = natural_log_probs.exp()
+    return (p * (natural_log_probs - log_q)).sum(dim=1)
+
+
+def attack_loss(name: str, y: Tensor | None = None, natural_logits: Tensor | None = None) -> PerSampleLoss:
+    """The per-sample attack objective ``name`` as a function of the perturbed logits:
+    ``ce`` (CE on y), ``cw`` (the CW margin on y) or ``kl`` (TRADES: KL to the detached
+    natural prediction)."""
+    if name == "ce":
+        if y is None:
+            raise ValueError("the ce attack loss needs labels")
+        return lambda z: ce(z, y)
+    if name == "cw":
+        if y is None:
+            raise ValueError("the cw attack loss needs labels")
+        return lambda z: cw_margin(full_precision(z), y)
+    if name == "kl":
+        if natural_logits is None:
+            raise ValueError("the kl attack loss needs the natural logits")
+        log_p = F.log_softmax(full_precision(natural_logits.detach()), dim=1)
+        return lambda z: kl_to_natural(z, log_p)
+    raise AtprobeError(f"unknown attack loss {name!r}: choose from {', '.join(ATTACK_LOSSES)}")
 
 
 def trades_kl(natural_logits: Tensor, adversarial_logits: Tensor) -> Tensor:

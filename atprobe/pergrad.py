@@ -52,11 +52,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from atprobe import objectives
-from atprobe.attacks import PGDConfig, pgd, random_start
+from atprobe.attacks import PGDConfig, pgd
 from atprobe.directions import ModelAt, functional_state, model_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad_hooks import layer_plan, row_sq_norms, per_sample_grads_hooks, per_sample_sq_norms_hooks
-from atprobe.runtime import autocast, make_generator, module_mode
+from atprobe.runtime import autocast, module_mode
+from atprobe.starts import Starts
+from atprobe.threat import ThreatModel
 
 __all__ = [
     "METHODS",
@@ -71,8 +73,6 @@ __all__ = [
     "per_sample_grad_distances",
     "per_sample_grad_norms",
     "per_sample_grads",
-    "per_sample_starts",
-    "start_seed",
 ]
 
 #: ``f``: images -> logits of the model at the parameter point being differentiated.
@@ -104,58 +104,15 @@ class _Prepared(Protocol):
 OBJECTIVES = ("clean", "pgd_at", "trades", "R")
 
 
-def default_attack(name: str) -> PGDConfig | None:
-    """The attack an objective uses unless told otherwise (the training attacks of
-    ``atprobe.train``): L-inf 8/255, step 2/255, 10 steps; CE with a uniform start for
-    ``pgd_at`` and ``R``, KL with TRADES' ``0.001 N(0, I)`` start for ``trades``."""
+def default_attack(name: str, threat: ThreatModel = ThreatModel()) -> PGDConfig | None:
+    """The attack of objective ``name`` under ``threat`` (default: the training attack of
+    ``atprobe.train``, L-inf 8/255, step 2/255, 10 steps): CE with the threat model's
+    start (uniform) for ``pgd_at`` and ``R``, KL with TRADES' ``0.001 N(0, I)`` start for
+    ``trades``; none for ``clean``."""
     check_choice(name, OBJECTIVES, "objective")
     if name == "clean":
         return None
-    if name == "trades":
-        return PGDConfig(loss="kl", init="normal")
-    return PGDConfig(loss="ce", init="uniform")
-
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(v: int) -> int:
-    """The splitmix64 finalizer: a bijective scramble of a 64-bit integer."""
-    v = (v + 0x9E3779B97F4A7C15) & _M64
-    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & _M64
-    return v ^ (v >> 31)
-
-
-def start_seed(seed: int, sample_id: int) -> int:
-    """The generator seed of one sample's random start: ``(splitmix64(seed) + id) mod 2^32``.
-
-    32 bits because the CPU generator (mt19937) ignores the high bits of a seed (so
-    ``seed * 2^32 + id`` would give every ``seed`` the same starts). For one ``seed``,
-    distinct ids (mod 2^32) get distinct seeds; the scrambled offset makes another
-    ``seed`` give every sample a different start.
-    """
-    return (_splitmix64(int(seed) & _M64) + int(sample_id)) % (1 << 32)
-
-
-def per_sample_starts(x: Tensor, config: PGDConfig, seed: int, sample_ids: Sequence[int]) -> Tensor:
-    """Random starts ``delta_i = random_start(x_i; generator seeded start_seed(seed, id_i))``.
-
-    A sample's start depends on ``(seed, id_i, x_i)`` only, not on the batch it is in or on
-    the parameters, so it is the same at every parameter point and for every chunk size.
-    The draws are ``atprobe.attacks.random_start``'s (one per sample, on ``x``'s device,
-    no host synchronization).
-    """
-    if len(sample_ids) != x.shape[0]:
-        raise AtprobeError(f"{len(sample_ids)} sample ids for {x.shape[0]} samples")
-    if config.init == "zero" or config.eps == 0:
-        return torch.zeros_like(x)
-    return torch.cat(
-        [
-            random_start(x[i : i + 1], config, make_generator(start_seed(seed, k), x.device))
-            for i, k in enumerate(sample_ids)
-        ]
-    )
+    return threat.attack("kl" if name == "trades" else "ce")
 
 
 @dataclass(frozen=True)
@@ -179,18 +136,19 @@ class Objective:
     amp: bool = False
 
     def prepare(
-        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Sequence[int]
+        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | Sequence[int]
     ) -> tuple[Tensor, ...]:
         """``(x',)`` crafted against ``model_at`` (the model at the probed point), or ``()``.
 
-        The start is :func:`per_sample_starts` with this objective's seed. The attack runs
+        The starts are keyed by ``(seed, sample id)`` (``atprobe.starts``), so a sample
+        starts from the same point at every parameter point and in every chunk. The attack runs
         in eval mode (``PGDConfig.eval_mode``; the gradient computation is in eval mode
         anyway). ``x'`` is detached: the gradient treats it as a constant (Danskin).
         """
         if self.attack is None:
             return ()
-        delta0 = per_sample_starts(x, self.attack, self.seed, sample_ids)
-        x_adv = pgd(model_at, x, y, self.attack, delta_init=delta0, amp=self.amp)
+        ids = sample_ids if isinstance(sample_ids, Tensor) else torch.as_tensor(list(sample_ids), dtype=torch.int64)
+        x_adv = pgd(model_at, x, y, self.attack, starts=Starts(self.seed, ids.to(x.device)), amp=self.amp)
         return (x_adv,)
 
     def __call__(self, f: PointCall, x: Tensor, y: Tensor, *extra: Tensor) -> Tensor:
@@ -221,8 +179,8 @@ def objective(
     Args:
         attack: the inner maximization (default :func:`default_attack`). ``pgd_at``/``R``
             need a ``ce`` or ``cw`` attack, ``trades`` a ``kl`` attack, ``clean`` none.
-            One restart only: further restarts would draw from a generator that is not
-            tied to the sample, breaking "same start at every parameter point".
+            Restarts are keyed per sample too, so any number keeps "same start at every
+            parameter point".
         beta: TRADES' weight on the KL term.
         seed: keys the per-sample random starts (with each sample's id).
         amp: bf16 autocast for the attack on CUDA. Off by default: probes compare
@@ -237,10 +195,6 @@ def objective(
     wanted = ("kl",) if name == "trades" else ("ce", "cw")
     if attack.loss not in wanted:
         raise AtprobeError(f"objective {name} needs an attack on {' or '.join(wanted)}, got {attack.loss!r}")
-    if attack.restarts != 1:
-        raise AtprobeError(
-            f"objective {name}: attacks with restarts ({attack.restarts}) have no per-sample start; use restarts=1"
-        )
     if not (math.isfinite(beta) and beta >= 0):
         raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta}")
     return Objective(name, attack, float(beta), int(seed), bool(amp))

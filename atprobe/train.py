@@ -23,15 +23,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from atprobe import objectives
-from atprobe.attacks import (NORMS, PGDConfig, attack_loss, fgsm_rs_config, full_precision, parse_attack, pgd,
-                             random_start)
+from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import DATASETS, Dataset, iterate_batches, load_dataset
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.io import write_json, write_table, run_meta
 from atprobe.models import build_model, canonical_arch
+from atprobe.objectives import attack_loss, full_precision
 from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, resolve_device, set_determinism
+from atprobe.starts import Starts
+from atprobe.threat import ThreatModel
 
 METHODS = ("standard", "pgd_at", "trades", "fgsm_rs")
 SCHEDULES = ("piecewise", "cosine", "constant")
@@ -67,10 +69,7 @@ class TrainConfig:
     dropout: float = 0.0
     label_noise: float = 0.0
     label_seed: int = 0
-    norm: str = "linf"
-    eps: float | None = None  # default 8/255 (linf), 128/255 (l2)
-    alpha: float | None = None  # default eps/4 (2/255 at 8/255)
-    steps: int = 10
+    threat: ThreatModel = ThreatModel()  # the training attack's budget: 8/255 (linf) or 128/255 (l2), step eps/4
     attack_mode: str = "eval"
     beta: float = 6.0
     mix_clean: bool = False
@@ -100,7 +99,8 @@ class TrainConfig:
         check_choice(c.method, METHODS, "method")
         check_choice(c.dataset, DATASETS, "dataset")
         check_choice(c.schedule, SCHEDULES, "schedule")
-        check_choice(c.norm, NORMS, "norm")
+        if not isinstance(c.threat, ThreatModel):
+            raise AtprobeError(f"threat must be an atprobe.threat.ThreatModel, got {c.threat!r}")
         check_choice(c.mix_ramp, RAMPS, "ramp")
         check_choice(c.attack_mode, ATTACK_MODES, "attack mode")
         check_choice(c.te_trades_input, TE_TRADES_INPUTS, "TE-TRADES input")
@@ -118,10 +118,8 @@ class TrainConfig:
             raise AtprobeError(f"lr-decay must be in (0, 1], got {c.lr_decay}")
         if not 0 <= c.te_eta < 1:
             raise AtprobeError(f"te-eta must be in [0, 1), got {c.te_eta}")
-        if c.steps < 1 and c.method in ("pgd_at", "trades"):
-            raise AtprobeError(f"steps must be >= 1 for {c.method}, got {c.steps}")
-        if c.eps is not None and c.eps < 0:
-            raise AtprobeError(f"eps must be >= 0, got {c.eps}")
+        if c.threat.steps < 1 and c.method in ("pgd_at", "trades"):
+            raise AtprobeError(f"steps must be >= 1 for {c.method}, got {c.threat.steps}")
         if c.te and c.method not in ("pgd_at", "trades"):
             raise AtprobeError(f"--te works with pgd_at or trades, not {c.method}")
         if c.mix_clean and c.method not in ("pgd_at", "fgsm_rs"):
@@ -131,8 +129,6 @@ class TrainConfig:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
-        eps = c.eps if c.eps is not None else (8 / 255 if c.norm == "linf" else 128 / 255)
-        alpha = c.alpha if c.alpha is not None else eps / 4
         milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
         if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
             raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
@@ -146,30 +142,22 @@ class TrainConfig:
         out = replace(
             c,
             arch=canonical_arch(c.arch),
-            eps=float(eps),
-            alpha=float(alpha),
             milestones=tuple(int(m) for m in milestones),
             te_start=int(te_start),
             te_end=int(te_end),
             mix_epochs=int(mix_epochs),
         )
-        out.attack_config()  # validates eps/alpha/norm combinations
-        parse_attack(out.eval_attack, norm=out.norm, eps=out.eps)
+        parse_attack(out.eval_attack, out.threat)
         return out
 
     def attack_config(self) -> PGDConfig:
-        """The inner maximization of this method (training attack)."""
+        """The inner maximization of this method (training attack) under ``threat``:
+        PGD on CE (uniform start) for pgd_at; PGD on TRADES' KL to the natural prediction
+        from x + 0.001 N(0, I) for trades; FGSM-RS (one step of 1.25 eps) for fgsm_rs."""
         eval_mode = self.attack_mode == "eval"
-        eps = self.eps if self.eps is not None else 8 / 255
-        alpha = self.alpha if self.alpha is not None else eps / 4
         if self.method == "fgsm_rs":
-            return replace(fgsm_rs_config(eps, self.norm), eval_mode=eval_mode)
-        if self.method == "trades":
-            # TRADES starts from x + 0.001 N(0, I) and ascends the KL to the natural prediction.
-            return PGDConfig(norm=self.norm, eps=eps, alpha=alpha, steps=self.steps, loss="kl",
-                             init="normal", eval_mode=eval_mode)
-        return PGDConfig(norm=self.norm, eps=eps, alpha=alpha, steps=max(self.steps, 0), loss="ce",
-                         eval_mode=eval_mode)
+            return replace(fgsm_rs_config(self.threat), eval_mode=eval_mode)
+        return self.threat.attack("kl" if self.method == "trades" else "ce", eval_mode=eval_mode)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -178,14 +166,21 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        # Runs written before the threat model was one field stored its parts flat.
+        legacy = {k: d.pop(k) for k in _LEGACY_THREAT_KEYS if k in d}
+        if "threat" in d or legacy:
+            d["threat"] = ThreatModel(**{**legacy, **(d.get("threat") or {})})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise AtprobeError(f"unknown training options in config: {', '.join(unknown)}")
-        d = dict(d)
         if d.get("milestones") is not None:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+
+_LEGACY_THREAT_KEYS = ("norm", "eps", "alpha", "steps")
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -257,10 +252,9 @@ def training_loss(
     config: TrainConfig,
     *,
     epoch: int,
-    generator: torch.Generator | None,
+    starts: Starts | None = None,
     te_target: Tensor | None = None,
     amp: bool = True,
-    delta_init: Tensor | None = None,
     attack_model: nn.Module | None = None,
 ) -> StepOutput:
     """The objective of ``config.method`` on one batch (model in train mode for the update).
@@ -271,8 +265,9 @@ def training_loss(
     trades:   mean CE(f(x), y) + beta KL(f(x) || f(x'))
     TE (Eq. 7) adds w ||softmax(f(.)) - p_hat||^2 to the objective and to the attack's loss.
 
-    ``delta_init`` is the attack's random start (drawn by the caller for the global batch
-    under DDP); ``attack_model`` is the unwrapped module to attack (DDP's wrapper is only
+    ``starts`` keys the attack's random starts (``training_starts``: seed, epoch and the
+    samples' dataset indices, so a sample's start does not depend on its batch or on the
+    number of processes); ``attack_model`` is the unwrapped module to attack (DDP's wrapper is only
     for the forward whose gradient is reduced).
     """
     attacker = model if attack_model is None else attack_model
@@ -294,7 +289,7 @@ def training_loss(
     loss_fn = inner
     if w > 0:
         loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
-    x_adv = pgd(attacker, x, y, attack, generator=generator, loss_fn=loss_fn, amp=amp, delta_init=delta_init)
+    x_adv = pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
 
     with autocast(device, amp):
         if config.method == "trades" or (config.mix_clean and mix_gamma(config, epoch) < 1):
@@ -325,6 +320,17 @@ def training_loss(
         per_sample = per_sample + w * penalty
         parts["te"] = penalty.mean().detach()
     return StepOutput(per_sample.mean(), logits_adv, x_adv, parts)
+
+
+#: The stream of training's random starts (another draw than any probe's, which use none).
+TRAIN_STREAM = 0x7EA1
+
+
+def training_starts(config: TrainConfig, epoch: int, ids: Tensor) -> Starts:
+    """The keys of the training attack's random starts in ``epoch``: a function of
+    (seed, epoch, sample index), fresh every epoch, the same whatever the batch or the
+    number of processes."""
+    return Starts(config.seed, ids, (TRAIN_STREAM, int(epoch)))
 
 
 # ---------------------------------------------------------------------------- grad ratio
@@ -426,11 +432,10 @@ class RunState:
     """Everything that changes during a run and must survive a resume."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
-                 attack_gen: torch.Generator, ensemble: Tensor | None):
+                 ensemble: Tensor | None):
         self.model = model
         self.optimizer = optimizer
         self.data_gen = data_gen
-        self.attack_gen = attack_gen
         self.ensemble = ensemble
         self.epoch = 0  # completed epochs
         self.best: tuple[float, float] | None = None  # (robust acc, natural acc) on the selection split
@@ -441,7 +446,6 @@ class RunState:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": self.data_gen.get_state(),
-            "attack": self.attack_gen.get_state(),
         }
 
     def load_rng_state(self, state: dict[str, Any]) -> None:
@@ -449,7 +453,6 @@ class RunState:
         if torch.cuda.is_available() and state.get("cuda"):
             torch.cuda.set_rng_state_all(state["cuda"])
         self.data_gen.set_state(state["data"])
-        self.attack_gen.set_state(state["attack"])
 
 
 def _arch_kwargs(config: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -544,8 +547,8 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     ensemble = (torch.zeros(len(labels), data.num_classes, device=device) if config.te else None)
-    state = RunState(model, optimizer, make_generator(config.seed, device),
-                     make_generator(config.seed + 1, device), ensemble)
+    # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
+    state = RunState(model, optimizer, make_generator(config.seed, device), ensemble)
     curves: list[dict[str, Any]] = []
     grad_rows: list[dict[str, Any]] = []
 
@@ -576,13 +579,12 @@ def train(
                  "test": data.test.subset(slice(0, min(config.eval_n, len(data.test)))).to(device)}
     if data.val is not None:
         eval_sets["val"] = data.val.subset(slice(0, min(config.eval_n, len(data.val)))).to(device)
-    robust = parse_attack(config.eval_attack, norm=config.norm, eps=config.eps)
+    robust = parse_attack(config.eval_attack, config.threat)
     natural = parse_attack("natural")
     eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, config.batch_size), seed=config.seed)
 
     forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped
     attack_model: nn.Module = torch.compile(model) if config.compile and ctx.world_size == 1 else model
-    attack = config.attack_config()
     iters_per_epoch = math.ceil(len(train_split) / config.batch_size)
     iteration = state.epoch * iters_per_epoch
     start_time = time.perf_counter()
@@ -605,9 +607,6 @@ def train(
             lr = learning_rate(config, epoch + i / iters_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            delta_init = None
-            if config.method != "standard":
-                delta_init = random_start(batch.x, attack, state.attack_gen)[rows]
             x, y = batch.x[rows], batch.y[rows]
             te_target = None
             if ensemble is not None:
@@ -615,9 +614,9 @@ def train(
                     probs = F.softmax(full_precision(attack_model(x)), dim=1)
                 probs = ctx.all_gather_rows(probs, n_global)
                 te_target = objectives.update_ensemble(ensemble, batch.index, probs, config.te_eta)[rows]
-            step = training_loss(forward_model, x, y, config, epoch=epoch, generator=state.attack_gen,
-                                 te_target=te_target, amp=config.amp, delta_init=delta_init,
-                                 attack_model=attack_model)
+            step = training_loss(forward_model, x, y, config, epoch=epoch,
+                                 starts=training_starts(config, epoch, batch.index[rows]),
+                                 te_target=te_target, amp=config.amp, attack_model=attack_model)
             if ctx.main and iteration < config.log_grad_ratio and step.x_adv is not None:
                 row = grad_ratio_parts(model, x, step.x_adv, y, config, amp=config.amp)
                 grad_rows.append({"iteration": iteration, "epoch": epoch, "method": config.method, **row})

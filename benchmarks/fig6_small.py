@@ -41,6 +41,7 @@ from atprobe.io import run_meta, write_json, write_table
 from atprobe.probes import complexity as cx
 from atprobe.runtime import prepare_model, resolve_device
 from atprobe.train import TrainConfig, train
+from atprobe.threat import ThreatModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-subset"
@@ -106,9 +107,7 @@ def train_all(args, dataset: str, data_dir: str | None, device) -> dict[str, dic
     for name, (augment, wd, noise) in SETTINGS.items():
         config = TrainConfig(
             arch="cnn-small", dataset=dataset, data_dir=data_dir, method="pgd_at", epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, weight_decay=wd, schedule="cosine", augment=augment, label_noise=noise,
-            steps=args.train_steps, train_n=args.train_n, eval_n=100, eval_every=args.epochs, seed=args.seed,
-        )
+            batch_size=args.batch_size, lr=args.lr, weight_decay=wd, schedule="cosine", augment=augment, label_noise=noise, train_n=args.train_n, eval_n=100, eval_every=args.epochs, seed=args.seed, threat=ThreatModel(steps=args.train_steps))
         out = Path(args.out) / name
         start = time.perf_counter()
         final = out / "final.pt"

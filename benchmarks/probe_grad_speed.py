@@ -33,6 +33,7 @@ from atprobe.pergrad import per_sample_grad_distance
 from atprobe.probes import stability
 from atprobe.probes._gradutil import make_objective, sample_batches
 from atprobe.runtime import prepare_model
+from atprobe.threat import ThreatModel
 
 
 
@@ -76,8 +77,7 @@ def main() -> None:
     reference: dict[str, float] = {}
     diff: dict[str, float] = {}
     for loss in losses:
-        config = stability.StabilityConfig(losses=(loss,), lambdas=lambdas, directions=args.directions,
-                                           steps=args.steps, chunk_size=args.chunk_size)
+        config = stability.StabilityConfig(losses=(loss,), lambdas=lambdas, directions=args.directions, chunk_size=args.chunk_size, threat=ThreatModel(steps=args.steps))
         stability.probe(model, data.subset(slice(0, min(2, args.n))), config)  # warm-up
         reference_probe(model, data.subset(slice(0, min(2, args.n))), config)
         table = stability.probe(model, data, config)

@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 from atprobe.data import DATASETS
 from atprobe.errors import AtprobeError
+from atprobe.runtime import resolve_device
+from atprobe.threat import NORMS, STARTS, ThreatModel
 
 
 class Number(click.ParamType):
@@ -35,11 +37,63 @@ class Number(click.ParamType):
 NUMBER = Number()
 
 
+class Device(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, resolved and checked at parse time
+    (``atprobe.runtime.resolve_device``), so the command receives a ``torch.device``."""
+
+    name = "device"
+
+    def convert(self, value: Any, param, ctx):
+        import torch
+
+        if isinstance(value, torch.device):
+            return value
+        try:
+            return resolve_device(str(value))
+        except AtprobeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DEVICE = Device()
+
+
+def device_option(func: Callable) -> Callable:
+    """``--device``: the one declaration of it; the command receives a ``torch.device``."""
+    return click.option("--device", type=DEVICE, default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                        help="Where to compute; auto = first GPU if any, else CPU.")(func)
+
+
+def threat_options(func: Callable | None = None, *, steps_help: str = "PGD steps.") -> Callable:
+    """``--norm --eps --alpha --steps --restarts --start``, built into one
+    ``atprobe.threat.ThreatModel`` passed as the ``threat`` argument. The same defaults in
+    every command: L-inf, eps 8/255 (128/255 for L2), step eps/4, 10 steps, 1 restart,
+    the loss's own start."""
+
+    def decorate(f: Callable) -> Callable:
+        @click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True,
+                      help="Threat model: the L-inf or L2 ball.")
+        @click.option("--eps", type=NUMBER, default=None,
+                      help="Radius in [0,1] pixel units (default 8/255 for linf, 128/255 for l2).")
+        @click.option("--alpha", type=NUMBER, default=None, help="PGD step size (default eps/4).")
+        @click.option("--steps", type=click.IntRange(min=0), default=10, show_default=True, help=steps_help)
+        @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+                      help="Random starts per sample; the one of highest loss is kept.")
+        @click.option("--start", type=click.Choice(STARTS), default="auto", show_default=True,
+                      help="Random start: auto = uniform for CE/CW, 0.001 N(0, I) for TRADES' KL.")
+        @functools.wraps(f)
+        def wrapper(*args, norm, eps, alpha, steps, restarts, start, **kwargs):
+            threat = ThreatModel(norm=norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts, start=start)
+            return f(*args, threat=threat, **kwargs)
+
+        return wrapper
+
+    return decorate(func) if func is not None else decorate
+
+
 def common_options(func: Callable) -> Callable:
     """``--device``, ``--batch-size``, ``--seed``, ``--quiet``."""
 
-    @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                  help="Where to compute; auto = first GPU if any, else CPU.")
+    @device_option
     @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                   help="Samples per batch.")
     @click.option("--seed", type=int, default=0, show_default=True,

@@ -17,9 +17,9 @@ from atprobe.inputs import checkpoint_loader, first_n, load_for_checkpoints, pic
 from atprobe.io import run_meta, write_table
 from atprobe.probes import complexity
 from atprobe.probes.gradcos import run_checkpoints
-from atprobe.runtime import prepare_model, resolve_device, set_determinism
+from atprobe.runtime import prepare_model, set_determinism
 
-from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress
+from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress, threat_options
 
 #: Samples per split for the data-dependent measures when --n is not given (or the whole split).
 DEFAULT_N = 1000
@@ -102,16 +102,13 @@ def expand_checkpoints(paths: tuple[str, ...], load: Callable[[Path], Checkpoint
 @click.option("--n", type=int, default=None,
               help=f"Samples of train and of test for the data-dependent measures (default {DEFAULT_N}, or the "
                    "whole split if smaller).")
-@click.option("--eps", type=NUMBER, default="8/255", show_default=True,
-              help="L-inf radius of the PGD attack of the margin and of the robust accuracies.")
-@click.option("--alpha", type=NUMBER, default="2/255", show_default=True, help="PGD step size.")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="PGD steps.")
+@threat_options(steps_help="PGD steps of the margin's, the robust accuracies' and the landscape measures' attack.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="complexity.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
 def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on, spectral_method, fold_bn, n,
-                       eps, alpha, steps, output, dataset, data_dir, download, arch, num_classes, normalize,
+                       threat, output, dataset, data_dir, download, arch, num_classes, normalize,
                        device, batch_size, seed, quiet) -> None:
     """Complexity measures and generalization gaps of CHECKPOINTS (files or run directories).
 
@@ -121,15 +118,12 @@ def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on
     row per (checkpoint, measure, variant): checkpoint, epoch, label_noise, measure, variant, value, reason, n
     (docs/probes/complexity.md).
     """
-    device = resolve_device(device)
     set_determinism(seed)
     config = complexity.ComplexityConfig(
         measures=complexity.parse_measures(measures), spectral_method=spectral_method, fold_bn=fold_bn,
-        margin=divide, margin_quantile=margin_quantile, margin_on=margin_on, eps=eps, alpha=alpha, steps=steps,
+        margin=divide, margin_quantile=margin_quantile, margin_on=margin_on, threat=threat,
         batch_size=batch_size, seed=seed,
     )
-    config = dataclasses.replace(config, **_external_configs(config.measures, seed=seed, eps=eps, alpha=alpha,
-                                                             steps=steps))
     if n is not None and n < 1:
         raise AtprobeError(f"--n must be >= 1, got {n}")
     for measure in config.measures:
@@ -173,17 +167,3 @@ def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on
     if not quiet:
         click.echo(table.to_string(index=False), err=True)
         click.echo(f"wrote {output}", err=True)
-
-
-def _external_configs(measures: tuple[str, ...], **shared: Any) -> dict[str, Any]:
-    """Default configs of the asked-for external measures, with this command's seed and
-    attack (eps, alpha, steps) where those configs have such fields."""
-    out: dict[str, Any] = {}
-    for measure in measures:
-        if measure not in complexity.EXTERNAL:
-            continue
-        module = complexity.external_module(measure)
-        cls = getattr(module, complexity.EXTERNAL[measure][1])
-        names = {f.name for f in dataclasses.fields(cls)}
-        out[measure] = cls(**{k: v for k, v in shared.items() if k in names})
-    return out

@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 import pandas as pd
 
-from atprobe.attacks import NORMS, parse_attack
+from atprobe.attacks import parse_attack
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.inputs import (LABEL_MODES, SPLITS, first_n, load_checkpoints, load_for_checkpoints, pick_split,
                             with_checkpoint_labels)
 from atprobe.io import run_meta, write_table
-from atprobe.runtime import prepare_model, resolve_device, set_determinism
+from atprobe.runtime import prepare_model, set_determinism
 
-from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress, split_list
+from atprobe.cli.common import common_options, data_options, foreign_options, progress, split_list, threat_options
 
 EXAMPLES = """
 \b
@@ -28,28 +28,25 @@ Examples:
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @click.option("--attack", "attacks", default="natural,pgd10", show_default=True,
               help="Comma-separated: natural, fgsm, fgsm_rs, pgdK (K steps on CE), cwK (K steps on the "
-                   "CW margin), optional xR for R restarts (pgd50x5).")
+                   "CW margin), optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts.")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--n", type=int, default=None, help="Evaluate the first N samples of the split (default: all).")
 @click.option("--labels", type=click.Choice(LABEL_MODES), default="trained", show_default=True,
               help="On train/val: the labels the checkpoint was trained on, or the true ones.")
-@click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True)
-@click.option("--eps", type=NUMBER, default="8/255", show_default=True, help="Radius in [0,1] pixel units.")
-@click.option("--alpha", type=NUMBER, default=None, help="PGD step size (default eps/4).")
+@threat_options(steps_help="PGD steps of the attacks named without a count (pgd, cw).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="eval.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def eval_command(checkpoints, attacks, split, n, labels, norm, eps, alpha, output, dataset, data_dir,
+def eval_command(checkpoints, attacks, split, n, labels, threat, output, dataset, data_dir,
                  download, arch, num_classes, normalize, device, batch_size, seed, quiet) -> None:
     """Accuracy of CHECKPOINTS under natural and adversarial inputs.
 
     Writes one row per (checkpoint, split, attack): checkpoint, split, attack, norm,
     eps, alpha, steps, restarts, n, accuracy, loss.
     """
-    device = resolve_device(device)
     set_determinism(seed)
-    specs = tuple(parse_attack(a, norm=norm, eps=eps, alpha=alpha) for a in split_list(attacks, "--attack"))
+    specs = tuple(parse_attack(a, threat) for a in split_list(attacks, "--attack"))
     config = EvalConfig(attacks=specs, batch_size=batch_size, seed=seed)
     ckpts = load_checkpoints(checkpoints, arch=arch, num_classes=num_classes, dataset=dataset,
                              normalize=normalize, data_dir=data_dir)
@@ -67,7 +64,7 @@ def eval_command(checkpoints, attacks, split, n, labels, norm, eps, alpha, outpu
     table = pd.concat(frames, ignore_index=True)
     write_table(table, output, run_meta(seed=seed, checkpoints=ckpts, config={
         "attacks": [s.name for s in specs], "split": split, "n": len(base), "labels": labels,
-        "norm": norm, "eps": eps, "alpha": alpha, "batch_size": batch_size, "device": str(device),
+        "threat": threat.to_json(), "batch_size": batch_size, "device": str(device),
         "dataset": data.name,
     }))
     if not quiet:

@@ -14,16 +14,15 @@ import click
 import torch
 from torch import nn
 
-from atprobe.attacks import NORMS
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.errors import AtprobeError
 from atprobe.inputs import (LABEL_MODES, SPLITS, checkpoint_loader, first_n, load_for_checkpoints, pick_split,
                             with_checkpoint_labels)
 from atprobe.io import atomic_write_bytes, run_meta, write_table
 from atprobe.probes import hardness
-from atprobe.runtime import prepare_model, resolve_device, set_determinism
+from atprobe.runtime import prepare_model, set_determinism
 
-from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress
+from atprobe.cli.common import common_options, data_options, foreign_options, progress, threat_options
 
 #: Samples probed when neither --n nor --all is given (or the whole split, if it is smaller).
 DEFAULT_N = 1000
@@ -152,9 +151,7 @@ def _labels_used(stub: Checkpoint, mode: str, split: str) -> str:
               help="On train/val: each model's own trained labels (for its attack and its loss), or the true ones.")
 @click.option("--attack", default="pgd10", show_default=True,
               help="pgdK (K steps on CE), cwK, xR for R restarts, fgsm, fgsm_rs, or natural (clean loss).")
-@click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True, help="Attack norm.")
-@click.option("--eps", type=NUMBER, default="8/255", show_default=True, help="Attack radius, [0,1] pixel units.")
-@click.option("--alpha", type=NUMBER, default=None, help="PGD step size (default eps/4).")
+@threat_options(steps_help="PGD steps of --attack pgd / cw (named without a count).")
 @click.option("--top-k", type=int, default=100, show_default=True,
               help="k of the top-k overlap (capped at the number of samples).")
 @click.option("--gallery-k", type=int, default=10, show_default=True,
@@ -167,7 +164,7 @@ def _labels_used(stub: Checkpoint, mode: str, split: str) -> str:
 @data_options
 @foreign_options
 @common_options
-def hardness_command(checkpoints, split, n, all_samples, labels, attack, norm, eps, alpha, top_k, gallery_k,
+def hardness_command(checkpoints, split, n, all_samples, labels, attack, threat, top_k, gallery_k,
                      gallery_size, amp, out_dir, dataset, data_dir, download, arch, num_classes, normalize, device,
                      batch_size, seed, quiet) -> None:
     """Per-sample adversarial loss of CHECKPOINTS (two or more, or a directory) and how
@@ -180,7 +177,6 @@ def hardness_command(checkpoints, split, n, all_samples, labels, attack, norm, e
     (Fig. C.3) and sorted.png (Fig. 7(c)). Model names are the paths relative to their
     common folder.
     """
-    device = resolve_device(device)
     set_determinism(seed)
     if top_k < 1:
         raise AtprobeError(f"--top-k must be >= 1, got {top_k}")
@@ -189,7 +185,7 @@ def hardness_command(checkpoints, split, n, all_samples, labels, attack, norm, e
     if all_samples and n is not None:
         raise AtprobeError("give --n N or --all, not both")
     size = hardness.parse_size(gallery_size) if gallery_size is not None else None
-    config = hardness.HardnessConfig(attack=attack, norm=norm, eps=eps, alpha=alpha, batch_size=batch_size,
+    config = hardness.HardnessConfig(attack=attack, threat=threat, batch_size=batch_size,
                                      seed=seed, top_k=top_k, amp=amp)
     spec = config.spec
 
@@ -226,7 +222,7 @@ def hardness_command(checkpoints, split, n, all_samples, labels, attack, norm, e
         for note in notes:
             click.echo(note, err=True)
         click.echo(f"hardness: {len(stubs)} models, {len(base)} {split} samples of {data.name}, {spec.name} "
-                   f"({norm} eps {eps:.6g} = {eps * 255:.4g}/255); {label_line}", err=True)
+                   f"({threat.describe()}); {label_line}", err=True)
 
     models = LazyModels(stubs, load, device)
     with progress(len(base) * len(stubs), "hardness", quiet) as bar:

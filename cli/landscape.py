@@ -15,7 +15,6 @@ import click
 import pandas as pd
 from torch import nn
 
-from atprobe.attacks import NORMS
 from atprobe.checkpoint import Checkpoint
 from atprobe.data import Dataset, Split
 from atprobe.directions import IGNORES
@@ -24,28 +23,14 @@ from atprobe.inputs import first_n, load_checkpoints, load_for_checkpoints, pick
 from atprobe.io import run_meta, write_table
 from atprobe.probes import curvature, flatness, hessian
 from atprobe.probes.stability import parse_lambdas
-from atprobe.runtime import prepare_model, resolve_device, set_determinism
+from atprobe.runtime import prepare_model, set_determinism
 
-from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress
+from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress, threat_options
 from atprobe.cli.probes_grad import DEFAULT_N, sample_options
 
 #: A command's work on one checkpoint: (model, samples, bar) -> {file suffix: table};
 #: suffix "" is the main table (-o), others go to OUTPUT's stem + suffix + ".csv".
 Work = Callable[[nn.Module, Split, Any], dict[str, pd.DataFrame]]
-
-
-def pgd_options(func: Callable) -> Callable:
-    """The PGD attack's budget (``--norm --eps --alpha --steps``)."""
-
-    @click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True, help="Attack norm.")
-    @click.option("--eps", type=NUMBER, default="8/255", show_default=True, help="Attack radius, [0,1] pixel units.")
-    @click.option("--alpha", type=NUMBER, default="2/255", show_default=True, help="PGD step size.")
-    @click.option("--steps", type=click.IntRange(min=0), default=10, show_default=True, help="PGD steps.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
 
 
 def _samples(data: Dataset, split: str, n: int | None) -> Split:
@@ -63,7 +48,7 @@ def _run(name: str, paths, config, work: Work, *, split: str, n: int | None, lab
     """Load the checkpoints and samples, run ``work`` per checkpoint, prefix the rows with
     checkpoint, epoch, split, labels and ``prefix``, and write every table (extra tables
     first, the main one last: the main CSV exists only when everything was written)."""
-    device = resolve_device(options["device"])
+    device = options["device"]
     set_determinism(options["seed"])
     ckpts: list[Checkpoint] = load_checkpoints(
         paths, arch=options["arch"], num_classes=options["num_classes"], dataset=options["dataset"],
@@ -127,12 +112,12 @@ Examples:
               help="Stop a sample when its eigenvalue estimate changes by less than tol (relative); 0 = never.")
 @click.option("--per-sample", is_flag=True, help="Also write one row per sample to OUTPUT's stem + .samples.csv.")
 @sample_options
-@pgd_options
+@threat_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="curvature.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def curvature_command(checkpoints, at, iterations, tol, per_sample, split, n, labels, norm, eps, alpha, steps,
+def curvature_command(checkpoints, at, iterations, tol, per_sample, split, n, labels, threat,
                       output, **kwargs) -> None:
     """Dominant eigenvalue of the input Hessian of the loss, per sample (CHECKPOINTS).
 
@@ -142,8 +127,8 @@ def curvature_command(checkpoints, at, iterations, tol, per_sample, split, n, la
     statistic (mean, median, std, mean_abs, converged), n, value (docs/probes/curvature.md).
     """
     options = _options(**kwargs)
-    config = curvature.CurvatureConfig(at=at, iterations=iterations, tol=tol, norm=norm, eps=eps, alpha=alpha,
-                                       steps=steps, batch_size=options["batch_size"], seed=options["seed"])
+    config = curvature.CurvatureConfig(at=at, iterations=iterations, tol=tol, threat=threat,
+                                       batch_size=options["batch_size"], seed=options["seed"])
 
     def work(model, samples, bar):
         table = curvature.probe(model, samples, config, progress=bar)
@@ -194,13 +179,13 @@ Examples:
 @click.option("--density-runs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent Lanczos runs (random starts) averaged in the density.")
 @sample_options
-@pgd_options
+@threat_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="hessian.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
 def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_samples, trace_tol, blocks, density,
-                    density_steps, density_runs, split, n, labels, norm, eps, alpha, steps, output, **kwargs) -> None:
+                    density_steps, density_runs, split, n, labels, threat, output, **kwargs) -> None:
     """Top eigenvalues and trace of the weight Hessian of the adversarial loss (CHECKPOINTS).
 
     Whole model by pyhessian, each layer (--blocks) by the same power iteration and Hutchinson
@@ -213,7 +198,7 @@ def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_sample
     config = hessian.HessianConfig(at=at, scope=scope, batch_size=options["batch_size"], top_k=top_k,
                                    iterations=iterations, tol=tol, trace_samples=trace_samples, trace_tol=trace_tol,
                                    blocks=blocks, density=density, density_steps=density_steps,
-                                   density_runs=density_runs, norm=norm, eps=eps, alpha=alpha, steps=steps,
+                                   density_runs=density_runs, threat=threat,
                                    seed=options["seed"])
 
     def work(model, samples, bar):
@@ -257,13 +242,13 @@ Examples:
 @click.option("--curve", is_flag=True,
               help="Also write the whole curve (one row per direction and lam) to OUTPUT's stem + .curve.csv.")
 @sample_options
-@pgd_options
+@threat_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="flatness.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
 def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direction_norm, curve, split, n, labels,
-                     norm, eps, alpha, steps, output, **kwargs) -> None:
+                     threat, output, **kwargs) -> None:
     """Flatness of the weight loss landscape of the adversarial loss (CHECKPOINTS).
 
     Adversarial loss (PGD re-crafted at every point) along random filter-normalized directions
@@ -273,8 +258,8 @@ def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direc
     """
     options = _options(**kwargs)
     config = flatness.FlatnessConfig(lambdas=parse_lambdas(lambdas), radius=radius, directions=num_directions,
-                                     ignore=ignore, direction_norm=direction_norm, norm=norm, eps=eps, alpha=alpha,
-                                     steps=steps, batch_size=options["batch_size"], seed=options["seed"])
+                                     ignore=ignore, direction_norm=direction_norm, threat=threat,
+                                     batch_size=options["batch_size"], seed=options["seed"])
 
     def work(model, samples, bar):
         table = flatness.probe(model, samples, config, progress=bar)

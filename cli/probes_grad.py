@@ -13,7 +13,6 @@ import click
 import pandas as pd
 import torch
 
-from atprobe.attacks import NORMS
 from atprobe.checkpoint import Checkpoint
 from atprobe.data import Dataset, Split, load_dataset
 from atprobe.directions import IGNORES
@@ -26,9 +25,9 @@ from atprobe.models import canonical_arch
 from atprobe.pergrad import OBJECTIVES
 from atprobe.probes import gradcos, gradnorm, stability
 from atprobe.probes._gradutil import auto_chunk_size
-from atprobe.runtime import prepare_model, resolve_device, set_determinism
+from atprobe.runtime import prepare_model, set_determinism
 
-from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress, split_list
+from atprobe.cli.common import NUMBER, common_options, data_options, foreign_options, progress, split_list, threat_options
 
 #: Samples probed when --n is not given (or the whole split, if it is smaller).
 DEFAULT_N = 1000
@@ -51,12 +50,9 @@ def sample_options(func: Callable) -> Callable:
 
 
 def attack_options(func: Callable) -> Callable:
-    """The attacks' budget, TRADES' beta and the per-sample-gradient chunk size."""
+    """The threat model (``threat_options``), TRADES' beta and the per-sample-gradient chunk size."""
 
-    @click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True, help="Attack norm.")
-    @click.option("--eps", type=NUMBER, default="8/255", show_default=True, help="Attack radius, [0,1] pixel units.")
-    @click.option("--alpha", type=NUMBER, default="2/255", show_default=True, help="PGD step size.")
-    @click.option("--steps", type=click.IntRange(min=0), default=10, show_default=True, help="PGD steps.")
+    @threat_options
     @click.option("--beta", type=NUMBER, default=6.0, show_default=True, help="TRADES' weight on the KL term.")
     @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
                   help="Samples per per-sample-gradient chunk (memory: chunk x parameters floats). Default: "
@@ -66,10 +62,6 @@ def attack_options(func: Callable) -> Callable:
         return func(*args, **kwargs)
 
     return wrapper
-
-
-def _attack_kwargs(norm, eps, alpha, steps, beta) -> dict[str, Any]:
-    return {"norm": norm, "eps": eps, "alpha": alpha, "steps": steps, "beta": beta}
 
 
 def _samples(data: Dataset, split: str, n: int | None) -> Split:
@@ -115,7 +107,7 @@ Examples:
 @data_options
 @foreign_options
 @common_options
-def gradnorm_command(checkpoints, split, n, labels, noisy_vs_clean, per_sample, norm, eps, alpha, steps, beta,
+def gradnorm_command(checkpoints, split, n, labels, noisy_vs_clean, per_sample, threat, beta,
                      chunk_size, output, dataset, data_dir, download, arch, num_classes, normalize, device,
                      batch_size, seed, quiet) -> None:
     """Per-sample gradient norms of the parts of the AT objectives in CHECKPOINTS.
@@ -125,12 +117,12 @@ def gradnorm_command(checkpoints, split, n, labels, noisy_vs_clean, per_sample, 
     Writes one row per (checkpoint, group, quantity, statistic): checkpoint, epoch, split, labels,
     group, quantity, statistic, n, value (docs/probes/gradnorm.md).
     """
-    device = resolve_device(device)
+
     set_determinism(seed)
     if noisy_vs_clean and (labels != "trained" or split == "test"):
         raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained on the "
                            "train or val split")
-    config = gradnorm.GradNormConfig(**_attack_kwargs(norm, eps, alpha, steps, beta), seed=seed,
+    config = gradnorm.GradNormConfig(threat=threat, beta=beta, seed=seed,
                                      noisy_vs_clean=noisy_vs_clean)
     ckpts = load_checkpoints(checkpoints, arch=arch, num_classes=num_classes, dataset=dataset,
                              normalize=normalize, data_dir=data_dir)
@@ -200,7 +192,7 @@ Examples:
 @foreign_options
 @common_options
 def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ignore, direction_norm, split, n,
-                      labels, norm, eps, alpha, steps, beta, chunk_size, output, dataset, data_dir, download, arch,
+                      labels, threat, beta, chunk_size, output, dataset, data_dir, download, arch,
                       num_classes, normalize, device, batch_size, seed, quiet) -> None:
     """How per-sample gradients change along random directions (CHECKPOINT or --init ARCH).
 
@@ -209,12 +201,12 @@ def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ig
     (Dong et al. 2022, Fig. 4(a), A.8). Writes one row per (loss, direction, lam): checkpoint,
     split, labels, loss, direction, lam, n, dist_mean, dist_std, cos_mean, cos_std.
     """
-    device = resolve_device(device)
+
     set_determinism(seed)
     config = stability.StabilityConfig(
         losses=tuple(split_list(losses, "--losses")), lambdas=stability.parse_lambdas(lambdas),
         directions=num_directions, ignore=ignore, direction_norm=direction_norm,
-        **_attack_kwargs(norm, eps, alpha, steps, beta), seed=seed,
+        threat=threat, beta=beta, seed=seed,
     )
     if (checkpoint is None) == (init_arch is None):
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
@@ -309,7 +301,7 @@ def _ordered_stubs(paths: tuple[str, ...], load: Callable[[Path], Checkpoint]) -
 @data_options
 @foreign_options
 @common_options
-def gradcos_command(checkpoints, loss, split, n, labels, norm, eps, alpha, steps, beta, chunk_size, output,
+def gradcos_command(checkpoints, loss, split, n, labels, threat, beta, chunk_size, output,
                     dataset, data_dir, download, arch, num_classes, normalize, device, batch_size, seed,
                     quiet) -> None:
     """Cosine of per-sample gradients between successive checkpoints (RUN_DIR or CKPT CKPT ...).
@@ -319,9 +311,9 @@ def gradcos_command(checkpoints, loss, split, n, labels, norm, eps, alpha, steps
     adversarial examples (Dong et al. 2022, Fig. 4(b)). Writes one row per pair: checkpoint_a,
     checkpoint_b, epoch_a, epoch_b, split, labels, pair, loss, n, cos_mean, cos_std, dist_mean, dist_std.
     """
-    device = resolve_device(device)
+
     set_determinism(seed)
-    config = gradcos.GradCosConfig(loss=loss, **_attack_kwargs(norm, eps, alpha, steps, beta), seed=seed)
+    config = gradcos.GradCosConfig(loss=loss, threat=threat, beta=beta, seed=seed)
     load = checkpoint_loader(arch=arch, num_classes=num_classes, dataset=dataset, normalize=normalize,
                              data_dir=data_dir)
     stubs = _ordered_stubs(checkpoints, load)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from atprobe.attacks import NORMS
+
 from atprobe.data import DATASETS
 from atprobe.train import ATTACK_MODES, METHODS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
 
-from atprobe.cli.common import NUMBER
+from atprobe.cli.common import NUMBER, device_option, threat_options
 
 EXAMPLES = """
 \b
@@ -49,10 +49,7 @@ D = TrainConfig()
 @click.option("--label-noise", type=NUMBER, default=D.label_noise, show_default=True,
               help="Symmetric label noise rate; 1.0 = completely random labels.")
 @click.option("--label-seed", type=int, default=D.label_seed, show_default=True)
-@click.option("--norm", type=click.Choice(NORMS), default=D.norm, show_default=True)
-@click.option("--eps", type=NUMBER, default=None, help="Radius (default 8/255 linf, 128/255 l2).")
-@click.option("--alpha", type=NUMBER, default=None, help="Attack step (default eps/4).")
-@click.option("--steps", type=int, default=D.steps, show_default=True)
+@threat_options(steps_help="PGD steps of the training attack.")
 @click.option("--attack-mode", type=click.Choice(ATTACK_MODES), default=D.attack_mode, show_default=True,
               help="Model mode while crafting training examples.")
 @click.option("--beta", type=NUMBER, default=D.beta, show_default=True, help="TRADES weight of the KL term.")
@@ -81,7 +78,7 @@ D = TrainConfig()
 @click.option("--synthetic-seed", type=int, default=D.synthetic_seed, show_default=True)
 @click.option("--amp/--no-amp", default=D.amp, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
+@device_option
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
 def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, **options) -> None:

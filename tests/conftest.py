@@ -81,3 +81,12 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--device", "cpu"], prog_name="atprobe")
     return out, result
+
+
+def keyed_start(x, config, seed, ids, restart=0):
+    """The library's keyed random start of ``ids`` (``atprobe.starts``) for an explicit
+    ``delta_init``: reference loops reuse the start rule, never the batching."""
+    from atprobe.attacks import random_start
+    from atprobe.starts import Starts
+
+    return random_start(x, config, Starts(seed, torch.as_tensor(list(ids), dtype=torch.int64)), restart)

@@ -9,17 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atprobe.attacks import (
-    PGDConfig,
-    attack_loss,
-    cw_margin,
-    fgsm,
-    parse_attack,
-    pgd,
-    project,
-)
+from atprobe.attacks import PGDConfig, fgsm_config, parse_attack, pgd, project, random_start
 from atprobe.errors import AtprobeError
+from atprobe.objectives import attack_loss, cw_margin
+from atprobe.starts import Starts
+from atprobe.threat import ThreatModel
 from tests.conftest import tiny_net
+
+
+def _starts(seed, n, offset=0):
+    return Starts(seed, torch.arange(offset, offset + n))
 
 
 def _ce(model, x, y):
@@ -32,7 +31,7 @@ def test_pgd_stays_feasible_and_increases_loss(norm, eps, loss, tiny_batch):
     x, y = tiny_batch
     model = tiny_net()
     cfg = PGDConfig(norm=norm, eps=eps, alpha=eps / 4, steps=10, loss=loss)
-    x_adv = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    x_adv = pgd(model, x, y, cfg, starts=_starts(0, len(y)))
     delta = (x_adv - x).flatten(1)
     if norm == "linf":
         assert delta.abs().max() <= eps + 1e-12
@@ -48,9 +47,9 @@ def test_same_seed_same_examples_different_seed_different(tiny_batch):
     x, y = tiny_batch
     model = tiny_net()
     cfg = PGDConfig(steps=3)
-    a = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(5))
-    b = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(5))
-    c = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(6))
+    a = pgd(model, x, y, cfg, starts=_starts(5, len(y)))
+    b = pgd(model, x, y, cfg, starts=_starts(5, len(y)))
+    c = pgd(model, x, y, cfg, starts=_starts(6, len(y)))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -83,7 +82,7 @@ def test_fgsm_on_linear_model_is_hand_computable():
     p = F.softmax(model(x), dim=1)
     grad = (p - F.one_hot(y, 3).double()) @ lin.weight
     expected = (x.flatten(1) + eps * grad.sign()).view_as(x)
-    torch.testing.assert_close(fgsm(model, x, y, eps), expected)
+    torch.testing.assert_close(pgd(model, x, y, fgsm_config(ThreatModel(eps=eps))), expected)
 
 
 def test_l2_projection_and_box():
@@ -99,8 +98,8 @@ def test_l2_projection_and_box():
 def test_restarts_keep_the_worst_case(tiny_batch):
     x, y = tiny_batch
     model = tiny_net()
-    single = pgd(model, x, y, PGDConfig(steps=2, restarts=1), generator=torch.Generator().manual_seed(0))
-    multi = pgd(model, x, y, PGDConfig(steps=2, restarts=4), generator=torch.Generator().manual_seed(0))
+    single = pgd(model, x, y, PGDConfig(steps=2, restarts=1), starts=_starts(0, len(y)))
+    multi = pgd(model, x, y, PGDConfig(steps=2, restarts=4), starts=_starts(0, len(y)))
     with torch.no_grad():
         assert torch.all(_ce(model, multi, y) >= _ce(model, single, y) - 1e-12)
         assert _ce(model, multi, y).sum() > _ce(model, single, y).sum()
@@ -137,13 +136,15 @@ def test_zero_steps_zero_init_is_identity(tiny_batch):
 
 
 def test_parse_attack_names():
-    a = parse_attack("pgd10", eps=8 / 255)
+    a = parse_attack("pgd10", ThreatModel(eps=8 / 255))
     assert a.config.steps == 10 and a.config.loss == "ce" and math.isclose(a.config.alpha, 2 / 255)
-    b = parse_attack("cw100x3", norm="l2", eps=0.5, alpha=0.1)
+    b = parse_attack("cw100x3", ThreatModel(norm="l2", eps=0.5, alpha=0.1))
     assert b.config.loss == "cw" and b.config.restarts == 3 and b.config.norm == "l2" and b.config.alpha == 0.1
     assert parse_attack("natural").config is None
-    assert parse_attack("fgsm_rs", eps=0.1).config.alpha == pytest.approx(0.125)
-    for bad in ["pgd", "pgd0", "apgd10", "pgd10x0"]:
+    assert parse_attack("fgsm_rs", ThreatModel(eps=0.1)).config.alpha == pytest.approx(0.125)
+    bare = parse_attack("pgd", ThreatModel(steps=7, restarts=2))  # the threat model's steps and restarts
+    assert bare.config.steps == 7 and bare.config.restarts == 2
+    for bad in ["pgd0", "apgd10", "pgd10x0"]:
         with pytest.raises(AtprobeError):
             parse_attack(bad)
 
@@ -153,3 +154,66 @@ def test_parse_attack_names():
 def test_config_validation(kwargs):
     with pytest.raises(AtprobeError):
         PGDConfig(**kwargs)
+
+
+def test_threat_model_defaults_are_resolved_at_once():
+    """eps per norm and alpha = eps/4, applied in one place: never an unresolved value."""
+    assert ThreatModel().eps == 8 / 255 and ThreatModel().alpha == 2 / 255
+    assert ThreatModel(norm="l2").eps == 128 / 255 and ThreatModel(norm="l2").alpha == 32 / 255
+    assert ThreatModel(eps=16 / 255).alpha == 4 / 255
+    assert ThreatModel(eps=16 / 255, alpha=1 / 255).alpha == 1 / 255
+    assert ThreatModel().attack("ce").init == "uniform" and ThreatModel().attack("kl").init == "normal"
+    assert ThreatModel(start="zero").attack("kl").init == "zero"
+    for bad in [dict(eps=8.0), dict(norm="l1"), dict(steps=-1), dict(restarts=0), dict(alpha=float("nan")),
+                dict(start="gauss")]:
+        with pytest.raises(AtprobeError):
+            ThreatModel(**bad)
+
+
+@pytest.mark.parametrize("init,norm", [("uniform", "linf"), ("uniform", "l2"), ("normal", "linf")])
+def test_random_starts_are_keyed_per_sample(init, norm):
+    """A sample's start is a function of (seed, its index, restart) alone: the same in any
+    batch, at any position, in any memory format; another seed, index or restart differs."""
+    x = torch.rand(6, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = PGDConfig(norm=norm, eps=0.3 if norm == "l2" else 8 / 255, init=init)
+    ids = torch.tensor([40, 7, 3, 19, 2, 11])
+    full = random_start(x, cfg, Starts(3, ids))
+    perm = torch.tensor([4, 0, 5, 2])
+    part = random_start(x[perm].contiguous(memory_format=torch.channels_last), cfg, Starts(3, ids[perm]))
+    assert torch.equal(part, full[perm])
+    assert not torch.equal(random_start(x, cfg, Starts(4, ids)), full)
+    assert not torch.equal(random_start(x, cfg, Starts(3, ids), restart=1), full)
+    assert not torch.equal(full[0], full[1])
+    flat = (full / (cfg.eps if init == "uniform" else 0.001)).flatten()
+    if init == "uniform" and norm == "linf":  # U(-eps, eps) before the box clamp (x away from 0, 1 mostly)
+        inside = ((x + full) > 0).flatten() & ((x + full) < 1).flatten()
+        assert flat[inside].abs().max() <= 1 and abs(float(flat[inside].mean())) < 0.1
+    if init == "normal":
+        assert abs(float(flat.std()) - 1) < 0.1
+
+
+def test_keyed_draws_match_their_distribution():
+    """The keyed uniform and normal draws are U(0, 1) and N(0, 1) (Kolmogorov-Smirnov)."""
+    from scipy import stats
+
+    from atprobe.starts import keyed_normal, keyed_uniform, sample_keys
+
+    keys = sample_keys(0, torch.arange(64))
+    u = keyed_uniform(keys, (500,), torch.float64).flatten().numpy()
+    z = keyed_normal(keys, (500,), torch.float64).flatten().numpy()
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    # Rows are not shifted copies of each other: neighbouring samples are uncorrelated.
+    a = keyed_uniform(keys, (500,), torch.float64)
+    assert abs(float(torch.corrcoef(a[:2])[0, 1])) < 0.2
+
+
+def test_pgd_does_not_depend_on_the_batch(tiny_batch):
+    """The same sample (same index) gives the same example alone or inside any batch."""
+    x, y = tiny_batch
+    model = tiny_net()
+    ids = torch.arange(100, 100 + len(y))
+    whole = pgd(model, x, y, PGDConfig(steps=3, restarts=2), starts=Starts(1, ids))
+    for i in range(len(y)):
+        one = pgd(model, x[i:i + 1], y[i:i + 1], PGDConfig(steps=3, restarts=2), starts=Starts(1, ids[i:i + 1]))
+        torch.testing.assert_close(one, whole[i:i + 1], rtol=0, atol=1e-12)

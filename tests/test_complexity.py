@@ -26,6 +26,8 @@ from atprobe.foldbn import bn_affine, fold_bn, norm_layers, trace_layers
 from atprobe.models import build_model, weight_layers
 from atprobe.probes import complexity as cx
 from atprobe.runtime import make_generator
+from atprobe.threat import ThreatModel
+from atprobe.starts import Starts
 
 from conftest import randomize_bn, tiny_net
 
@@ -295,15 +297,14 @@ def test_margin_quantile_is_numpys_on_the_logits(mlp, q):
 
 def test_adversarial_margin_uses_pgd_examples_in_batches(mlp):
     split = _split(10)
-    config = cx.ComplexityConfig(measures=("margin",), steps=3, batch_size=4, seed=5)
+    config = cx.ComplexityConfig(measures=("margin",), batch_size=4, seed=5, threat=ThreatModel(steps=3))
     got = cx.margins(mlp, split, config)
-    g = make_generator(5, "cpu")
     attack = parse_attack("pgd3").config
     expected = []
-    for start in range(0, 10, 4):  # the same generator, batch after batch
-        x = (split.x[start:start + 4].float() / 255).double()
-        y = split.y[start:start + 4]
-        x_adv = pgd(mlp, x, y, attack, generator=g)
+    for i in range(10):  # one sample at a time, its start keyed by (seed, its index)
+        x = (split.x[i:i + 1].float() / 255).double()
+        y = split.y[i:i + 1]
+        x_adv = pgd(mlp, x, y, attack, starts=Starts(5, split.index[i:i + 1]))
         with torch.no_grad():
             z = mlp(x_adv)
         others = z.scatter(1, y[:, None], float("-inf"))
@@ -338,7 +339,7 @@ def test_scale_of_the_last_layer_cancels_in_spectral_over_margin():
 
 def test_nonpositive_margin_gives_nan_with_a_reason(mlp):
     split = _split(30, seed=2)  # random labels: an untrained model misclassifies most
-    config = cx.ComplexityConfig(measures=("spectral", "l1", "margin"), margin=True, steps=1)
+    config = cx.ComplexityConfig(measures=("spectral", "l1", "margin"), margin=True, threat=ThreatModel(steps=1))
     df = cx.probe(mlp, split, config)
     margin = df[df["measure"] == "margin"].iloc[0]
     assert margin["value"] <= 0 and margin["reason"] == "" and margin["n"] == 30
@@ -364,7 +365,7 @@ def test_gap_rows_are_evaluates_numbers():
     torch.manual_seed(0)
     model = build_model("cnn-small").eval()
     train, test = _split(24, seed=3), _split(20, seed=4)
-    config = cx.ComplexityConfig(measures=("gap",), steps=2, batch_size=16, seed=3)
+    config = cx.ComplexityConfig(measures=("gap",), batch_size=16, seed=3, threat=ThreatModel(steps=2))
     df = cx.probe(model, train, config, test=test).set_index("variant")
     assert list(df.index) == list(cx.GAP_VARIANTS)
     eval_config = EvalConfig(attacks=(parse_attack("natural"), parse_attack("pgd2")), batch_size=16, seed=3)
@@ -398,8 +399,8 @@ def test_gap_needs_test_samples_and_data_needs_samples(mlp):
     (dict(measures=()), "at least one"),
     (dict(spectral_method="fft"), "spectral method"),
     (dict(margin_on="both"), "margin-on"),
-    (dict(eps=8.0), "8/255"),
-    (dict(steps=0), "steps"),
+    (dict(threat=None), "ThreatModel"),
+    (dict(threat=ThreatModel(steps=0)), "steps"),
     (dict(power_iterations=0), "power iterations"),
     (dict(power_tol=0.0), "power tol"),
 ])
@@ -513,7 +514,7 @@ def test_cli_writes_the_table_of_the_library(ckpts, tmp_path, monkeypatch):
     # label kind for Fig. 6: unrecorded for a.pt, 1.0 (random labels) for noisy.pt
     assert df.groupby("checkpoint")["label_noise"].first().tolist() == [pytest.approx(float("nan"), nan_ok=True), 1.0]
     config = cx.ComplexityConfig(measures=("spectral", "l1", "margin", "gap"), margin=True,
-                                 spectral_method="reshape", steps=1)
+                                 spectral_method="reshape", threat=ThreatModel(steps=1))
     data = ckpts["data"]
     for path, labels in ((ckpts["a"], data.train.true_y), (ckpts["noisy"], ckpts["labels"])):
         model = load_checkpoint(path).build_model()

@@ -20,9 +20,10 @@ from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.pergrad import per_sample_starts
+from tests.conftest import keyed_start
 from atprobe.probes import curvature
 from atprobe.probes.curvature import CurvatureConfig, input_hessian_eigenvalues
+from atprobe.threat import ThreatModel
 
 
 @pytest.fixture(autouse=True)
@@ -128,10 +129,10 @@ def test_probe_rows_batch_independence_and_the_adversarial_point(cnn):
     pd.testing.assert_series_equal(table["eigenvalue"], other["eigenvalue"], rtol=1e-10, atol=0)
 
     # --at adv: the Hessian at PGD examples crafted from each sample's own start
-    adv = CurvatureConfig(at="adv", steps=2, iterations=6, tol=0.0, batch_size=3, seed=1)
+    adv = CurvatureConfig(at="adv", iterations=6, tol=0.0, batch_size=3, seed=1, threat=ThreatModel(steps=2))
     table = curvature.probe(cnn, split, adv)
     x, y = _images(split), split.y
-    x_adv = pgd(cnn, x, y, adv.attack, delta_init=per_sample_starts(x, adv.attack, 1, split.index.tolist()), amp=False)
+    x_adv = pgd(cnn, x, y, adv.attack, delta_init=keyed_start(x, adv.attack, 1, split.index.tolist()), amp=False)
     assert not torch.equal(x_adv, x)
     expected, _, _ = input_hessian_eigenvalues(cnn, x_adv, y, iterations=6, tol=0.0, seed=1,
                                                sample_ids=split.index.tolist())
@@ -142,7 +143,7 @@ def test_model_is_left_as_it_was():
     model = build_model("cnn-small").double().train()
     model.fc.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    curvature.probe(model, _split(n=2), CurvatureConfig(iterations=2, at="adv", steps=1))
+    curvature.probe(model, _split(n=2), CurvatureConfig(iterations=2, at="adv", threat=ThreatModel(steps=1)))
     assert model.training and all(m.training for m in model.modules())
     assert not model.fc.weight.requires_grad and model.classifier.weight.requires_grad
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -178,9 +179,7 @@ def test_summarize_and_complexity_rows(cnn):
     ({"tol": -1.0}, "tol"),
     ({"tol": math.nan}, "tol"),
     ({"batch_size": 0}, "batch size"),
-    ({"eps": 8}, "8/255"),
-    ({"steps": -1}, "steps"),
-    ({"norm": "l1"}, "unknown norm"),
+    ({"threat": (8, 255)}, "ThreatModel"),
 ])
 def test_config_rejects_nonsense(kwargs, fragment):
     with pytest.raises(AtprobeError, match=fragment):

@@ -24,6 +24,8 @@ from atprobe.errors import AtprobeError
 from atprobe.evaluate import EVAL_COLUMNS, EvalConfig, evaluate
 from atprobe.models import build_model
 from atprobe.runtime import make_generator
+from atprobe.starts import Starts
+from atprobe.threat import ThreatModel
 
 CSV_COLUMNS = ["checkpoint", "split", "attack", "norm", "eps", "alpha", "steps", "restarts", "n", "accuracy",
                "loss"]
@@ -129,14 +131,14 @@ def test_natural_matches_a_plain_loop():
 )
 def test_attack_rows_match_pgd_called_batch_by_batch(name, kwargs):
     model, split = _Float64Net(), _split()
-    spec = parse_attack(name, **kwargs)
+    spec = parse_attack(name, ThreatModel(**kwargs))
     seed, batch_size = 11, 10
     df = evaluate(model, split, EvalConfig(attacks=(spec,), batch_size=batch_size, seed=seed))
 
-    generator = make_generator(seed, "cpu")  # a fresh generator per attack, as EvalConfig documents
+    # A plain per-sample loop: each sample alone, its start keyed by (seed, its index).
     adversarial = []
-    for batch in iterate_batches(split, batch_size):
-        adversarial.append(pgd(model, batch.x, batch.y, spec.config, generator=generator))
+    for batch in iterate_batches(split, 1):
+        adversarial.append(pgd(model, batch.x, batch.y, spec.config, starts=Starts(seed, batch.index)))
     acc, loss = _per_sample_metrics(model, torch.cat(adversarial), split.y)
 
     row = _row(df, name)
@@ -209,7 +211,7 @@ def test_undefended_cnn_loses_its_accuracy_under_pgd(cifar_dir):
 
     natural = evaluate(model, data.test, EvalConfig(attacks=(parse_attack("natural"),), batch_size=500))
     attacked = evaluate(model, data.test.subset(slice(0, 200)),
-                        EvalConfig(attacks=(parse_attack("natural"), parse_attack("pgd10", eps=8 / 255)),
+                        EvalConfig(attacks=(parse_attack("natural"), parse_attack("pgd10", ThreatModel(eps=8 / 255))),
                                    batch_size=200))
     assert natural["accuracy"].iloc[0] >= 0.35, natural  # chance is 0.10
     assert _row(attacked, "natural")["accuracy"] >= 0.35, attacked

@@ -23,9 +23,10 @@ from atprobe.data import Split
 from atprobe.directions import directions
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.pergrad import per_sample_starts
+from tests.conftest import keyed_start
 from atprobe.probes import flatness
 from atprobe.probes.flatness import FlatnessConfig
+from atprobe.threat import ThreatModel
 from tests.conftest import randomize_bn
 
 
@@ -59,7 +60,7 @@ def _reference(model: nn.Module, split: Split, config: FlatnessConfig) -> dict[s
     per-sample starts, objectives.ce, one batch, NCHW."""
     x, y = _images(split), split.y
     attack = config.attack
-    x_adv = pgd(model, x, y, attack, delta_init=per_sample_starts(x, attack, config.seed, split.index.tolist()),
+    x_adv = pgd(model, x, y, attack, delta_init=keyed_start(x, attack, config.seed, split.index.tolist()),
                 amp=False)
     model.eval()
     with torch.no_grad():
@@ -70,7 +71,7 @@ def _reference(model: nn.Module, split: Split, config: FlatnessConfig) -> dict[s
 
 def test_lam_zero_is_the_models_own_adversarial_loss_and_points_are_moved_copies():
     model, split = _cnn(), _split()
-    config = FlatnessConfig(lambdas=(-0.3, 0.0, 0.3), directions=2, steps=2, batch_size=3, seed=4)
+    config = FlatnessConfig(lambdas=(-0.3, 0.0, 0.3), directions=2, batch_size=3, seed=4, threat=ThreatModel(steps=2))
     curve = flatness.probe(model, split, config)
     assert list(curve.columns) == flatness.CURVE_COLUMNS and len(curve) == 6
     assert curve[["direction", "lam"]].values.tolist() == [[0, -0.3], [0, 0.0], [0, 0.3], [1, -0.3], [1, 0.0],
@@ -101,7 +102,7 @@ def test_lam_zero_is_the_models_own_adversarial_loss_and_points_are_moved_copies
 
 def test_a_zero_direction_gives_a_flat_curve_and_flatness_zero():
     model, split = _cnn(1), _split(n=3)
-    config = FlatnessConfig(lambdas=(-0.5, -0.25, 0.0, 0.25, 0.5), steps=1, batch_size=3)
+    config = FlatnessConfig(lambdas=(-0.5, -0.25, 0.0, 0.25, 0.5), batch_size=3, threat=ThreatModel(steps=1))
     zero = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
     curve = flatness.probe(model, split, config, directions=[zero])
     for col in ("adv_loss", "adv_acc", "nat_loss", "nat_acc"):
@@ -117,7 +118,7 @@ def test_clean_loss_of_a_linear_model_matches_the_closed_form():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).double().eval()
     split = _split(n=6)
     lambdas = (-1.0, -0.5, 0.0, 0.5, 1.0)
-    config = FlatnessConfig(lambdas=lambdas, directions=2, eps=0.0, steps=3, seed=7, batch_size=4)
+    config = FlatnessConfig(lambdas=lambdas, directions=2, seed=7, batch_size=4, threat=ThreatModel(eps=0.0, steps=3))
     curve = flatness.probe(model, split, config)
     assert (curve["adv_loss"] == curve["nat_loss"]).all() and (curve["adv_acc"] == curve["nat_acc"]).all()
     x, y = _images(split).flatten(1), split.y
@@ -135,14 +136,14 @@ def test_clean_loss_of_a_linear_model_matches_the_closed_form():
 
 def test_curve_is_seeded_and_deterministic():
     model, split = _cnn(2), _split(n=3)
-    config = FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, steps=2, seed=1)
+    config = FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=1, threat=ThreatModel(steps=2))
     a, b = flatness.probe(model, split, config), flatness.probe(model, split, config)
     pd.testing.assert_frame_equal(a, b)
-    c = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, steps=2, seed=2))
+    c = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=2, threat=ThreatModel(steps=2)))
     assert not a["adv_loss"].equals(c["adv_loss"])
     # batch composition does not matter (per-sample starts)
-    d = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, steps=2, seed=1,
-                                                    batch_size=1))
+    d = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=1,
+                                                    batch_size=1, threat=ThreatModel(steps=2)))
     pd.testing.assert_series_equal(a["adv_loss"], d["adv_loss"], rtol=1e-12, atol=0)
 
 
@@ -173,7 +174,7 @@ def test_summarize_hand_numbers():
 
 def test_complexity_rows_evaluate_only_the_radius_and_agree_with_the_full_curve():
     model, split = _cnn(3), _split(n=3)
-    config = FlatnessConfig(lambdas=(-0.4, -0.2, 0.0, 0.2, 0.4), directions=2, steps=1, seed=6)
+    config = FlatnessConfig(lambdas=(-0.4, -0.2, 0.0, 0.2, 0.4), directions=2, seed=6, threat=ThreatModel(steps=1))
     rows = flatness.complexity_rows(model, split, config)
     assert list(rows.columns) == ["measure", "variant", "value", "reason"]
     assert rows.iloc[0].tolist()[:2] == ["flatness", "radius=0.4;directions=2"] and rows.iloc[0]["reason"] == ""
@@ -185,7 +186,7 @@ def test_complexity_rows_evaluate_only_the_radius_and_agree_with_the_full_curve(
     def counting(n):
         calls.append(n)
 
-    flatness.probe(model, split, FlatnessConfig(lambdas=(-0.4, 0.0, 0.4), directions=2, steps=1), progress=type(
+    flatness.probe(model, split, FlatnessConfig(lambdas=(-0.4, 0.0, 0.4), directions=2, threat=ThreatModel(steps=1)), progress=type(
         "P", (), {"update": staticmethod(counting)})())
     assert len(calls) == 1 + 2 * 2  # theta once, then two points per direction
 
@@ -201,7 +202,7 @@ def test_complexity_rows_evaluate_only_the_radius_and_agree_with_the_full_curve(
     ({"ignore": "all"}, "ignore"),
     ({"direction_norm": "weight"}, "direction norm"),
     ({"batch_size": 0}, "batch size"),
-    ({"eps": 8}, "8/255"),
+    ({"threat": (8, 255)}, "ThreatModel"),
 ])
 def test_config_rejects_nonsense(kwargs, fragment):
     with pytest.raises(AtprobeError, match=fragment.replace("|", r"\|")):
@@ -211,7 +212,7 @@ def test_config_rejects_nonsense(kwargs, fragment):
 def test_config_defaults():
     config = FlatnessConfig()
     assert config.lambdas == tuple(round(-0.5 + 0.1 * i, 10) for i in range(11)) and config.radius == 0.5
-    assert config.directions == 5 and config.steps == 10 and config.eps == 8 / 255
+    assert config.directions == 5 and config.threat.steps == 10 and config.threat.eps == 8 / 255
     assert FlatnessConfig(lambdas=(-1, 0, 0.5, 1), radius=0.5).radius == 0.5
 
 

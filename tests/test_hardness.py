@@ -26,9 +26,10 @@ from atprobe.cli.main import cli
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.pergrad import per_sample_starts
+from tests.conftest import keyed_start
 from atprobe.probes import hardness
 from atprobe.probes.hardness import HardnessConfig
+from atprobe.threat import ThreatModel
 from tests.conftest import tiny_net
 
 ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
@@ -63,7 +64,7 @@ def _plain_adv_loss(model: nn.Module, x: torch.Tensor, y: int, sample_id: int, a
     """One sample: the textbook L-inf PGD loop from the per-sample start, then its CE."""
     x = x[None]
     target = torch.tensor([y])
-    delta = per_sample_starts(x, attack, seed, [sample_id])
+    delta = keyed_start(x, attack, seed, [sample_id])
     for _ in range(attack.steps):
         delta.requires_grad_(True)
         loss = F.cross_entropy(model(x + delta), target)
@@ -187,7 +188,7 @@ def test_probe_visits_each_model_once_and_checks_classes():
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"attack": "pgd0"}, "at least one step"),
     ({"attack": "bogus"}, "unknown attack"),
-    ({"eps": 8}, "exceeds"),
+    ({"threat": "8/255"}, "ThreatModel"),
     ({"top_k": 0}, "top-k"),
     ({"batch_size": 0}, "batch size"),
 ])
@@ -380,7 +381,7 @@ def _bad_cases(c):
         "synthetic data differ": (["hardness", c["a"], c["synthetic1"]], "different synthetic data"),
         "bad gallery size": (["hardness", c["a"], c["b"], "--gallery-size", "big"], "WIDTHxHEIGHT"),
         "top-k 0": (["hardness", c["a"], c["b"], "--top-k", "0"], "--top-k"),
-        "bad attack": (["hardness", c["a"], c["b"], "--attack", "pgd"], "unknown attack"),
+        "bad attack": (["hardness", c["a"], c["b"], "--attack", "apgd"], "unknown attack"),
         "missing file": (["hardness", c["a"], c["a"].parent / "nope.pt"], "nope.pt"),
     }
 
@@ -419,8 +420,8 @@ def test_two_pgd_at_seeds_agree_on_the_hard_samples(tmp_path):
 
     runs = []
     for seed in (0, 1):
-        config = TrainConfig(method="pgd_at", epochs=3, train_n=500, batch_size=64, steps=2, lr=0.05,
-                             schedule="cosine", eval_n=50, eval_attack="pgd1", seed=seed)
+        config = TrainConfig(method="pgd_at", epochs=3, train_n=500, batch_size=64, lr=0.05,
+                             schedule="cosine", eval_n=50, eval_attack="pgd1", seed=seed, threat=ThreatModel(steps=2))
         runs.append(train(config, tmp_path / f"seed{seed}", device="cpu") / "final.pt")
     out = tmp_path / "hard"
     _ok(_invoke("hardness", *runs, "--n", "500", "--attack", "pgd3", "--top-k", "50", "--out", out,

@@ -24,9 +24,10 @@ from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.pergrad import per_sample_starts
+from tests.conftest import keyed_start
 from atprobe.probes import hessian
 from atprobe.probes.hessian import HessianConfig, LossHessian
+from atprobe.threat import ThreatModel
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +58,8 @@ STEPS = 3
 def _adversarial(model: nn.Module, split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss's fixed inputs, crafted independently: PGD from each sample's own start."""
     x = split.x.float().div(255).double()
-    attack = HessianConfig(steps=STEPS).attack
-    x_adv = pgd(model, x, split.y, attack, delta_init=per_sample_starts(x, attack, seed, split.index.tolist()),
+    attack = HessianConfig(threat=ThreatModel(steps=STEPS)).attack
+    x_adv = pgd(model, x, split.y, attack, delta_init=keyed_start(x, attack, seed, split.index.tolist()),
                 amp=False)
     return x_adv, split.y
 
@@ -92,11 +93,11 @@ def _hutchinson_sigma(h: torch.Tensor) -> float:
 
 def test_loss_batches_are_the_independently_crafted_adversarial_examples():
     model, split = _mlp(), _split()
-    batches = hessian.loss_batches(model, split, HessianConfig(steps=STEPS, batch_size=4, scope="all", seed=3))
+    batches = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="all", seed=3, threat=ThreatModel(steps=STEPS)))
     assert [len(y) for _, y in batches] == [4, 4, 2]
     x_adv, _ = _adversarial(model, split, seed=3)
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), x_adv, rtol=0, atol=1e-15)
-    one = hessian.loss_batches(model, split, HessianConfig(steps=STEPS, batch_size=4, scope="batch", seed=3))
+    one = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="batch", seed=3, threat=ThreatModel(steps=STEPS)))
     assert len(one) == 1 and torch.equal(one[0][1], split.y[:4])
     nat = hessian.loss_batches(model, split, HessianConfig(at="natural", batch_size=10))
     torch.testing.assert_close(nat[0][0], split.x.float().div(255).double(), rtol=0, atol=0)
@@ -107,8 +108,8 @@ def test_pyhessian_top_eigenvalues_and_trace_match_the_dense_hessian():
     x, y = _adversarial(model, split, seed=0)
     h = _dense(model, x, y)
     dense = _by_magnitude(h)
-    config = HessianConfig(steps=STEPS, batch_size=10, top_k=2, iterations=3000, tol=1e-13, trace_samples=1000,
-                           trace_tol=0.0)
+    config = HessianConfig(batch_size=10, top_k=2, iterations=3000, tol=1e-13, trace_samples=1000,
+                           trace_tol=0.0, threat=ThreatModel(steps=STEPS))
     eigs, trace = hessian.pyhessian_top(model, [(x, y)], config)
     # pyhessian normalizes v / (||v|| + 1e-6): an absolute bias of about 2e-6
     assert eigs == pytest.approx(dense[:2].tolist(), rel=0, abs=1e-5)
@@ -122,8 +123,8 @@ def test_pyhessian_top_eigenvalues_and_trace_match_the_dense_hessian():
 
 def test_rows_whole_model_and_blocks_match_the_dense_hessian():
     model, split = _mlp(), _split()
-    config = HessianConfig(steps=STEPS, batch_size=10, top_k=1, iterations=3000, tol=1e-13, trace_samples=600,
-                           trace_tol=0.0, blocks="module", seed=0)
+    config = HessianConfig(batch_size=10, top_k=1, iterations=3000, tol=1e-13, trace_samples=600,
+                           trace_tol=0.0, blocks="module", seed=0, threat=ThreatModel(steps=STEPS))
     table = hessian.probe(model, split, config)
     assert list(table.columns) == hessian.COLUMNS
     assert table[["block", "quantity"]].values.tolist() == [
@@ -153,8 +154,8 @@ def test_one_block_agrees_with_the_whole_model_and_own_power_iteration_with_pyhe
     torch.manual_seed(4)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3, bias=False)).double().eval()
     split = _split(n=8)
-    config = HessianConfig(steps=STEPS, batch_size=8, top_k=2, iterations=2000, tol=1e-12, trace_samples=5,
-                           blocks="tensor")
+    config = HessianConfig(batch_size=8, top_k=2, iterations=2000, tol=1e-12, trace_samples=5,
+                           blocks="tensor", threat=ThreatModel(steps=STEPS))
     table = hessian.probe(model, split, config)
     eig = table[table["quantity"] == "eigenvalue"]
     whole, block = eig[eig["block"] == "all"], eig[eig["block"] == "1.weight"]
@@ -190,7 +191,7 @@ def test_scope_all_accumulates_over_batches():
                                rtol=1e-10, atol=1e-13)
 
     # the probe: scope=all in batches of 4 is the same Hessian as one batch of 10 (pyhessian's dataloader mode)
-    common = {"steps": STEPS, "iterations": 3000, "tol": 1e-13, "trace_samples": 2, "blocks": "module"}
+    common = {"threat": ThreatModel(steps=STEPS), "iterations": 3000, "tol": 1e-13, "trace_samples": 2, "blocks": "module"}
     all_scope = hessian.probe(model, split, HessianConfig(scope="all", batch_size=4, **common))
     batch_scope = hessian.probe(model, split, HessianConfig(scope="batch", batch_size=10, **common))
     pick = all_scope["quantity"] == "eigenvalue"
@@ -244,8 +245,8 @@ def test_slq_density_is_a_quadrature_of_the_dense_spectrum():
 
 def test_compute_density_rows_and_determinism():
     model, split = _mlp(hidden=3), _split()
-    config = HessianConfig(steps=1, batch_size=10, iterations=20, trace_samples=10, blocks="tensor", density=True,
-                           density_steps=8, density_runs=2, seed=5)
+    config = HessianConfig(batch_size=10, iterations=20, trace_samples=10, blocks="tensor", density=True,
+                           density_steps=8, density_runs=2, seed=5, threat=ThreatModel(steps=1))
     a, b = hessian.compute(model, split, config), hessian.compute(model, split, config)
     pd.testing.assert_frame_equal(a.table, b.table)
     pd.testing.assert_frame_equal(a.density, b.density)
@@ -264,8 +265,8 @@ def test_model_grads_flags_modes_and_global_rng_are_left_alone():
     model[1].weight.grad = torch.full_like(model[1].weight, 0.5)
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
-    hessian.compute(model, split, HessianConfig(steps=1, iterations=5, trace_samples=3, density=True,
-                                                density_steps=4))
+    hessian.compute(model, split, HessianConfig(iterations=5, trace_samples=3, density=True,
+                                                density_steps=4, threat=ThreatModel(steps=1)))
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and all(m.training for m in model.modules())
     assert not model[3].bias.requires_grad and model[1].weight.requires_grad
@@ -286,7 +287,7 @@ def test_parameter_blocks():
 
 def test_complexity_rows():
     model, split = _mlp(), _split()
-    config = HessianConfig(steps=1, top_k=2, iterations=50, trace_samples=20, blocks="module", density=True)
+    config = HessianConfig(top_k=2, iterations=50, trace_samples=20, blocks="module", density=True, threat=ThreatModel(steps=1))
     rows = hessian.complexity_rows(model, split, config)
     assert list(rows.columns) == ["measure", "variant", "value", "reason"]
     assert rows["variant"].tolist() == ["top1;at=adv;scope=batch", "top2;at=adv;scope=batch",
@@ -308,7 +309,7 @@ def test_complexity_rows():
     ({"tol": -1.0}, "tol"),
     ({"trace_tol": math.inf}, "trace tol"),
     ({"batch_size": 0}, "batch size"),
-    ({"eps": 8}, "8/255"),
+    ({"threat": (8, 255)}, "ThreatModel"),
 ])
 def test_config_rejects_nonsense(kwargs, fragment):
     with pytest.raises(AtprobeError, match=fragment):

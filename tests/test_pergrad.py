@@ -23,9 +23,9 @@ from atprobe.pergrad import (
     per_sample_grad_norm_pair,
     per_sample_grad_norms,
     per_sample_grads,
-    per_sample_starts,
+
 )
-from tests.conftest import randomize_bn
+from tests.conftest import keyed_start, randomize_bn
 
 # Short attacks keep the file fast; the math does not depend on the step count.
 PGD3 = PGDConfig(steps=3)
@@ -182,7 +182,7 @@ def test_adversarial_examples_are_crafted_at_the_probed_point(cnn, data):
     obj = objective("pgd_at", attack=PGD3, seed=9)
     point = perturbed_parameters(cnn, directions(cnn, 1, seed=4)[0], 0.5)
     (x_adv,) = obj.prepare(ModelAt(cnn, point), x, y, [10, 11, 12, 13])
-    start = per_sample_starts(x, PGD3, 9, [10, 11, 12, 13])
+    start = keyed_start(x, PGD3, 9, [10, 11, 12, 13])
     expected = pgd(_at(cnn, point), x, y, PGD3, delta_init=start)
     torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-12)
     (x_adv_theta,) = obj.prepare(ModelAt(cnn, model_parameters(cnn)), x, y, [10, 11, 12, 13])
@@ -192,13 +192,13 @@ def test_adversarial_examples_are_crafted_at_the_probed_point(cnn, data):
 
 def test_random_starts_are_per_sample():
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    s = per_sample_starts(x, PGD3, 1, [7, 8, 9])
+    s = keyed_start(x, PGD3, 1, [7, 8, 9])
     # A sample's start depends on (seed, id, x_i) only: not on its batch.
-    torch.testing.assert_close(per_sample_starts(x[1:2], PGD3, 1, [8]), s[1:2], rtol=0, atol=0)
+    torch.testing.assert_close(keyed_start(x[1:2], PGD3, 1, [8]), s[1:2], rtol=0, atol=0)
     assert not torch.equal(s[0], s[1])
-    assert not torch.equal(per_sample_starts(x, PGD3, 2, [7, 8, 9]), s)
+    assert not torch.equal(keyed_start(x, PGD3, 2, [7, 8, 9]), s)
     assert s.abs().max() <= PGD3.eps
-    assert torch.equal(per_sample_starts(x, PGDConfig(init="zero"), 1, [7, 8, 9]), torch.zeros_like(x))
+    assert torch.equal(keyed_start(x, PGDConfig(init="zero"), 1, [7, 8, 9]), torch.zeros_like(x))
 
 
 def test_sample_ids_key_the_starts(mlp, data):
@@ -296,8 +296,8 @@ def test_bad_arguments_raise(mlp, data):
         objective("madry")
     with pytest.raises(AtprobeError, match="kl"):
         objective("trades", attack=PGD3)
-    with pytest.raises(AtprobeError, match="restarts"):
-        objective("pgd_at", attack=PGDConfig(restarts=2))
+    # Restarts are keyed per sample too, so they keep "same start at every point".
+    assert objective("pgd_at", attack=PGDConfig(restarts=2)).attack.restarts == 2
     with pytest.raises(AtprobeError, match="no attack"):
         objective("clean", attack=PGD3)
     with pytest.raises(AtprobeError, match="chunk_size"):

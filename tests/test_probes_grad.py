@@ -21,8 +21,10 @@ from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.directions import directions, model_parameters
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.pergrad import per_sample_grad_distance, per_sample_starts
+from atprobe.pergrad import per_sample_grad_distance
+from tests.conftest import keyed_start
 from atprobe.probes import gradcos, gradnorm, stability
+from atprobe.threat import ThreatModel
 from tests.conftest import randomize_bn
 
 STEPS = 2  # short attacks keep the file fast; the math does not depend on the step count
@@ -82,7 +84,7 @@ def _loop_grads(model: nn.Module, loss, n: int) -> torch.Tensor:
 
 def test_gradnorm_matches_single_sample_backward_passes():
     model, split = _cnn(), _split()
-    config = gradnorm.GradNormConfig(steps=STEPS, beta=3.0, chunk_size=4, seed=7)
+    config = gradnorm.GradNormConfig(beta=3.0, chunk_size=4, seed=7, threat=ThreatModel(steps=STEPS))
     table = gradnorm.per_sample(model, split, config)
     assert list(table.columns) == gradnorm.SAMPLE_COLUMNS and len(table) == len(split)
     assert table["sample"].tolist() == split.index.tolist()
@@ -92,8 +94,8 @@ def test_gradnorm_matches_single_sample_backward_passes():
     ce_attack = PGDConfig(steps=STEPS, loss="ce", init="uniform")
     kl_attack = PGDConfig(steps=STEPS, loss="kl", init="normal")
     # x' against the real model from each sample's own start; constant for the gradient (Danskin)
-    x_ce = pgd(model, x, y, ce_attack, delta_init=per_sample_starts(x, ce_attack, 7, ids))
-    x_kl = pgd(model, x, None, kl_attack, delta_init=per_sample_starts(x, kl_attack, 7, ids))
+    x_ce = pgd(model, x, y, ce_attack, delta_init=keyed_start(x, ce_attack, 7, ids))
+    x_kl = pgd(model, x, None, kl_attack, delta_init=keyed_start(x, kl_attack, 7, ids))
     model.eval()
     for i in range(len(split)):
         xi, xci, xki, yi = x[i : i + 1], x_ce[i : i + 1], x_kl[i : i + 1], y[i : i + 1]
@@ -169,7 +171,7 @@ def test_gradnorm_summary_mean_of_ratios_and_ratio_of_means():
 
 def test_gradnorm_probe_is_the_summary_of_the_per_sample_table():
     model, split = _cnn(1), _split(n=4)
-    config = gradnorm.GradNormConfig(steps=1, chunk_size=3, noisy_vs_clean=True)
+    config = gradnorm.GradNormConfig(chunk_size=3, noisy_vs_clean=True, threat=ThreatModel(steps=1))
     pd.testing.assert_frame_equal(gradnorm.probe(model, split, config),
                                   gradnorm.summarize(gradnorm.per_sample(model, split, config), config))
 
@@ -180,8 +182,7 @@ def test_gradnorm_probe_is_the_summary_of_the_per_sample_table():
 def test_stability_lam_zero_gives_distance_zero_and_cosine_one():
     torch.manual_seed(2)
     model, split = randomize_bn(build_model("cnn-small"), 2).eval(), _split(n=5)  # float32: exact all the same
-    config = stability.StabilityConfig(losses=("pgd_at", "trades", "R", "clean"), lambdas=(-0.1, 0.0, 0.1),
-                                       steps=STEPS, chunk_size=3, seed=4)
+    config = stability.StabilityConfig(losses=("pgd_at", "trades", "R", "clean"), lambdas=(-0.1, 0.0, 0.1), chunk_size=3, seed=4, threat=ThreatModel(steps=STEPS))
     df = stability.probe(model, split, config)
     assert list(df.columns) == stability.COLUMNS and len(df) == 4 * 3
     assert df[["loss", "direction", "lam"]].values.tolist()[:4] == [
@@ -277,7 +278,7 @@ def test_configs_reject_nonsense():
     with pytest.raises(AtprobeError, match="directions"):
         stability.StabilityConfig(directions=0)
     with pytest.raises(AtprobeError, match="8/255"):
-        gradnorm.GradNormConfig(eps=8)
+        gradnorm.GradNormConfig(threat=ThreatModel(eps=8))  # ThreatModel says 8/255
     with pytest.raises(AtprobeError, match="beta"):
         gradcos.GradCosConfig(beta=-1)
     with pytest.raises(AtprobeError, match="unknown loss"):
@@ -319,7 +320,7 @@ def test_distance_uses_each_points_own_buffers():
 def test_gradcos_matches_the_loop_with_each_checkpoints_own_adversarial_examples():
     models = [_cnn(0), _cnn(1), _cnn(2)]
     split = _split(n=4)
-    config = gradcos.GradCosConfig(loss="pgd_at", steps=STEPS, chunk_size=3, seed=3)
+    config = gradcos.GradCosConfig(loss="pgd_at", chunk_size=3, seed=3, threat=ThreatModel(steps=STEPS))
     df = gradcos.probe(iter(models), split, config, names=["e1", "e2", "e3"], epochs=[1, 2, 3])
     assert list(df.columns) == gradcos.COLUMNS and len(df) == 2
     assert df[["pair", "checkpoint_a", "checkpoint_b"]].values.tolist() == [[0, "e1", "e2"], [1, "e2", "e3"]]
@@ -329,7 +330,7 @@ def test_gradcos_matches_the_loop_with_each_checkpoints_own_adversarial_examples
     attack = PGDConfig(steps=STEPS)
     grads = []
     for m in models:
-        x_adv = pgd(m, x, y, attack, delta_init=per_sample_starts(x, attack, 3, ids))  # against this model
+        x_adv = pgd(m, x, y, attack, delta_init=keyed_start(x, attack, 3, ids))  # against this model
         m.eval()
         grads.append(_loop_grads(m, lambda mm, i: F.cross_entropy(mm(x_adv[i : i + 1]), y[i : i + 1]), 4))
     for k in range(2):
@@ -345,7 +346,7 @@ def test_gradcos_of_a_model_with_itself_is_one():
     split = _split(n=4)
     for loss in ("pgd_at", "trades"):
         df = gradcos.probe([model, copy.deepcopy(model)], split,
-                           gradcos.GradCosConfig(loss=loss, steps=STEPS, chunk_size=4))
+                           gradcos.GradCosConfig(loss=loss, chunk_size=4, threat=ThreatModel(steps=STEPS)))
         assert df["cos_mean"].tolist() == [1.0] and df["cos_std"].tolist() == [0.0], df
         assert df["dist_mean"].tolist() == [0.0]
 
@@ -437,7 +438,7 @@ def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path, monk
     assert meta["command"][:3] == ["atprobe", "gradnorm", str(ckpts["a"])] and meta["command"][-1] == str(outs[0])
     assert meta["seed"] == 1 and meta["rows"] == len(df) and meta["columns"] == list(df.columns)
     assert len(meta["checkpoints"]) == 1 and len(meta["checkpoints"][0]["sha256"]) == 64
-    assert meta["config"]["n"] == 6 and meta["config"]["steps"] == 1 and meta["config"]["noisy_vs_clean"] is True
+    assert meta["config"]["n"] == 6 and meta["config"]["threat"]["steps"] == 1 and meta["config"]["noisy_vs_clean"] is True
     assert _meta(samples[0])["rows"] == 6
 
 

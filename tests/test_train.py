@@ -19,8 +19,10 @@ from atprobe.data import load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.train import TrainConfig, learning_rate, mix_gamma, te_weight, train, training_loss
+from atprobe.threat import ThreatModel
+from atprobe.starts import Starts
 
-FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, steps=2,
+FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, threat=ThreatModel(steps=2),
             eval_attack="pgd3", lr=0.05, schedule="constant")
 
 
@@ -110,33 +112,33 @@ def test_losses_match_direct_formulas():
     # PGD-AT: CE on examples from the same attack and generator state
     # (the attack runs in eval mode: reference examples come from a copy taken before the
     # train-mode forwards of training_loss move the BatchNorm running statistics)
-    cfg = TrainConfig(method="pgd_at", steps=3).resolved()
-    x_adv = pgd(copy.deepcopy(model), x, y, cfg.attack_config(), generator=torch.Generator().manual_seed(1))
-    out = training_loss(model, x, y, cfg, epoch=0, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(method="pgd_at", threat=ThreatModel(steps=3)).resolved()
+    x_adv = pgd(copy.deepcopy(model), x, y, cfg.attack_config(), starts=Starts(1, torch.arange(8)))
+    out = training_loss(model, x, y, cfg, epoch=0, starts=Starts(1, torch.arange(8)))
     torch.testing.assert_close(out.x_adv, x_adv)
     torch.testing.assert_close(out.loss, F.cross_entropy(model(x_adv), y))
     # Eq. 6 with gamma = 0.5
-    mix = TrainConfig(method="pgd_at", steps=3, mix_clean=True, epochs=4, mix_epochs=2).resolved()
-    out = training_loss(model, x, y, mix, epoch=1, generator=torch.Generator().manual_seed(1))
+    mix = TrainConfig(method="pgd_at", mix_clean=True, epochs=4, mix_epochs=2, threat=ThreatModel(steps=3)).resolved()
+    out = training_loss(model, x, y, mix, epoch=1, starts=Starts(1, torch.arange(8)))
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(out.x_adv), y)
     torch.testing.assert_close(out.loss, expected)
     # TRADES: CE(f(x)) + beta * KL(f(x) || f(x')), batchmean
-    tr = TrainConfig(method="trades", steps=3, beta=6.0).resolved()
-    out = training_loss(model, x, y, tr, epoch=0, generator=torch.Generator().manual_seed(1))
+    tr = TrainConfig(method="trades", beta=6.0, threat=ThreatModel(steps=3)).resolved()
+    out = training_loss(model, x, y, tr, epoch=0, starts=Starts(1, torch.arange(8)))
     logits_nat, logits_adv = model(x), model(out.x_adv)
     kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="batchmean")
     torch.testing.assert_close(out.loss, F.cross_entropy(logits_nat, y) + 6.0 * kl)
     # TE: + w * ||softmax(f(x')) - p_hat||^2 per sample (w = 30 at full ramp), also in the attack
-    te = TrainConfig(method="pgd_at", steps=3, te=True, epochs=10, te_start=0, te_end=0).resolved()
+    te = TrainConfig(method="pgd_at", te=True, epochs=10, te_start=0, te_end=0, threat=ThreatModel(steps=3)).resolved()
     target = F.softmax(torch.randn(8, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64), 1)
-    out = training_loss(model, x, y, te, epoch=5, generator=torch.Generator().manual_seed(1), te_target=target)
+    out = training_loss(model, x, y, te, epoch=5, starts=Starts(1, torch.arange(8)), te_target=target)
     logits = model(out.x_adv)
     penalty = (F.softmax(logits, 1) - target).pow(2).sum(1)
     torch.testing.assert_close(out.loss, (F.cross_entropy(logits, y, reduction="none") + 30 * penalty).mean())
     assert not torch.equal(out.x_adv, x_adv)  # the TE term changed the inner maximization
     # TRADES + TE: the outer TE term on the natural prediction by default
-    tte = TrainConfig(method="trades", steps=3, te=True, epochs=10, te_start=0, te_end=0).resolved()
-    out = training_loss(model, x, y, tte, epoch=5, generator=torch.Generator().manual_seed(1), te_target=target)
+    tte = TrainConfig(method="trades", te=True, epochs=10, te_start=0, te_end=0, threat=ThreatModel(steps=3)).resolved()
+    out = training_loss(model, x, y, tte, epoch=5, starts=Starts(1, torch.arange(8)), te_target=target)
     ln, la = model(x), model(out.x_adv)
     kl = F.kl_div(F.log_softmax(la, 1), F.softmax(ln, 1), reduction="batchmean")
     pen = (F.softmax(ln, 1) - target).pow(2).sum(1).mean()

@@ -1,4 +1,4 @@
-"""What the gradient probes (gradnorm, stability, gradcos) share: attack options, sample
+"""What the probes share: the gradient probes' config fields, value checks, sample
 batches in the model's dtype, chunk sizes that fit the device, and summary statistics.
 
 Private to ``atprobe.probes``; the public pieces are each probe's ``probe`` function and
@@ -14,66 +14,75 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from atprobe.attacks import NORMS, PGDConfig
+from atprobe.attacked import model_device_dtype
+from atprobe.attacks import PGDConfig
 from atprobe.data import Split, iterate_batches
-from atprobe.errors import AtprobeError, check_choice
-from atprobe.pergrad import chunk_size_for, default_attack, objective, Objective
+from atprobe.errors import AtprobeError
+from atprobe.pergrad import Objective, chunk_size_for, default_attack, objective
+from atprobe.threat import ThreatModel
+
+
+#: The columns every measure's ``complexity_rows`` returns (``atprobe complexity``).
+COMPLEXITY_COLUMNS = ["measure", "variant", "value", "reason"]
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_threat(threat) -> ThreatModel:
+    if not isinstance(threat, ThreatModel):
+        raise AtprobeError(f"threat must be an atprobe.threat.ThreatModel, got {threat!r}")
+    return threat
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackOptions:
-    """The attack and chunking fields every gradient-probe config has (probe configs
-    extend it). norm, eps, alpha, steps: the attacks' budget (defaults: the training
-    attacks, L-inf 8/255, step 2/255, 10 steps); beta: TRADES' weight on the KL term;
-    chunk_size: samples per per-sample-gradient chunk; seed: keys the per-sample random
-    starts (and, where a probe draws them, its directions)."""
+class PGDFields:
+    """The fields of every probe config that attacks: ``threat``, the threat model
+    (default: the training attack, L-inf 8/255, step eps/4, 10 steps), and ``seed``, which
+    keys the per-sample random starts (and, where a probe draws them, its directions and
+    other random vectors). ``attack`` is PGD on CE under the threat model, eval mode."""
 
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
-    beta: float = 6.0
-    chunk_size: int = 64
+    threat: ThreatModel = ThreatModel()
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_threat(self.threat)
+        if not is_int(self.seed):
+            raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def attack(self) -> PGDConfig:
+        """The probe's attack: PGD on CE under ``threat`` (its start: uniform by default)."""
+        return self.threat.attack("ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackOptions(PGDFields):
+    """The fields every gradient-probe config has (probe configs extend it): ``threat``
+    and ``seed`` (:class:`PGDFields`); beta: TRADES' weight on the KL term; chunk_size:
+    samples per per-sample-gradient chunk."""
+
+    beta: float = 6.0
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
         """One-line errors for nonsense values."""
-        norm, eps, alpha, steps, beta, chunk_size = (self.norm, self.eps, self.alpha, self.steps, self.beta,
-                                                    self.chunk_size)
-        check_choice(norm, NORMS, "norm")
-        for what, v in (("eps", eps), ("alpha", alpha)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise AtprobeError(f"steps must be an integer >= 0, got {steps!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise AtprobeError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
-        for name in ("pgd_at", "trades"):  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
-            attack_config(name, norm, eps, alpha, steps)
-
-
-def attack_config(name: str, norm: str, eps: float, alpha: float, steps: int) -> PGDConfig | None:
-    """The attack of objective ``name`` (``pergrad.default_attack``: CE with a uniform start
-    for pgd_at/R, KL with TRADES' 0.001 N(0, I) start for trades) at this budget."""
-    base = default_attack(name)
-    if base is None:
-        return None
-    return dataclasses.replace(base, norm=norm, eps=float(eps), alpha=float(alpha), steps=int(steps))
+        super().__post_init__()
+        if not is_number(self.beta) or self.beta < 0:
+            raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {self.beta!r}")
+        if not is_int(self.chunk_size) or self.chunk_size < 1:
+            raise AtprobeError(f"chunk size must be an integer >= 1, got {self.chunk_size!r}")
 
 
 def make_objective(name: str, config) -> Objective:
-    """``pergrad.objective(name)`` with the attack, beta and seed of a probe config."""
-    attack = attack_config(name, config.norm, config.eps, config.alpha, config.steps)
-    return objective(name, attack=attack, beta=config.beta, seed=config.seed)
-
-
-def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
-    if p is None:
-        raise AtprobeError("the model has no parameters")
-    return p.device, p.dtype
+    """``pergrad.objective(name)`` with the attack (``default_attack`` under the config's
+    threat model), beta and seed of a probe config."""
+    return objective(name, attack=default_attack(name, config.threat), beta=config.beta, seed=config.seed)
 
 
 def sample_batches(model: nn.Module, data: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -34,12 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atprobe.attacks import PGDConfig, cw_margin, parse_attack, pgd
-from atprobe.data import Split, iterate_batches
+from atprobe.attacked import attacked_batches, model_device_dtype
+from atprobe.attacks import PGDConfig, parse_attack
+from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.foldbn import DEFAULT_INPUT_SHAPE, NormLayer, norm_layers
+from atprobe.objectives import cw_margin
+from atprobe.probes._gradutil import check_threat
 from atprobe.runtime import make_generator, module_mode
+from atprobe.threat import ThreatModel
 
 __all__ = [
     "COLUMNS",
@@ -93,8 +97,8 @@ class ComplexityConfig:
     margin: also report spectral and l1 divided by the margin quantile.
     margin_quantile: q in (0, 1) (linear interpolation, numpy's default).
     margin_on: ``adv`` (PGD examples) or ``clean``.
-    eps, alpha, steps: the L-inf PGD attack on CE of the margin and of the robust
-        accuracies (default PGD-10, 8/255, step 2/255).
+    threat: the PGD attack on CE of the margin and of the robust accuracies (default
+        PGD-10, L-inf 8/255, step eps/4).
     power_iterations, power_tol, power_block: the block power iteration of the operator
         norm: at most this many iterations, stopped when the estimate changes by less than
         ``power_tol`` (relative) over ``10`` iterations; ``power_block`` vectors at once.
@@ -109,9 +113,7 @@ class ComplexityConfig:
     margin: bool = False
     margin_quantile: float = 0.1
     margin_on: str = "adv"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
+    threat: ThreatModel = ThreatModel()
     power_iterations: int = 500
     power_tol: float = 1e-6
     power_block: int = 4
@@ -130,9 +132,9 @@ class ComplexityConfig:
         q = self.margin_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0.0 < float(q) < 1.0):
             raise AtprobeError(f"--margin-quantile must be a number strictly between 0 and 1, got {q!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise AtprobeError(f"attack steps must be an integer >= 1, got {self.steps!r}")
-        self.attack()  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
+        check_threat(self.threat)
+        if self.threat.steps < 1:
+            raise AtprobeError(f"attack steps must be an integer >= 1, got {self.threat.steps!r}")
         for name, lo in (("power_iterations", 1), ("power_block", 1), ("batch_size", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -142,7 +144,7 @@ class ComplexityConfig:
 
     def attack(self) -> PGDConfig:
         """The PGD attack of the margin (``adv``) and of the robust accuracies."""
-        return parse_attack(f"pgd{self.steps}", eps=self.eps, alpha=self.alpha).config
+        return self.threat.attack("ce")
 
     @property
     def needs_margin(self) -> bool:
@@ -349,41 +351,21 @@ def _row(measure: str, variant: str, value: float, reason: str = "", n: int | No
 # ---------------------------------------------------------------------------- margin
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        return p.dtype
-    return torch.float32
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def margins(model: nn.Module, samples: Split, config: ComplexityConfig, progress=None) -> Tensor:
     """Per-sample margins f(x)_y - max_{j != y} f(x)_j (``samples.y`` labels), on
-    ``config.attack()`` examples (``margin_on="adv"``, random starts from a generator seeded
-    with ``config.seed``, batch after batch) or on the clean images; eval mode; the logits
-    in full precision (no autocast). Returns a vector on the model's device."""
-    device, dtype = _device_of(model), _dtype_of(model)
-    samples = samples.to(device)
+    ``config.attack()`` examples (``margin_on="adv"``) or on the clean images, through the
+    attacked-data path (``atprobe.attacked``: eval mode, starts keyed by sample index, so
+    the margins do not depend on the batch size); the logits in full precision (``amp``
+    applies to the attack only). Returns a vector on the model's device, in the samples' order."""
     if len(samples) == 0:
         raise AtprobeError("the margin needs at least one sample")
+    device, dtype = model_device_dtype(model)
     attack = config.attack() if config.margin_on == "adv" else None
-    generator = make_generator(config.seed, device)
-    out = []
-    with module_mode(model, False):
-        for batch in iterate_batches(samples, config.batch_size, channels_last=True):
-            x = batch.x.to(dtype)
-            if attack is not None:
-                x = pgd(model, x, batch.y, attack, generator=generator, amp=config.amp)
-            with torch.no_grad():
-                logits = model(x)
-            out.append(-cw_margin(logits, batch.y))
-            if progress is not None:
-                progress.update(len(batch.y))
-    return torch.cat(out)
+    out = torch.empty(len(samples), dtype=dtype, device=device)
+    for b in attacked_batches(model, samples, attack, seed=config.seed, batch_size=config.batch_size,
+                              amp=config.amp, exact_logits=True, progress=progress):
+        out[b.rows] = -cw_margin(b.logits, b.y).to(dtype)
+    return out
 
 
 def margin_quantile(values: Tensor, q: float) -> float:
@@ -398,7 +380,7 @@ def gap_rows(model: nn.Module, train: Split, test: Split, config: ComplexityConf
     """Natural and robust accuracy on ``train`` (its labels: pass the trained ones) and
     ``test`` by :func:`atprobe.evaluate.evaluate` (natural and ``config.attack()``), and the
     gaps train - test. Accuracies are fractions in [0, 1]."""
-    spec = parse_attack(f"pgd{config.steps}", eps=config.eps, alpha=config.alpha)
+    spec = parse_attack("pgd", config.threat)
     eval_config = EvalConfig(attacks=(parse_attack("natural"), spec), batch_size=config.batch_size,
                              seed=config.seed, amp=config.amp)
     acc = {}
@@ -436,8 +418,8 @@ def _external_rows(measure: str, model: nn.Module, samples: Split, config: Compl
     _, class_name = EXTERNAL[measure]
     cls = getattr(module, class_name)
     sub = getattr(config, measure)
-    if sub is None:
-        sub = cls()
+    if sub is None:  # the sub-measure attacks under the same threat model and seed
+        sub = cls(threat=config.threat, seed=config.seed)
     elif not isinstance(sub, cls):
         raise AtprobeError(f"config.{measure} must be a {module.__name__}.{class_name}, got {type(sub).__name__}")
     df = module.complexity_rows(model, samples, sub)

@@ -47,12 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from atprobe import objectives
-from atprobe.attacks import NORMS, PGDConfig, pgd
+from atprobe.attacked import attack_batch
 from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.pergrad import per_sample_starts, start_seed
-from atprobe.probes._gradutil import attack_config, sample_batches, stats
-from atprobe.runtime import frozen_parameters, make_generator, module_mode
+from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number, sample_batches, stats
+from atprobe.runtime import frozen_parameters, module_mode
+from atprobe.starts import keyed_normal, sample_keys
 
 __all__ = [
     "AT_CHOICES",
@@ -61,10 +61,8 @@ __all__ = [
     "PGDFields",
     "SAMPLE_COLUMNS",
     "SUMMARY_COLUMNS",
-    "adversarial_examples",
     "complexity_rows",
     "input_hessian_eigenvalues",
-    "power_seed",
     "probe",
     "summarize",
 ]
@@ -73,61 +71,9 @@ __all__ = [
 AT_CHOICES = ("natural", "adv")
 SAMPLE_COLUMNS = ["sample", "label", "eigenvalue", "iterations", "converged"]
 SUMMARY_COLUMNS = ["statistic", "n", "value"]
-#: The columns every measure's ``complexity_rows`` returns (``atprobe complexity``).
-COMPLEXITY_COLUMNS = ["measure", "variant", "value", "reason"]
 
-#: XOR-ed into ``seed`` for the power iteration's starts, so they are another stream than
-#: the PGD starts (which use ``start_seed(seed, id)`` like every other probe).
+#: The stream of the power iteration's starts, so they are another draw than the PGD starts.
 _POWER_STREAM = 0x5EED_C0DE
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class PGDFields:
-    """The PGD attack of the landscape probes (curvature, hessian, flatness): CE on the
-    labels, uniform random start per sample (``pergrad.per_sample_starts``), eval mode.
-    Defaults: PGD-10, L-inf 8/255, step 2/255 (the training attack). ``seed`` keys the
-    per-sample starts (with each sample's index) and every other draw of the probe."""
-
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice(self.norm, NORMS, "norm")
-        for what, v in (("eps", self.eps), ("alpha", self.alpha)):
-            if not _is_number(v) or v < 0:
-                raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
-        if not _is_int(self.steps) or self.steps < 0:
-            raise AtprobeError(f"steps must be an integer >= 0, got {self.steps!r}")
-        if not _is_int(self.seed):
-            raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
-        self.attack  # PGDConfig's own checks (e.g. an L-inf eps of 8 instead of 8/255)
-
-    @property
-    def attack(self) -> PGDConfig:
-        """The attack as a ``PGDConfig`` (CE, uniform start, one restart)."""
-        config = attack_config("pgd_at", self.norm, self.eps, self.alpha, self.steps)
-        assert config is not None
-        return config
-
-
-def adversarial_examples(model: nn.Module, x: Tensor, y: Tensor, ids: Sequence[int], fields: PGDFields) -> Tensor:
-    """PGD examples of ``x`` against ``model`` (a module or an ``atprobe.directions.ModelAt``)
-    from each sample's own start ``per_sample_starts(x, attack, seed, ids)``: the same
-    sample starts from the same point whatever its batch and whatever the parameters.
-    fp32/fp64, no autocast (the probes compare values at nearby points)."""
-    attack = fields.attack
-    return pgd(model, x, y, attack, delta_init=per_sample_starts(x, attack, fields.seed, ids), amp=False)
 
 
 @dataclass(frozen=True)
@@ -135,7 +81,7 @@ class CurvatureConfig(PGDFields):
     """What ``curvature`` measures.
 
     at: ``natural`` (the Hessian at x_i, default) or ``adv`` (at the PGD example x'_i,
-        crafted with the attack fields norm/eps/alpha/steps; default PGD-10 at 8/255).
+        crafted under ``threat``; default PGD-10 at 8/255, step eps/4).
     iterations: the most Hessian-vector products per sample (power-iteration steps).
     tol: stop a sample when ``|lambda_t - lambda_{t-1}| <= tol |lambda_t|``; 0 runs every
         sample for exactly ``iterations`` steps.
@@ -151,27 +97,19 @@ class CurvatureConfig(PGDFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.at, AT_CHOICES, "curvature point (--at)")
-        if not _is_int(self.iterations) or self.iterations < 1:
+        if not is_int(self.iterations) or self.iterations < 1:
             raise AtprobeError(f"iterations must be an integer >= 1, got {self.iterations!r}")
-        if not _is_number(self.tol) or self.tol < 0:
+        if not is_number(self.tol) or self.tol < 0:
             raise AtprobeError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise AtprobeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
 
 
-def power_seed(seed: int, sample_id: int) -> int:
-    """The generator seed of sample ``sample_id``'s power-iteration start (another stream
-    than its PGD start ``pergrad.start_seed(seed, id)``)."""
-    return start_seed(int(seed) ^ _POWER_STREAM, sample_id)
-
-
-def _starts(x: Tensor, seed: int, ids: Sequence[int]) -> Tensor:
-    """Unit Gaussian starts, one per sample, each from its own generator (on x's device)."""
-    v = torch.cat([
-        torch.randn((1, *x.shape[1:]), generator=make_generator(power_seed(seed, k), x.device), device=x.device,
-                    dtype=x.dtype)
-        for k in ids
-    ])
+def _starts(x: Tensor, seed: int, ids: Sequence[int] | Tensor) -> Tensor:
+    """Unit Gaussian starts, one per sample, keyed by ``(seed, id, POWER_STREAM)``
+    (``atprobe.starts``: another stream than the sample's PGD start)."""
+    keys = sample_keys(seed, torch.as_tensor(ids, dtype=torch.int64).to(x.device), _POWER_STREAM)
+    v = keyed_normal(keys, tuple(x.shape[1:]), x.dtype)
     return v / v.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -194,7 +132,7 @@ def input_hessian_eigenvalues(
         x, y: one batch (B, ...) on the model's device, in the model's dtype.
         iterations, tol: the most Hessian-vector products per sample; relative stopping tolerance.
         seed, sample_ids: sample ``i``'s start is drawn from a generator seeded with
-            :func:`power_seed` ``(seed, sample_ids[i])`` (default ids: 0..B-1).
+            ``(seed, sample_ids[i])`` on its own stream (``atprobe.starts``; default ids: 0..B-1).
 
     Returns ``(eigenvalue, iterations, converged)``: (B,) tensors (x's dtype, int64, bool)
     on x's device. One host synchronization per iteration (to stop when all samples have converged).
@@ -246,7 +184,7 @@ def probe(model: nn.Module, data: Split, config: CurvatureConfig = CurvatureConf
     for x, y, ids in sample_batches(model, data, config.batch_size):
         id_list = ids.tolist()
         if config.at == "adv":
-            x = adversarial_examples(model, x, y, id_list, config)
+            x = attack_batch(model, x, y, ids, config.attack, seed=config.seed, amp=False)
         e, t, c = input_hessian_eigenvalues(model, x, y, iterations=config.iterations, tol=config.tol,
                                             seed=config.seed, sample_ids=id_list)
         eigs.append(e)

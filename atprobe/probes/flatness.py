@@ -38,13 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from atprobe import objectives
-from atprobe.attacks import pgd
+from atprobe.attacked import attacked_batches
 from atprobe.data import Split
 from atprobe.directions import IGNORES, NORMS, ModelAt, directions as draw_directions, model_parameters, perturbed_parameters
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.pergrad import per_sample_starts
-from atprobe.probes._gradutil import sample_batches
-from atprobe.probes.curvature import COMPLEXITY_COLUMNS, PGDFields, _is_int, _is_number
+from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number
 from atprobe.probes.stability import parse_lambdas
 from atprobe.runtime import module_mode
 
@@ -76,7 +74,7 @@ class FlatnessConfig(PGDFields):
     directions: ``K`` random directions, drawn one after the other from a CPU generator
         seeded with ``seed`` (the same directions on every machine).
     ignore, direction_norm: ``atprobe.directions`` options.
-    norm, eps, alpha, steps: the PGD attack re-crafted at every point (default PGD-10 at 8/255).
+    threat: the PGD attack re-crafted at every point (default PGD-10 at 8/255, step eps/4).
     batch_size: samples per attack batch.
     seed: directions and the attacks' per-sample random starts.
     """
@@ -90,7 +88,7 @@ class FlatnessConfig(PGDFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.lambdas, str) or not all(_is_number(v) for v in self.lambdas):
+        if isinstance(self.lambdas, str) or not all(is_number(v) for v in self.lambdas):
             raise AtprobeError("lambdas must be finite numbers")
         object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))
         if len(set(self.lambdas)) != len(self.lambdas):
@@ -102,33 +100,35 @@ class FlatnessConfig(PGDFields):
             raise AtprobeError("the lam grid has no point besides 0: flatness needs a step")
         if self.radius is None:
             object.__setattr__(self, "radius", sizes[-1])
-        elif not _is_number(self.radius) or float(self.radius) not in sizes:
+        elif not is_number(self.radius) or float(self.radius) not in sizes:
             shown = ", ".join(f"{v:g}" for v in sizes)
             raise AtprobeError(f"radius {self.radius!r} is not the |lam| of a grid point (grid sizes: {shown})")
         object.__setattr__(self, "radius", float(self.radius))
-        if not _is_int(self.directions) or self.directions < 1:
+        if not is_int(self.directions) or self.directions < 1:
             raise AtprobeError(f"number of directions must be an integer >= 1, got {self.directions!r}")
         check_choice(self.ignore, IGNORES, "direction ignore option")
         check_choice(self.direction_norm, NORMS, "direction norm")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise AtprobeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
 
 
-def _evaluate(model: nn.Module, point: Mapping[str, Tensor], batches, attack) -> dict[str, float]:
-    """Adversarial and natural mean loss and accuracy of the model at ``point``."""
+def _evaluate(model: nn.Module, point: Mapping[str, Tensor], data: Split, config: FlatnessConfig) -> dict[str, float]:
+    """Adversarial and natural mean loss and accuracy of the model at ``point``, PGD
+    re-crafted there (``atprobe.attacked``: keyed starts, so each sample starts from the
+    same point at every lam)."""
     view = ModelAt(model, point)
-    sums = None
-    for x, y, start in batches:
-        x_adv = pgd(view, x, y, attack, delta_init=start, amp=False)
-        with torch.no_grad():
-            adv, nat = view(x_adv), view(x)
-            part = torch.stack([
-                objectives.ce(adv, y).sum(), (adv.argmax(1) == y).sum(),
-                objectives.ce(nat, y).sum(), (nat.argmax(1) == y).sum(),
-            ]).to(torch.float64)
-        sums = part if sums is None else sums + part
-    n = sum(int(y.shape[0]) for _, y, _ in batches)
-    adv_loss, adv_acc, nat_loss, nat_acc = (sums / n).tolist()  # one host sync per point
+    n = len(data)
+    values = None
+    for b in attacked_batches(view, data, config.attack, seed=config.seed, batch_size=config.batch_size, amp=False,
+                              natural=True):
+        part = torch.stack([
+            objectives.ce(b.logits, b.y), (b.logits.argmax(1) == b.y),
+            objectives.ce(b.natural_logits, b.y), (b.natural_logits.argmax(1) == b.y),
+        ]).to(torch.float64)
+        if values is None:
+            values = torch.empty(4, n, dtype=torch.float64, device=part.device)
+        values[:, b.rows] = part
+    adv_loss, adv_acc, nat_loss, nat_acc = (values.sum(dim=1) / n).tolist()  # one host sync per point
     return {"adv_loss": adv_loss, "adv_acc": adv_acc, "nat_loss": nat_loss, "nat_acc": nat_acc}
 
 
@@ -155,13 +155,11 @@ def probe(
                                      norm=config.direction_norm, device="cpu")
     if len(directions) == 0:
         raise AtprobeError("no direction given")
-    attack = config.attack
-    batches = []
-    for x, y, ids in sample_batches(model, data, config.batch_size):
-        batches.append((x, y, per_sample_starts(x, attack, config.seed, ids.tolist())))
+    if len(data) == 0:
+        raise AtprobeError("no samples to probe")
     rows = []
     with module_mode(model, False):
-        theta = _evaluate(model, model_parameters(model), batches, attack)
+        theta = _evaluate(model, model_parameters(model), data, config)
         if progress is not None:
             progress.update(len(data))
         for k, d in enumerate(directions):
@@ -169,7 +167,7 @@ def probe(
                 if lam == 0.0:
                     values = theta  # perturbed_parameters(model, d, 0) == theta bit for bit
                 else:
-                    values = _evaluate(model, perturbed_parameters(model, d, lam), batches, attack)
+                    values = _evaluate(model, perturbed_parameters(model, d, lam), data, config)
                     if progress is not None:
                         progress.update(len(data))
                 rows.append({"direction": k, "lam": lam, "n": len(data), **values})

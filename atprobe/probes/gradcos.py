@@ -48,7 +48,7 @@ class GradCosConfig(AttackOptions):
     """What ``gradcos`` measures.
 
     loss: the objective (``pergrad.OBJECTIVES``; default ``pgd_at``, the paper's).
-    norm, eps, alpha, steps, beta: the attack's budget and TRADES' beta.
+    threat, beta: the attack's threat model and TRADES' beta.
     chunk_size: samples per per-sample-gradient chunk (two chunks alive at a time).
     seed: keys the per-sample random starts (the same start at every checkpoint).
     """

@@ -87,8 +87,8 @@ class KLTerm:
 class GradNormConfig(AttackOptions):
     """What ``gradnorm`` measures.
 
-    norm, eps, alpha, steps: the budget of both attacks (PGD on CE for ``adv_ce`` and
-        ``r``, TRADES' PGD on KL for ``kl``); the defaults are the training attacks.
+    threat: the budget of both attacks (PGD on CE for ``adv_ce`` and ``r``, TRADES' PGD
+        on KL for ``kl``); the default is the training attack (L-inf 8/255, eps/4, 10 steps).
     beta: TRADES' weight on the KL term (``grad_beta_kl = beta * grad_kl``).
     chunk_size: samples per per-sample-gradient chunk (memory: ``chunk_size x P`` floats).
     seed: keys the per-sample random starts of the attacks (with each sample's index).

@@ -10,10 +10,9 @@ uses):
     rank_i^m     = position of sample i when the samples are sorted by adv_loss^m,
                    largest first (1 = hardest); ties keep the samples' order in the split
 
-Each model is attacked by its own PGD (``atprobe.attacks.pgd``, the code of ``atprobe
-eval``), from a random start that depends only on ``(seed, sample index)``
-(``atprobe.pergrad.per_sample_starts``): every model starts sample ``i`` from the same
-point. For every unordered pair of models (in the order given) :func:`consistency` reports
+Each model is attacked by its own PGD through the attacked-data path of ``atprobe eval``
+(``atprobe.attacked``), from random starts that depend only on ``(seed, sample index)``
+(``atprobe.starts``): every model starts sample ``i`` from the same point. For every unordered pair of models (in the order given) :func:`consistency` reports
 Kendall's tau-b and Spearman's rho between the two models' ``adv_loss`` vectors (scipy),
 and the overlap of their ``k`` hardest samples, ``|top_k(a) & top_k(b)| / k``.
 
@@ -41,12 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from atprobe import objectives
-from atprobe.attacks import AttackSpec, parse_attack, pgd
+from atprobe.attacked import attacked_batches, model_device_dtype
+from atprobe.attacks import AttackSpec, parse_attack
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
-from atprobe.pergrad import per_sample_starts
-from atprobe.probes._gradutil import model_device_dtype, sample_batches
-from atprobe.runtime import autocast, make_generator, module_mode
+from atprobe.probes._gradutil import check_threat, is_int
+from atprobe.threat import ThreatModel
 
 if TYPE_CHECKING:  # matplotlib is imported lazily, inside the figure functions
     from matplotlib.figure import Figure
@@ -95,19 +94,18 @@ class HardnessConfig:
     """What ``hardness`` measures.
 
     attack: an attack name for ``atprobe.attacks.parse_attack`` (``pgd10``: 10 steps of PGD
-        on CE; ``pgd20x5``, ``cw50``, ``fgsm``, ``natural`` = no attack, the clean loss).
-    norm, eps, alpha: its budget; the default is the L-inf training budget, 8/255 with step
-        ``alpha = eps/4`` (2/255) when ``alpha`` is None.
+        on CE; ``pgd`` the threat model's steps; ``pgd20x5``, ``cw50``, ``fgsm``, ``natural``
+        = no attack, the clean loss).
+    threat: its budget; the default is the L-inf training budget, 8/255 with step
+        ``alpha = eps/4`` (2/255).
     batch_size: samples per attack batch.
-    seed: keys each sample's random start (with the sample's index).
+    seed: keys each sample's random starts (with the sample's index).
     top_k: the ``k`` of the top-k overlap (capped at the number of samples).
     amp: bf16 autocast on CUDA for the attack and the loss (off: exact float32 losses).
     """
 
     attack: str = "pgd10"
-    norm: str = "linf"
-    eps: float = 8 / 255
-    alpha: float | None = None
+    threat: ThreatModel = ThreatModel()
     batch_size: int = 256
     seed: int = 0
     top_k: int = 100
@@ -116,16 +114,12 @@ class HardnessConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.attack, str):
             raise AtprobeError(f"attack must be a name such as pgd10, got {self.attack!r}")
-        for what, v in (("eps", self.eps), ("alpha", self.alpha)):
-            if v is None and what == "alpha":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise AtprobeError(f"{what} must be a number, got {v!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        check_threat(self.threat)
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise AtprobeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
-        if not _is_int(self.top_k) or self.top_k < 1:
+        if not is_int(self.top_k) or self.top_k < 1:
             raise AtprobeError(f"top-k must be an integer >= 1, got {self.top_k!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.amp, bool):
             raise AtprobeError(f"amp must be True or False, got {self.amp!r}")
@@ -134,8 +128,7 @@ class HardnessConfig:
     @property
     def spec(self) -> AttackSpec:
         """The parsed attack."""
-        return parse_attack(self.attack, norm=self.norm, eps=float(self.eps),
-                            alpha=None if self.alpha is None else float(self.alpha))
+        return parse_attack(self.attack, self.threat)
 
 
 # ---------------------------------------------------------------------------- per-sample losses
@@ -167,44 +160,23 @@ def _splits_for(models: Mapping[str, nn.Module], data: Split | Mapping[str, Spli
     return splits
 
 
-def _attack(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, spec: AttackSpec, config: HardnessConfig,
-            generator: torch.Generator | None) -> Tensor:
-    """``x`` attacked by ``spec`` against ``model``: restart 0 from the per-sample start
-    keyed by ``(config.seed, index)``, further restarts from ``generator``."""
-    if spec.config is None:
-        return x
-    delta0 = per_sample_starts(x, spec.config, config.seed, ids.tolist())
-    return pgd(model, x, y, spec.config, generator=generator, delta_init=delta0, amp=config.amp)
-
-
 def _model_losses(name: str, model: nn.Module, split: Split, config: HardnessConfig,
                   progress) -> tuple[np.ndarray, np.ndarray, int]:
     """``(adv_loss float64 (N,), adv_correct bool (N,), num_classes)`` of one model."""
     device, _ = model_device_dtype(model)
-    spec = config.spec
     n = len(split)
     max_label = int(split.y.max()) if n else -1
     losses = torch.empty(n, dtype=torch.float64, device=device)
     correct = torch.empty(n, dtype=torch.bool, device=device)
-    generator = make_generator(config.seed, device) if spec.restarts > 1 else None
     classes = -1
-    start = 0
-    with module_mode(model, False):
-        for x, y, ids in sample_batches(model, split, config.batch_size):
-            if start == 0:
-                with torch.no_grad():
-                    classes = int(model(x[:1]).shape[-1])
-                if max_label >= classes:
-                    raise AtprobeError(f"model {name!r} has {classes} classes but the labels go up to {max_label}")
-            x_adv = _attack(model, x, y, ids, spec, config, generator)
-            with torch.no_grad(), autocast(device, config.amp):
-                logits = model(x_adv)
-            b = y.shape[0]
-            losses[start:start + b] = objectives.ce(logits, y).detach().to(torch.float64)
-            correct[start:start + b] = logits.argmax(dim=1) == y
-            start += b
-            if progress is not None:
-                progress.update(b)
+    for b in attacked_batches(model, split, config.spec.config, seed=config.seed, batch_size=config.batch_size,
+                              amp=config.amp, progress=progress):
+        if b.rows.start == 0:
+            classes = int(b.logits.shape[-1])
+            if max_label >= classes:
+                raise AtprobeError(f"model {name!r} has {classes} classes but the labels go up to {max_label}")
+        losses[b.rows] = objectives.ce(b.logits, b.y).detach().to(torch.float64)
+        correct[b.rows] = b.logits.argmax(dim=1) == b.y
     return losses.cpu().numpy(), correct.cpu().numpy(), classes
 
 
@@ -370,16 +342,11 @@ def hardest(per_sample: pd.DataFrame, k: int) -> pd.DataFrame:
 
 def adversarial_examples(model: nn.Module, data: Split, config: HardnessConfig = HardnessConfig()) -> Tensor:
     """The adversarial images of ``data`` against ``model`` (float32, CPU, NCHW), crafted as
-    :func:`per_sample_losses` crafts them: the same attack and per-sample start, eval mode.
-    Meant for a handful of samples (the gallery); with one restart they equal the loss
-    pass's examples up to floating-point differences of the batch composition."""
-    spec = config.spec
-    device, _ = model_device_dtype(model)
-    generator = make_generator(config.seed, device) if spec.restarts > 1 else None
-    out = []
-    with module_mode(model, False):
-        for x, y, ids in sample_batches(model, data, config.batch_size):
-            out.append(_attack(model, x, y, ids, spec, config, generator).detach().to("cpu", torch.float32))
+    :func:`per_sample_losses` crafts them (the same attacked-data path and keyed starts).
+    Meant for a handful of samples (the gallery)."""
+    out = [b.x_adv.detach().to("cpu", torch.float32)
+           for b in attacked_batches(model, data, config.spec.config, seed=config.seed, batch_size=config.batch_size,
+                                     amp=config.amp)]
     return torch.cat(out).contiguous()
 
 

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from atprobe import objectives
 from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.probes._gradutil import sample_batches
-from atprobe.probes.curvature import COMPLEXITY_COLUMNS, PGDFields, _is_int, _is_number, adversarial_examples
+from atprobe.attacked import attack_batch
+from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number, sample_batches
 from atprobe.runtime import make_generator, module_mode
 
 __all__ = [
@@ -103,7 +103,7 @@ class HessianConfig(PGDFields):
     """What ``hessian`` measures.
 
     at: ``adv`` (the loss on PGD examples crafted once at theta with norm/eps/alpha/steps,
-        default PGD-10 at 8/255) or ``natural``.
+        default PGD-10 at 8/255, step eps/4) or ``natural``.
     scope, batch_size: one batch of ``batch_size`` samples, or ``all`` samples in batches.
     top_k: eigenvalues per block (and for the whole model), largest magnitude first.
     iterations, tol: power iteration: the most products per eigenvalue, and the relative
@@ -139,10 +139,10 @@ class HessianConfig(PGDFields):
         for what, v in (("batch size", self.batch_size), ("top-k", self.top_k), ("iterations", self.iterations),
                         ("trace samples", self.trace_samples), ("density steps", self.density_steps),
                         ("density runs", self.density_runs)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise AtprobeError(f"{what} must be an integer >= 1, got {v!r}")
         for what, v in (("tol", self.tol), ("trace tol", self.trace_tol)):
-            if not _is_number(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
         if not isinstance(self.density, bool):
             raise AtprobeError(f"density must be True or False, got {self.density!r}")
@@ -497,7 +497,7 @@ def loss_batches(model: nn.Module, data: Split, config: HessianConfig) -> list[t
     out = []
     for x, y, ids in sample_batches(model, data, config.batch_size):
         if config.at == "adv":
-            x = adversarial_examples(model, x, y, ids.tolist(), config)
+            x = attack_batch(model, x, y, ids, config.attack, seed=config.seed, amp=False)
         out.append((x.detach(), y))
     return out
 

@@ -100,8 +100,8 @@ class StabilityConfig(AttackOptions):
         generator seeded with ``seed`` (the same directions on every machine).
     ignore, direction_norm: ``atprobe.directions`` options (``biasbn`` zeroes 1-d
         parameters; ``filter`` normalization as Li et al.).
-    norm, eps, alpha, steps, beta: the attacks' budget and TRADES' beta (defaults: the
-        training attacks, L-inf 8/255, step 2/255, 10 steps, beta 6).
+    threat, beta: the attacks' threat model and TRADES' beta (defaults: the training
+        attacks, L-inf 8/255, step eps/4, 10 steps, beta 6).
     chunk_size: samples per per-sample-gradient chunk (two chunks are alive at a time).
     seed: directions and the attacks' per-sample random starts.
     """
