@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from atprobe import data
+from atprobe.data import batches as data_batches
+from atprobe.data import download as data_download
+from atprobe.data import load as data_load
 from atprobe.data import (
     DATASETS,
     Batch,
@@ -134,7 +137,8 @@ def synthetic() -> tuple[Split, Split]:
 def small_synthetic(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_dataset("synthetic") with 400 train / 100 test images, to keep tests fast."""
     original = data.make_synthetic
-    monkeypatch.setattr(data, "make_synthetic", lambda seed=0: original(seed, n_train=400, n_test=100))
+    # Patched where load_dataset looks it up.
+    monkeypatch.setattr(data_load, "make_synthetic", lambda seed=0: original(seed, n_train=400, n_test=100))
 
 
 # --------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def test_cifar10_real_subset() -> None:
     for c in range(3):
         np.testing.assert_array_equal(img[c], raw[0, 1024 * c : 1024 * (c + 1)].reshape(32, 32))
     # Channel order sanity: the subset's statistics are close to the published ones.
-    mean, std = data._channel_stats(ds.train.x)
+    mean, std = data_load._channel_stats(ds.train.x)
     np.testing.assert_allclose(mean, ds.mean, atol=0.01)
     np.testing.assert_allclose(std, ds.std, atol=0.01)
 
@@ -362,7 +366,7 @@ def test_fetch_resumes_partial_file(tmp_path: Path) -> None:
 
     def fetch(url: str, offset: int):
         offsets.append(offset)
-        return data._open_url(url, offset)  # the real file:// path (seek)
+        return data_download._open_url(url, offset)  # the real file:// path (seek)
 
     assert fetch_url(src.as_uri(), dest, md5, fetch=fetch, chunk_size=999) == dest
     assert offsets == [3000]
@@ -846,19 +850,19 @@ def test_random_crop_flip_matches_reference(dtype: torch.dtype) -> None:
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = x if dtype == torch.uint8 else x.float() / 255
     out = random_crop_flip(x, torch.Generator().manual_seed(5), padding=4)
-    offsets, flips = data._draw_crop_flip(64, 4, torch.Generator().manual_seed(5), x.device)
+    offsets, flips = data_batches._draw_crop_flip(64, 4, torch.Generator().manual_seed(5), x.device)
     assert int(offsets.min()) == 0 and int(offsets.max()) == 8 and 0 < int(flips.sum()) < 64
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(out, _reference_crop_flip(x, offsets, flips, 4))
-    assert torch.equal(data._crop_flip_with(x, offsets, flips, 4), out)
+    assert torch.equal(data_batches._crop_flip_with(x, offsets, flips, 4), out)
 
 
 def test_crop_flip_identity_and_pure_flip() -> None:
     x = torch.rand(5, 3, 7, 9)
     zeros, no = torch.zeros(5, 2, dtype=torch.int64), torch.zeros(5, dtype=torch.bool)
-    assert torch.equal(data._crop_flip_with(x, zeros, no, 0), x)
-    assert torch.equal(data._crop_flip_with(x, zeros, ~no, 0), x.flip(-1))
+    assert torch.equal(data_batches._crop_flip_with(x, zeros, no, 0), x)
+    assert torch.equal(data_batches._crop_flip_with(x, zeros, ~no, 0), x.flip(-1))
     centre = torch.full((5, 2), 2, dtype=torch.int64)  # offset == padding: no shift
-    assert torch.equal(data._crop_flip_with(x, centre, no, 2), x)
+    assert torch.equal(data_batches._crop_flip_with(x, centre, no, 2), x)
     with pytest.raises(AtprobeError, match="padding"):
         random_crop_flip(x, padding=-1)

@@ -7,6 +7,7 @@ the mid-sized ones actually compute.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -517,6 +518,37 @@ def test_full_layout_matches_reference(arch: str, reference) -> None:
     mine = _meta_model(arch).state_dict()
     assert list(mine) == list(ref_sd)  # same keys, same order
     assert _shapes(mine) == _shapes(ref_sd)
+
+
+# (number of keys, sha256[:16] of "key (shape)" lines in state_dict order) per architecture,
+# recorded from the single-module models.py before it became a package. Checkpoints on
+# disk and foreign zoo checkpoints load by these keys: a refactor must not move them.
+PINNED_STATE_DICT_LAYOUT = {
+    "resnet18": (122, '60df589497195d3c'),
+    "preact_resnet18": (107, '60f686c61bd3cc86'),
+    "wrn-28-10": (155, '5dcb7163345fc9b3'),
+    "wrn-34-10": (191, 'e1e47ba5ef4db7cc'),
+    "vgg16": (93, '65ce1bb8741d403f'),
+    "dense121": (722, '617320bbde7d5eda'),
+    "cnn-small": (28, 'ffe946236a357b46'),
+    "mlp": (6, 'a5a400152864eb42'),
+    "wrn-16-1": (82, '3ec72f9ac1b71272'),
+}
+
+
+def _state_dict_digest(model: nn.Module) -> tuple[int, str]:
+    sd = model.state_dict()
+    text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sd.items())
+    return len(sd), hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_pinned_layout_covers_every_listed_architecture() -> None:
+    assert set(list_architectures()) <= set(PINNED_STATE_DICT_LAYOUT)
+
+
+@pytest.mark.parametrize("arch", list(PINNED_STATE_DICT_LAYOUT))
+def test_state_dict_layout_is_pinned(arch: str) -> None:
+    assert _state_dict_digest(_meta_model(arch)) == PINNED_STATE_DICT_LAYOUT[arch]
 
 
 def _load_and_compare(ours: nn.Module, ref: nn.Module, drop_prefix: str | None = None) -> None:

@@ -1,0 +1,33 @@
+"""The dataset names :func:`~atprobe.data.load_dataset` accepts and the folder they live in."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from atprobe.errors import AtprobeError
+
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "npz", "synthetic")
+
+
+def default_data_dir() -> pathlib.Path:
+    """Where datasets live unless a ``data_dir`` is given.
+
+    ``$ATPROBE_DATA_DIR`` if set (and non-empty), else ``~/.cache/atprobe/data``.
+    """
+    env = os.environ.get("ATPROBE_DATA_DIR", "").strip()
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "atprobe" / "data"
+
+
+def resolve_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+    return default_data_dir() if data_dir is None else pathlib.Path(data_dir).expanduser()
+
+
+def check_name(name: str) -> str:
+    key = str(name).strip().lower()
+    if key not in DATASETS:
+        raise AtprobeError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return key
