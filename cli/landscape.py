@@ -193,6 +193,9 @@ Examples:
               help="Lanczos steps per density run.")
 @click.option("--density-runs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent Lanczos runs (random starts) averaged in the density.")
+@click.option("--engine", type=click.Choice(hessian.ENGINES), default="atprobe", show_default=True,
+              help="Who computes the whole model's rows: atprobe (atprobe.linalg, like the blocks) or pyhessian "
+                   "(the reference).")
 @sample_options
 @pgd_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="hessian.csv", show_default=True)
@@ -200,11 +203,12 @@ Examples:
 @foreign_options
 @common_options
 def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_samples, trace_tol, blocks, density,
-                    density_steps, density_runs, split, n, labels, norm, eps, alpha, steps, output, **kwargs) -> None:
+                    density_steps, density_runs, engine, split, n, labels, norm, eps, alpha, steps, output, **kwargs) -> None:
     """Top eigenvalues and trace of the weight Hessian of the adversarial loss (CHECKPOINTS).
 
-    Whole model by pyhessian, each layer (--blocks) by the same power iteration and Hutchinson
-    estimator on block-restricted Hessian-vector products, optionally the eigenvalue density.
+    The whole model and each layer (--blocks) by the same power iteration and Hutchinson
+    estimator (atprobe.linalg) on Hessian-vector products (the blocks' restricted), optionally
+    the eigenvalue density; --engine pyhessian computes the whole model's rows by pyhessian.
     Writes one row per (block, quantity, k): checkpoint, epoch, split, labels, at, scope, n,
     block, params, quantity, k, value, iterations, converged, std_error, method
     (docs/probes/hessian.md).
@@ -213,8 +217,8 @@ def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_sample
     config = hessian.HessianConfig(at=at, scope=scope, batch_size=options["batch_size"], top_k=top_k,
                                    iterations=iterations, tol=tol, trace_samples=trace_samples, trace_tol=trace_tol,
                                    blocks=blocks, density=density, density_steps=density_steps,
-                                   density_runs=density_runs, norm=norm, eps=eps, alpha=alpha, steps=steps,
-                                   seed=options["seed"])
+                                   density_runs=density_runs, engine=engine, norm=norm, eps=eps, alpha=alpha,
+                                   steps=steps, seed=options["seed"])
 
     def work(model, samples, bar):
         result = hessian.compute(model, samples, config, progress=bar)
