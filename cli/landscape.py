@@ -178,6 +178,9 @@ Examples:
               help="Lanczos steps per density run.")
 @click.option("--density-runs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent Lanczos runs (random starts) averaged in the density.")
+@click.option("--engine", type=click.Choice(hessian.ENGINES), default="atprobe", show_default=True,
+              help="Who computes the whole model's rows: atprobe (atprobe.linalg, like the blocks) or pyhessian "
+                   "(the reference).")
 @sample_options
 @threat_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="hessian.csv", show_default=True)
@@ -185,11 +188,12 @@ Examples:
 @foreign_options
 @common_options
 def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_samples, trace_tol, blocks, density,
-                    density_steps, density_runs, split, n, labels, threat, output, **kwargs) -> None:
+                    density_steps, density_runs, engine, split, n, labels, threat, output, **kwargs) -> None:
     """Top eigenvalues and trace of the weight Hessian of the adversarial loss (CHECKPOINTS).
 
-    Whole model by pyhessian, each layer (--blocks) by the same power iteration and Hutchinson
-    estimator on block-restricted Hessian-vector products, optionally the eigenvalue density.
+    The whole model and each layer (--blocks) by the same power iteration and Hutchinson
+    estimator (atprobe.linalg) on Hessian-vector products (the blocks' restricted), optionally
+    the eigenvalue density; --engine pyhessian computes the whole model's rows by pyhessian.
     Writes one row per (block, quantity, k): checkpoint, epoch, split, labels, at, scope, n,
     block, params, quantity, k, value, iterations, converged, std_error, method
     (docs/probes/hessian.md).
@@ -198,7 +202,7 @@ def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_sample
     config = hessian.HessianConfig(at=at, scope=scope, batch_size=options["batch_size"], top_k=top_k,
                                    iterations=iterations, tol=tol, trace_samples=trace_samples, trace_tol=trace_tol,
                                    blocks=blocks, density=density, density_steps=density_steps,
-                                   density_runs=density_runs, threat=threat,
+                                   density_runs=density_runs, engine=engine, threat=threat,
                                    seed=options["seed"])
 
     def work(model, samples, bar):

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call
 
+from atprobe import linalg
 from atprobe.attacks import pgd
 from atprobe.checkpoint import make_checkpoint, save_checkpoint
 from atprobe.cli.main import cli
@@ -124,7 +125,7 @@ def test_pyhessian_top_eigenvalues_and_trace_match_the_dense_hessian():
 def test_rows_whole_model_and_blocks_match_the_dense_hessian():
     model, split = _mlp(), _split()
     config = HessianConfig(batch_size=10, top_k=1, iterations=3000, tol=1e-13, trace_samples=600,
-                           trace_tol=0.0, blocks="module", seed=0, threat=ThreatModel(steps=STEPS))
+                           trace_tol=0.0, blocks="module", seed=0, threat=ThreatModel(steps=STEPS), engine="pyhessian")
     table = hessian.probe(model, split, config)
     assert list(table.columns) == hessian.COLUMNS
     assert table[["block", "quantity"]].values.tolist() == [
@@ -155,7 +156,7 @@ def test_one_block_agrees_with_the_whole_model_and_own_power_iteration_with_pyhe
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3, bias=False)).double().eval()
     split = _split(n=8)
     config = HessianConfig(batch_size=8, top_k=2, iterations=2000, tol=1e-12, trace_samples=5,
-                           blocks="tensor", threat=ThreatModel(steps=STEPS))
+                           blocks="tensor", threat=ThreatModel(steps=STEPS), engine="pyhessian")
     table = hessian.probe(model, split, config)
     eig = table[table["quantity"] == "eigenvalue"]
     whole, block = eig[eig["block"] == "all"], eig[eig["block"] == "1.weight"]
@@ -165,7 +166,7 @@ def test_one_block_agrees_with_the_whole_model_and_own_power_iteration_with_pyhe
     mlp = _mlp(1)
     x, y = _adversarial(mlp, _split(), seed=0)
     op = LossHessian(mlp, [(x, y)])
-    ours = hessian.power_iteration(op.operator(), op.like(), top_k=2, iterations=3000, tol=1e-13,
+    ours = hessian.top_eigenvalues(op.operator(), op.like(), top_k=2, iterations=3000, tol=1e-13,
                                    generator=torch.Generator().manual_seed(0))
     theirs, _ = hessian.pyhessian_top(mlp, [(x, y)], HessianConfig(top_k=2, iterations=3000, tol=1e-13,
                                                                    trace_samples=1))
@@ -220,8 +221,9 @@ def test_slq_density_is_a_quadrature_of_the_dense_spectrum():
           for i, p in enumerate(op.params)]
     flat = torch.cat([t.flatten() for t in v0])
     flat = flat / flat.norm()
-    alpha, beta = hessian.lanczos(op.operator(), v0, 6)
-    nodes, weights = hessian.quadrature(alpha, beta)
+    run = linalg.lanczos(op.operator(), flat[None], 6)
+    alpha, beta = run.alpha[0], run.beta[0]
+    nodes, weights = linalg.quadrature(alpha, beta)
     assert len(alpha) == 6 and len(beta) == 5
     for k in range(12):
         moment = float(flat @ torch.linalg.matrix_power(h, k) @ flat)
@@ -230,9 +232,10 @@ def test_slq_density_is_a_quadrature_of_the_dense_spectrum():
     # run to the end (up to m = P; it stops once the Krylov space is invariant, here after as
     # many steps as v sees distinct eigenvalues): every node that carries weight is an
     # eigenvalue, and the weight of each is v's squared projection on that eigenspace
-    alpha, beta = hessian.lanczos(op.operator(), v0, size)
+    run = linalg.lanczos(op.operator(), flat[None], size)
+    alpha, beta = run.alpha[0], run.beta[0]
     assert 10 < len(alpha) < size
-    nodes, weights = hessian.quadrature(alpha, beta)
+    nodes, weights = linalg.quadrature(alpha, beta)
     heavy = weights > 1e-10
     assert weights[heavy].sum() == pytest.approx(1.0, abs=1e-8)
     evals, evecs = torch.linalg.eigh(h)
@@ -377,3 +380,27 @@ def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, args, fragment):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and fragment in errors[0], result.output
     assert "Traceback" not in result.output and not out_dir.exists()
+
+
+def test_default_engine_is_atprobe_for_every_row_and_matches_the_dense_hessian():
+    model, split = _mlp(), _split()
+    config = HessianConfig(batch_size=10, iterations=3000, tol=1e-13, trace_samples=300, blocks="none", threat=ThreatModel(steps=STEPS))
+    table = hessian.probe(model, split, config)
+    assert table["method"].tolist() == ["atprobe", "atprobe"] and table["block"].tolist() == ["all", "all"]
+    x, y = _adversarial(model, split, seed=0)
+    h = _dense(model, x, y)
+    rows = table.set_index("quantity")
+    assert rows.loc["eigenvalue", "value"] == pytest.approx(float(_by_magnitude(h)[0]), rel=1e-9)
+    assert bool(rows.loc["eigenvalue", "converged"])
+    assert abs(rows.loc["trace", "value"] - float(torch.trace(h))) < 4 * _hutchinson_sigma(h) / math.sqrt(300)
+
+
+def test_forward_over_reverse_products_equal_double_backward():
+    model, split = _mlp(), _split()
+    x, y = _adversarial(model, split, seed=0)
+    for batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]):
+        rev, fwd = LossHessian(model, batches), LossHessian(model, batches, mode="forward")
+        for block in (None, [0, 1], [3]):
+            n = sum(p.numel() for p in rev.like(block))
+            v = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(fwd.operator(block)(v), rev.operator(block)(v), rtol=1e-10, atol=1e-13)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atprobe import linalg
 from atprobe.attacked import attacked_batches, model_device_dtype
 from atprobe.attacks import PGDConfig, parse_attack
 from atprobe.data import Split
@@ -225,43 +226,28 @@ def conv_operator_norm(
     check_every: int = 10,
 ) -> tuple[float, int]:
     """Largest singular value of the convolution operator (:func:`conv_operator`) and the
-    iterations used, by block power iteration (subspace iteration on ``A^T A`` with ``block``
-    vectors, QR-orthonormalized each step, Rayleigh-Ritz estimate: the largest singular value
-    of ``A V`` for orthonormal ``V``, a lower bound that increases to ``||A||_2``).
-
-    Stops after ``iterations`` or when the estimate changed by less than ``tol`` (relative)
-    over the last ``check_every`` iterations (one host sync per check). The start is drawn
-    from a CPU generator seeded with ``seed``, so it is the same on every device.
+    iterations used: ``||A||_2 = sqrt(lambda_max(A^T A))`` by
+    :func:`atprobe.linalg.block_power_iteration` on ``A^T A`` with ``block`` vectors (a batch
+    of ``block`` rows per product; the Rayleigh-Ritz estimate, the largest eigenvalue of
+    ``V^T A^T A V`` for orthonormal ``V``, is a lower bound that increases to ``||A||_2^2``).
+    Stops after ``iterations`` or when the estimate of ``||A||_2^2`` changed by less than
+    ``tol`` (relative) over the last ``check_every`` iterations (one host sync per check).
+    The start is drawn from a CPU generator seeded with ``seed``, so they are the same on every device.
     """
     forward, adjoint, _ = conv_operator(conv, weight, input_shape)
     shape = tuple(int(s) for s in input_shape)
     n = math.prod(shape)
     k = max(1, min(block, n))
     g = make_generator(seed, "cpu")
-    v = torch.randn((k, *shape), generator=g, dtype=torch.float64).to(weight.dtype).to(weight.device)
+    v0 = torch.randn((k, n), generator=g, dtype=torch.float64).to(weight.dtype).to(weight.device)
 
-    def orthonormal(t: Tensor) -> Tensor:
-        q, _ = torch.linalg.qr(t.reshape(k, n).T)
-        return q.T.reshape(k, *shape)
+    def gram(v: Tensor) -> Tensor:  # rows: A^T A v
+        return adjoint(forward(v.reshape(k, *shape))).reshape(k, n)
 
-    def estimate(av: Tensor) -> Tensor:
-        return torch.linalg.svdvals(av.reshape(k, -1))[0]
-
-    previous = None
-    value = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    done = 0
     with torch.no_grad():
-        for done in range(1, iterations + 1):
-            v = orthonormal(v)
-            av = forward(v)
-            if done % check_every == 0 or done == iterations:
-                value = estimate(av)
-                current = float(value)
-                if previous is not None and abs(current - previous) <= tol * abs(current):
-                    break
-                previous = current
-            v = adjoint(av)
-    return float(value), done
+        value, done, _ = linalg.block_power_iteration(gram, v0, iterations=iterations, tol=tol,
+                                                      check_every=check_every)
+    return float(value.clamp_min(0).sqrt()), done
 
 
 # ---------------------------------------------------------------------------- norm measures

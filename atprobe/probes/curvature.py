@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from atprobe import objectives
+from atprobe import linalg, objectives
 from atprobe.attacked import attack_batch
 from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
@@ -58,7 +58,6 @@ __all__ = [
     "AT_CHOICES",
     "COMPLEXITY_COLUMNS",
     "CurvatureConfig",
-    "PGDFields",
     "SAMPLE_COLUMNS",
     "SUMMARY_COLUMNS",
     "complexity_rows",
@@ -144,34 +143,20 @@ def input_hessian_eigenvalues(
     if len(ids) != x.shape[0]:
         raise AtprobeError(f"{len(ids)} sample ids for {x.shape[0]} samples")
     b = x.shape[0]
-    shape = (-1, *([1] * (x.dim() - 1)))
     with module_mode(model, False), frozen_parameters(model), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         loss = objectives.ce(model(xg), y).sum()  # sum: each sample's gradient keeps its own scale
         (grad,) = torch.autograd.grad(loss, xg, create_graph=True)
-        v = _starts(xg, seed, ids)
-        eig = torch.zeros(b, dtype=x.dtype, device=x.device)
-        prev = torch.full((b,), math.nan, dtype=x.dtype, device=x.device)
-        count = torch.zeros(b, dtype=torch.int64, device=x.device)
-        converged = torch.zeros(b, dtype=torch.bool, device=x.device)
-        active = torch.ones(b, dtype=torch.bool, device=x.device)
-        for _ in range(iterations):
-            (hv,) = torch.autograd.grad(grad, xg, grad_outputs=v, retain_graph=True)
-            hv = hv.detach()
-            lam = (hv * v).flatten(1).sum(dim=1)  # Rayleigh quotient of the unit v
-            norm = hv.flatten(1).norm(dim=1)
-            count += active.long()
-            eig = torch.where(active, lam, eig)
-            done = active & (((lam - prev).abs() <= tol * lam.abs()) | (norm == 0))
-            moving = active & ~done & (norm > 0)
-            v = torch.where(moving.view(shape), hv / norm.clamp_min(torch.finfo(hv.dtype).tiny).view(shape), v)
-            prev = torch.where(active, lam, prev)
-            converged |= done
-            active &= ~done
-            if not bool(active.any()):
-                break
+
+        def matvec(v: Tensor) -> Tensor:  # row i: H_i v_i, one double backward for the batch
+            (hv,) = torch.autograd.grad(grad, xg, grad_outputs=v.view_as(xg), retain_graph=True)
+            return hv.detach().reshape(b, -1)
+
+        run = linalg.lanczos(matvec, _starts(xg, seed, ids).reshape(b, -1), iterations, tol=tol)
         del grad, loss
-    return eig.detach(), count, converged
+    eig = [linalg.dominant_ritz(a, bt)[0] for a, bt in zip(run.alpha, run.beta)]
+    return (torch.tensor(eig, dtype=torch.float64).to(device=x.device, dtype=x.dtype),
+            torch.from_numpy(run.steps).to(x.device), torch.from_numpy(run.converged).to(x.device))
 
 
 def probe(model: nn.Module, data: Split, config: CurvatureConfig = CurvatureConfig(), *, progress=None) -> pd.DataFrame:

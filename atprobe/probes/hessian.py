@@ -51,10 +51,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.linalg import eigh_tridiagonal
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from atprobe import objectives
+from atprobe import linalg, objectives
 from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.attacked import attack_batch
@@ -65,6 +65,8 @@ __all__ = [
     "BLOCK_MODES",
     "COLUMNS",
     "DENSITY_COLUMNS",
+    "ENGINES",
+    "HVP_MODES",
     "HessianConfig",
     "HessianResult",
     "LOSS_POINTS",
@@ -74,13 +76,12 @@ __all__ = [
     "compute",
     "hutchinson",
     "hutchinson_samples",
-    "lanczos",
     "loss_batches",
     "parameter_blocks",
-    "power_iteration",
     "probe",
     "pyhessian_top",
     "slq",
+    "top_eigenvalues",
 ]
 
 #: Per-block rows: ``none``; ``module`` (one block per module owning parameters: a conv
@@ -94,8 +95,12 @@ LOSS_POINTS = ("adv", "natural")
 COLUMNS = ["block", "params", "quantity", "k", "value", "iterations", "converged", "std_error", "method"]
 DENSITY_COLUMNS = ["run", "node", "eigenvalue", "weight"]
 
+#: Who computes the whole model's rows: this module (:mod:`atprobe.linalg`) or pyhessian.
+ENGINES = ("atprobe", "pyhessian")
+#: Hessian-vector products: double backward or forward-over-reverse (:class:`LossHessian`).
+HVP_MODES = ("reverse", "forward")
+
 Vector = list[Tensor]
-HVP = Callable[[Vector], Vector]
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ class HessianConfig(PGDFields):
     blocks: per-block rows (:data:`BLOCK_MODES`).
     density, density_steps, density_runs: stochastic Lanczos quadrature of the whole model's
         spectrum: Lanczos steps per run (capped at the number of parameters) and runs.
+    engine: who computes the whole model's rows: ``atprobe`` (default; the same
+        :mod:`atprobe.linalg` code as the blocks) or ``pyhessian`` (the reference; blocks are
+        always atprobe's, pyhessian cannot restrict its products to a block).
     seed: the PGD starts, pyhessian's draws and this module's own.
     """
 
@@ -130,9 +138,11 @@ class HessianConfig(PGDFields):
     density: bool = False
     density_steps: int = 100
     density_runs: int = 1
+    engine: str = "atprobe"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.engine, ENGINES, "Hessian engine")
         check_choice(self.at, LOSS_POINTS, "loss point (--at)")
         check_choice(self.scope, SCOPES, "Hessian scope")
         check_choice(self.blocks, BLOCK_MODES, "block mode")
@@ -146,44 +156,6 @@ class HessianConfig(PGDFields):
                 raise AtprobeError(f"{what} must be a finite number >= 0, got {v!r}")
         if not isinstance(self.density, bool):
             raise AtprobeError(f"density must be True or False, got {self.density!r}")
-
-
-# ---------------------------------------------------------------------------- vectors
-
-
-def _dot(a: Vector, b: Vector) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def _norm(a: Vector) -> Tensor:
-    return _dot(a, a).sqrt()
-
-
-def _scale(a: Vector, c) -> Vector:
-    return [x * c for x in a]
-
-
-def _sub(a: Vector, b: Vector, c) -> Vector:
-    """a - c b"""
-    return [x - c * y for x, y in zip(a, b)]
-
-
-def _orthogonalize(w: Vector, basis: Sequence[Vector]) -> Vector:
-    """Gram-Schmidt against orthonormal ``basis`` (twice: stable in floating point)."""
-    for _ in range(2):
-        for q in basis:
-            w = _sub(w, q, _dot(w, q))
-    return w
-
-
-def _gaussian(like: Vector, generator: torch.Generator) -> Vector:
-    return [torch.randn(p.shape, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
-            for p in like]
-
-
-def _rademacher(like: Vector, generator: torch.Generator) -> Vector:
-    return [(torch.randint(0, 2, p.shape, generator=generator, device=generator.device) * 2 - 1).to(p)
-            for p in like]
 
 
 # ---------------------------------------------------------------------------- blocks and products
@@ -214,18 +186,26 @@ class LossHessian:
     ``batches`` of ``(x, y)``, optionally restricted to a block of parameters.
 
     ``hvp(v, block)``: ``H_bb v`` for the parameters at positions ``block`` of
-    :attr:`params` (all when None), ``v`` a list of tensors shaped like them. With one batch
-    the gradient graph is built once (here) and reused; with several, each product runs a
-    forward and a double backward per batch and sums the products weighted by batch size
-    (the Hessian of the mean over all samples). Forward passes run in eval mode. Gradients
-    are taken with ``torch.autograd.grad`` (``.grad`` is not touched); the parameters must
-    require grad.
+    :attr:`params` (all when None), ``v`` a list of tensors shaped like them;
+    :meth:`operator` the same as an :data:`atprobe.linalg.Matvec` on flat ``(R, P_b)`` rows.
+    With several batches each product sums the batches' products weighted by batch size (the
+    Hessian of the mean over all samples). Eval mode; buffers are constants; ``.grad`` is not
+    touched; the parameters must require grad (``mode="reverse"``).
+
+    ``mode``: ``reverse`` (default): double backward, ``H v = d/dtheta <dL/dtheta, v>``, with
+    the gradient graph built once per batch set and reused by every product (one batch: built
+    here). ``forward``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` over
+    ``torch.func.functional_call``, rows batched with ``torch.func.vmap``; it recomputes the
+    forward and backward for every product. On the 2-core CPU the reverse mode measured about
+    twice as fast per product (``benchmarks/hessian_speed.py``), so it is the default.
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], mode: str = "reverse") -> None:
         if not batches:
             raise AtprobeError("no samples for the Hessian")
+        check_choice(mode, HVP_MODES, "Hessian-vector product mode")
         self.model = model
+        self.mode = mode
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         if not self.params:
@@ -234,13 +214,15 @@ class LossHessian:
         self.total = sum(int(y.shape[0]) for _, y in self.batches)
         self.products = 0
         self._cached: tuple[Tensor, ...] | None = None
-        if len(self.batches) == 1:
+        if mode == "reverse" and len(self.batches) == 1:
             self._cached = self._grads(*self.batches[0], list(range(len(self.params))))
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return objectives.ce(self.model(x), y).sum() / self.total
 
     def _grads(self, x: Tensor, y: Tensor, block: list[int]) -> tuple[Tensor, ...]:
         with module_mode(self.model, False), torch.enable_grad():
-            loss = objectives.ce(self.model(x), y).sum() / self.total
-            return torch.autograd.grad(loss, [self.params[i] for i in block], create_graph=True,
+            return torch.autograd.grad(self._loss(x, y), [self.params[i] for i in block], create_graph=True,
                                        materialize_grads=True)
 
     def _product(self, grads: Sequence[Tensor], block: list[int], v: Vector, retain: bool) -> Vector:
@@ -252,23 +234,68 @@ class LossHessian:
                                      grad_outputs=[w for _, w in outs], retain_graph=retain, materialize_grads=True)
         return [h.detach() for h in hv]
 
+    def _forward_products(self, x: Tensor, y: Tensor, block: list[int], rows: Vector) -> Vector:
+        """Forward-over-reverse products of one batch for ``rows`` (tensors with a leading row dim)."""
+        names = [self.names[i] for i in block]
+        fixed = {n: p.detach() for n, p in zip(self.names, self.params)}
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+
+        def loss(part: dict[str, Tensor]) -> Tensor:
+            out = functional_call(self.model, ({**fixed, **part}, buffers), (x,))
+            return objectives.ce(out, y).sum() / self.total
+
+        grad = torch.func.grad(loss)
+        primal = {n: fixed[n] for n in names}
+
+        def one(*v: Tensor) -> tuple[Tensor, ...]:
+            _, tangent = torch.func.jvp(grad, (primal,), (dict(zip(names, v)),))
+            return tuple(tangent[n] for n in names)
+
+        with module_mode(self.model, False):
+            return list(torch.func.vmap(one)(*rows))
+
+    def products_of(self, rows: Vector, block: Sequence[int] | None = None) -> Vector:
+        """``H_bb v_r`` for a batch of ``R`` vectors, ``rows[j]`` of shape ``(R, *params[j].shape)``."""
+        idx = list(range(len(self.params))) if block is None else list(block)
+        count = int(rows[0].shape[0])
+        self.products += count
+        if self.mode == "forward":
+            total: Vector | None = None
+            for x, y in self.batches:
+                hv = self._forward_products(x, y, idx, rows)
+                total = hv if total is None else [a + b for a, b in zip(total, hv)]
+            assert total is not None
+            return total
+        out = []
+        for r in range(count):  # reverse mode: one double backward per vector (vmap was slower on the CPU)
+            v = [t[r] for t in rows]
+            if self._cached is not None:
+                out.append(self._product([self._cached[i] for i in idx], idx, v, retain=True))
+                continue
+            acc: Vector | None = None
+            for x, y in self.batches:
+                hv = self._product(self._grads(x, y, idx), idx, v, retain=False)
+                acc = hv if acc is None else [a + b for a, b in zip(acc, hv)]
+            assert acc is not None
+            out.append(acc)
+        return [torch.stack(parts) for parts in zip(*out)]
+
     def hvp(self, v: Vector, block: Sequence[int] | None = None) -> Vector:
         idx = list(range(len(self.params))) if block is None else list(block)
         if len(v) != len(idx):
             raise AtprobeError(f"a vector of {len(v)} tensors for a block of {len(idx)} parameters")
-        self.products += 1
-        if self._cached is not None:
-            return self._product([self._cached[i] for i in idx], idx, v, retain=True)
-        total: Vector | None = None
-        for x, y in self.batches:
-            hv = self._product(self._grads(x, y, idx), idx, v, retain=False)
-            total = hv if total is None else [a + b for a, b in zip(total, hv)]
-        assert total is not None
-        return total
+        return [t[0] for t in self.products_of([t[None] for t in v], idx)]
 
-    def operator(self, block: Sequence[int] | None = None) -> HVP:
-        """``v -> H_bb v`` for one block (all parameters when None)."""
-        return lambda v: self.hvp(v, block)
+    def operator(self, block: Sequence[int] | None = None) -> linalg.Matvec:
+        """``V -> V H_bb`` on flat rows ``(R, P_b)`` (an :data:`atprobe.linalg.Matvec`)."""
+        like = self.like(block)
+        sizes = [p.numel() for p in like]
+
+        def matvec(flat: Tensor) -> Tensor:
+            rows = [t.reshape(flat.shape[0], *p.shape) for t, p in zip(flat.split(sizes, dim=1), like)]
+            return torch.cat([t.reshape(flat.shape[0], -1) for t in self.products_of(rows, block)], dim=1)
+
+        return matvec
 
     def like(self, block: Sequence[int] | None = None) -> Vector:
         return list(self.params) if block is None else [self.params[i] for i in block]
@@ -277,8 +304,12 @@ class LossHessian:
 # ---------------------------------------------------------------------------- algorithms
 
 
-def power_iteration(
-    hvp: HVP,
+def _size(like: Vector) -> int:
+    return sum(p.numel() for p in like)
+
+
+def top_eigenvalues(
+    matvec: linalg.Matvec,
     like: Vector,
     *,
     top_k: int = 1,
@@ -287,70 +318,54 @@ def power_iteration(
     generator: torch.Generator,
 ) -> list[tuple[float, int, bool]]:
     """The ``top_k`` eigenvalues of largest magnitude (signed) of the symmetric operator
-    ``hvp``, as ``(eigenvalue, products used, converged)``, largest first.
-
-    pyhessian's algorithm, with exact unit vectors: start from a Gaussian vector; each step
-    orthogonalizes ``v`` against the eigenvectors already found (deflation), ``w = H v``,
-    ``lambda = <w, v>`` (Rayleigh quotient), ``v = w / ||w||``; stop when
-    ``|lambda - lambda_prev| / |lambda_prev| < tol`` (converged) or after ``iterations``
-    products. A zero product (``H v = 0``) gives eigenvalue 0, converged.
-    """
-    found: list[Vector] = []
+    ``matvec`` (on flat rows of the size of ``like``), as ``(eigenvalue, products used,
+    converged)``, largest first: pyhessian's algorithm with exact unit vectors, i.e.
+    :func:`atprobe.linalg.power_iteration` from a Gaussian start, deflated against the
+    eigenvectors already found, stopped when ``|lambda_t - lambda_{t-1}| <= tol |lambda_t|``."""
+    like0 = like[0]
+    found = like0.new_zeros((1, 0, _size(like)))
     out = []
     for _ in range(top_k):
-        v = _orthogonalize(_gaussian(like, generator), found)
-        v = _scale(v, 1 / _norm(v))
-        eig: float | None = None
-        used, converged = 0, False
-        for _ in range(iterations):
-            v = _orthogonalize(v, found)
-            v = _scale(v, 1 / _norm(v))
-            hv = hvp(v)
-            used += 1
-            lam = float(_dot(hv, v))
-            norm = float(_norm(hv))
-            if norm == 0 or not math.isfinite(norm):
-                eig, converged = lam, norm == 0
-                break
-            v = _scale(hv, 1 / norm)
-            if eig is not None and abs(lam - eig) / max(abs(eig), torch.finfo(like[0].dtype).tiny) < tol:
-                eig, converged = lam, True
-                break
-            eig = lam
-        assert eig is not None
-        out.append((eig, used, converged))
-        found.append(v)
+        v0 = linalg.gaussian(1, _size(like), generator=generator, dtype=like0.dtype, device=like0.device)
+        run = linalg.power_iteration(matvec, v0, iterations=iterations, tol=tol, basis=found)
+        out.append((float(run.value[0]), int(run.iterations[0]), bool(run.converged[0])))
+        found = torch.cat([found, run.vector[:, None]], dim=1)
     return out
 
 
-def hutchinson_samples(draw: Callable[[], float], *, samples: int = 100, tol: float = 1e-3) -> list[float]:
-    """Hutchinson probes ``v_j^T H v_j`` from ``draw()`` until ``samples`` of them or until the
-    running mean changes by less than ``tol`` relative to the previous running mean (after
-    at least two probes; ``tol = 0`` uses all ``samples``). pyhessian's stopping rule, with
-    the absolute value of the previous mean as denominator: pyhessian divides by the signed
-    mean plus 1e-6, so a negative running mean stops it after two probes."""
+def hutchinson_samples(draw: Callable[[], Sequence[float]], *, samples: int = 100, tol: float = 1e-3) -> list[float]:
+    """Hutchinson probes ``v_j^T H v_j`` from ``draw()`` (one or more per call) until ``samples``
+    of them or until the running mean changes by less than ``tol`` relative to the previous
+    running mean (after at least two probes; ``tol = 0`` uses all ``samples``). pyhessian's
+    stopping rule, with the absolute value of the previous mean as denominator: pyhessian
+    divides by the signed mean plus 1e-6, so a negative running mean stops it after two probes."""
     values: list[float] = []
     mean = 0.0
-    for _ in range(samples):
-        values.append(float(draw()))
-        new = float(np.mean(values))
-        if len(values) > 1 and abs(new - mean) < tol * abs(mean):
-            break
-        mean = new
+    while len(values) < samples:
+        for value in draw():
+            values.append(float(value))
+            new = float(np.mean(values))
+            if len(values) > 1 and abs(new - mean) < tol * abs(mean):
+                return values
+            mean = new
+            if len(values) == samples:
+                break
     return values
 
 
 def hutchinson(
-    hvp: HVP, like: Vector, *, samples: int = 100, tol: float = 1e-3, generator: torch.Generator
+    matvec: linalg.Matvec, like: Vector, *, samples: int = 100, tol: float = 1e-3, generator: torch.Generator,
+    chunk: int = 1,
 ) -> tuple[float, float, int]:
     """Hutchinson's trace estimate ``mean_j v_j^T H v_j`` over Rademacher ``v_j`` drawn from
-    ``generator``, as ``(estimate, standard error, probes used)``, stopped by
-    :func:`hutchinson_samples`. The standard error is ``std(v^T H v, ddof=1) / sqrt(m)``
-    (NaN for m = 1)."""
+    ``generator`` (:func:`atprobe.linalg.hutchinson`, ``chunk`` probes per ``matvec`` call), as
+    ``(estimate, standard error, probes used)``, stopped by :func:`hutchinson_samples`. The
+    standard error is ``std(v^T H v, ddof=1) / sqrt(m)`` (NaN for m = 1)."""
+    size, like0 = _size(like), like[0]
 
-    def draw() -> float:
-        v = _rademacher(like, generator)
-        return float(_dot(hvp(v), v))
+    def draw() -> list[float]:
+        v = linalg.rademacher(chunk, size, generator=generator, dtype=like0.dtype, device=like0.device)
+        return linalg.hutchinson(matvec, v).tolist()
 
     values = hutchinson_samples(draw, samples=samples, tol=tol)
     return float(np.mean(values)), _std_error(values), len(values)
@@ -360,60 +375,19 @@ def _std_error(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
-def lanczos(hvp: HVP, v0: Vector, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``steps`` Lanczos steps from ``v0`` (normalized here) with full reorthogonalization:
-    the diagonal ``alpha`` (m,) and off-diagonal ``beta`` (m - 1,) of the tridiagonal
-    ``T_m = Q^T H Q``, float64. Stops early (m < steps) when the Krylov space is invariant
-    (``beta`` at rounding level): the quadrature is then exact for ``v0``'s spectral measure.
-    Keeps ``m`` vectors of the parameters' size."""
-    q = _scale(v0, 1 / _norm(v0))
-    basis = [q]
-    alpha: list[float] = []
-    beta: list[float] = []
-    eps = torch.finfo(v0[0].dtype).eps
-    scale = 0.0
-    for j in range(steps):
-        w = hvp(q)
-        a = float(_dot(w, q))
-        alpha.append(a)
-        scale = max(scale, abs(a))
-        if j == steps - 1:
-            break
-        w = _sub(w, q, a)
-        if j > 0:
-            w = _sub(w, basis[-2], beta[-1])
-        w = _orthogonalize(w, basis)
-        b = float(_norm(w))
-        scale = max(scale, b)
-        if not b > 100 * eps * scale:
-            break
-        beta.append(b)
-        q = _scale(w, 1 / b)
-        basis.append(q)
-    return np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
-
-
-def quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss quadrature of a Lanczos run: nodes = eigenvalues of ``T`` (ascending), weights =
-    squared first components of its eigenvectors (they sum to 1)."""
-    if len(alpha) == 1:
-        return alpha.copy(), np.ones(1)
-    nodes, vectors = eigh_tridiagonal(alpha, beta)
-    return nodes, vectors[0, :] ** 2
-
-
-def slq(hvp: HVP, like: Vector, *, steps: int = 100, runs: int = 1, generator: torch.Generator) -> pd.DataFrame:
-    """Stochastic Lanczos quadrature (Ghorbani et al. 2019; pyhessian's ``density``): for
-    each run a Rademacher start ``v`` (normalized), :func:`lanczos` and :func:`quadrature`.
-    The spectral density estimate is ``phi(t) = 1/runs sum_runs sum_j weight_j delta(t - node_j)``
-    (smooth it with a Gaussian kernel to plot); ``P sum_j weight_j node_j^k`` estimates
-    ``tr H^k``. Rows (columns :data:`DENSITY_COLUMNS`): run, node (0-based, ascending
-    eigenvalue), eigenvalue, weight (each run's weights sum to 1)."""
-    size = sum(p.numel() for p in like)
+def slq(matvec: linalg.Matvec, like: Vector, *, steps: int = 100, runs: int = 1,
+        generator: torch.Generator) -> pd.DataFrame:
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019; pyhessian's ``density``) by
+    :func:`atprobe.linalg.slq` from ``runs`` Rademacher starts (the runs are the rows of one
+    batched Lanczos). The spectral density estimate is
+    ``phi(t) = 1/runs sum_runs sum_j weight_j delta(t - node_j)`` (smooth it with a Gaussian
+    kernel to plot); ``P sum_j weight_j node_j^k`` estimates ``tr H^k``. Rows (columns
+    :data:`DENSITY_COLUMNS`): run, node (0-based, ascending eigenvalue), eigenvalue, weight
+    (each run's weights sum to 1)."""
+    size, like0 = _size(like), like[0]
+    starts = linalg.rademacher(runs, size, generator=generator, dtype=like0.dtype, device=like0.device)
     rows = []
-    for run in range(runs):
-        alpha, beta = lanczos(hvp, _rademacher(like, generator), min(steps, size))
-        nodes, weights = quadrature(alpha, beta)
+    for run, (nodes, weights) in enumerate(linalg.slq(matvec, starts, min(steps, size))):
         rows += [{"run": run, "node": j, "eigenvalue": float(t), "weight": float(w)}
                  for j, (t, w) in enumerate(zip(nodes, weights))]
     return pd.DataFrame(rows, columns=DENSITY_COLUMNS)
@@ -477,7 +451,7 @@ def pyhessian_top(
         torch.default_generator.manual_seed(int(config.seed))
         if cuda:
             torch.cuda.manual_seed(int(config.seed))
-        trace = hutchinson_samples(lambda: hess.trace(maxIter=1, tol=0.0)[0], samples=config.trace_samples,
+        trace = hutchinson_samples(lambda: [hess.trace(maxIter=1, tol=0.0)[0]], samples=config.trace_samples,
                                    tol=config.trace_tol)
         del hess
     return [float(e) for e in eigenvalues], [float(t) for t in trace]
@@ -527,32 +501,33 @@ def _requiring_grad(model: nn.Module) -> Iterator[None]:
 def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig(), *, progress=None) -> HessianResult:
     """Everything ``atprobe hessian`` writes: the eigenvalue/trace table and the density.
 
-    Table rows (columns :data:`COLUMNS`), whole model first:
-
-    * ``block="all"``, ``method="pyhessian"``: ``quantity="eigenvalue"`` for k = 1..top_k
-      (``iterations``/``converged`` NA: pyhessian does not report them) and ``"trace"``
-      (``iterations`` = Hutchinson probes used, ``std_error`` their standard error);
-    * per block (``config.blocks``), ``method="atprobe"``: the same quantities of ``H_bb``
-      by :func:`power_iteration` (with ``iterations`` and ``converged``) and :func:`hutchinson`.
+    Table rows (columns :data:`COLUMNS`), whole model first (``block="all"``), then per
+    block (``config.blocks``): ``quantity="eigenvalue"`` for k = 1..top_k by
+    :func:`top_eigenvalues` (with ``iterations`` and ``converged``) and ``"trace"`` by
+    :func:`hutchinson` (``iterations`` = probes used, ``std_error`` their standard error),
+    ``method="atprobe"``, all from one :class:`LossHessian`. With ``engine="pyhessian"``
+    the whole model's rows are pyhessian's instead (``method="pyhessian"``;
+    ``iterations``/``converged`` NA on its eigenvalue rows: pyhessian does not report them).
 
     ``params`` is the block's number of parameters; ``k`` is NA on trace rows. ``progress``:
     anything with ``update(n)``, advanced once per block (the whole model counts as one).
     """
     batches = loss_batches(model, data, config)
     n = sum(int(y.shape[0]) for _, y in batches)
-    size = sum(p.numel() for p in model.parameters())
     rows: list[dict] = []
 
     def add(block, params, quantity, k, value, iterations, converged, std_error, method):
         rows.append({"block": block, "params": params, "quantity": quantity, "k": k, "value": value,
                      "iterations": iterations, "converged": converged, "std_error": std_error, "method": method})
 
-    eigenvalues, trace = pyhessian_top(model, batches, config)
-    for k, e in enumerate(eigenvalues, 1):
-        add("all", size, "eigenvalue", k, e, None, None, math.nan, "pyhessian")
-    add("all", size, "trace", None, float(np.mean(trace)), len(trace), None, _std_error(trace), "pyhessian")
-    if progress is not None:
-        progress.update(1)
+    if config.engine == "pyhessian":
+        size = sum(p.numel() for p in model.parameters())
+        eigenvalues, trace = pyhessian_top(model, batches, config)
+        for k, e in enumerate(eigenvalues, 1):
+            add("all", size, "eigenvalue", k, e, None, None, math.nan, "pyhessian")
+        add("all", size, "trace", None, float(np.mean(trace)), len(trace), None, _std_error(trace), "pyhessian")
+        if progress is not None:
+            progress.update(1)
 
     density = None
     device = next(model.parameters()).device
@@ -560,11 +535,12 @@ def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig
         hessian = LossHessian(model, batches)
         position = {name: i for i, name in enumerate(hessian.names)}
         generator = make_generator(config.seed, device)
-        for name, names in parameter_blocks(model, config.blocks):
-            block = [position[n] for n in names]
+        blocks: list[tuple[str, list[int] | None]] = [("all", None)] if config.engine == "atprobe" else []
+        blocks += [(name, [position[n] for n in names]) for name, names in parameter_blocks(model, config.blocks)]
+        for name, block in blocks:
             op, like = hessian.operator(block), hessian.like(block)
-            params = sum(p.numel() for p in like)
-            for k, (e, used, conv) in enumerate(power_iteration(op, like, top_k=config.top_k,
+            params = _size(like)
+            for k, (e, used, conv) in enumerate(top_eigenvalues(op, like, top_k=config.top_k,
                                                                 iterations=config.iterations, tol=config.tol,
                                                                 generator=generator), 1):
                 add(name, params, "eigenvalue", k, e, used, conv, math.nan, "atprobe")
@@ -590,7 +566,7 @@ def probe(model: nn.Module, data: Split, config: HessianConfig = HessianConfig()
 
 def complexity_rows(model: nn.Module, samples: Split, config: HessianConfig = HessianConfig()) -> pd.DataFrame:
     """The rows of ``atprobe complexity`` (columns :data:`~atprobe.probes.curvature.COMPLEXITY_COLUMNS`):
-    measure ``hessian``, the whole model's (pyhessian) values only (no per-block rows, no
+    measure ``hessian``, the whole model's values only (by ``config.engine``) (no per-block rows, no
     density, whatever ``config`` says): variants ``top<k>;at=<at>;scope=<scope>`` and
     ``trace;at=<at>;scope=<scope>``; ``reason`` '' or why the value is NaN."""
     config = replace(config, blocks="none", density=False)
