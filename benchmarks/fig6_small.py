@@ -35,8 +35,7 @@ import torch
 from scipy import stats
 
 from atprobe.checkpoint import load_checkpoint
-from atprobe.data import load_dataset
-from atprobe.inputs import first_n, with_checkpoint_labels
+from atprobe.study import DataSource, SampleSpec, Study
 from atprobe.io import run_meta, write_json, write_table
 from atprobe.probes import complexity as cx
 from atprobe.runtime import prepare_model, resolve_device
@@ -122,9 +121,9 @@ def train_all(args, dataset: str, data_dir: str | None, device) -> dict[str, dic
 
 
 def measure_all(args, runs: dict, dataset: str, data_dir: str | None, device) -> tuple[pd.DataFrame, dict]:
-    data = load_dataset(dataset, data_dir)
-    train_base = first_n(data.train, args.n)
-    test = first_n(data.test, args.n)
+    study = Study([run["path"] for run in runs.values()], data=DataSource(dataset, data_dir))
+    spec = SampleSpec(split="train", n=args.n)
+    train_base, test = study.base(spec), study.base(SampleSpec(split="test", n=args.n))
     main = cx.ComplexityConfig(measures=("spectral", "l1", "margin", "gap"), margin=True, seed=args.seed)
     externals = external_configs(args)
     landscape = cx.ComplexityConfig(measures=tuple(externals), seed=args.seed, **externals) if externals else None
@@ -133,7 +132,7 @@ def measure_all(args, runs: dict, dataset: str, data_dir: str | None, device) ->
         ckpt = load_checkpoint(run["path"])
         stubs.append(dataclasses.replace(ckpt, state_dict={}, raw={}))
         model = prepare_model(ckpt.build_model(), device)
-        samples = with_checkpoint_labels(train_base, ckpt, "trained", "train")
+        samples = study.samples(ckpt, spec, train_base)
         start = time.perf_counter()
         parts = [cx.probe(model, samples, main, test=test)]
         for on, q in EXTRA_MARGINS:  # only the margin and the divided rows (the undivided are above)

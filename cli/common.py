@@ -13,6 +13,7 @@ from tqdm import tqdm
 from atprobe.data import DATASETS
 from atprobe.errors import AtprobeError
 from atprobe.runtime import resolve_device
+from atprobe.study import DEFAULT_N, LABEL_MODES, SPLITS, DataSource, ModelSource, SampleSpec
 from atprobe.threat import NORMS, STARTS, ThreatModel
 
 
@@ -107,7 +108,7 @@ def common_options(func: Callable) -> Callable:
 
 
 def data_options(func: Callable) -> Callable:
-    """``--dataset``, ``--data-dir``, ``--download``."""
+    """``--dataset``, ``--data-dir``, ``--download``: one ``atprobe.study.DataSource`` passed as ``data``."""
 
     @click.option("--dataset", type=click.Choice(DATASETS), default=None,
                   help="Dataset to use (default: the one the checkpoints record).")
@@ -116,14 +117,15 @@ def data_options(func: Callable) -> Callable:
                        "for npz, the .npz file or a folder with train.npz/test.npz.")
     @click.option("--download", is_flag=True, help="Fetch a missing dataset (MD5-verified).")
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+    def wrapper(*args, dataset, data_dir, download, **kwargs):
+        return func(*args, data=DataSource(dataset, data_dir, download), **kwargs)
 
     return wrapper
 
 
 def foreign_options(func: Callable) -> Callable:
-    """How to read checkpoints that atprobe did not write."""
+    """How to read checkpoints that atprobe did not write: one ``atprobe.study.ModelSource``
+    passed as ``models``."""
 
     @click.option("--arch", default=None, metavar="NAME",
                   help="Architecture of foreign checkpoints (bare state_dicts), e.g. wrn-34-10.")
@@ -133,10 +135,73 @@ def foreign_options(func: Callable) -> Callable:
                   help="Input normalization for foreign checkpoints: none = the weights take [0,1] "
                        "images (TRADES, MART, AWP); dataset = subtract the dataset mean, divide by std.")
     @functools.wraps(func)
+    def wrapper(*args, arch, num_classes, normalize, **kwargs):
+        return func(*args, models=ModelSource(arch, num_classes, normalize), **kwargs)
+
+    return wrapper
+
+
+def sample_options(func: Callable | None = None, *, split: str = "train", default_n: int | None = DEFAULT_N,
+                   all_flag: bool = False) -> Callable:
+    """``--split``, ``--n`` (and ``--all``), ``--labels``: one ``atprobe.study.SampleSpec``
+    passed as ``samples``."""
+
+    def decorate(f: Callable) -> Callable:
+        what = "the whole split" if default_n is None else f"{default_n}, or the whole split if smaller"
+
+        @click.option("--split", type=click.Choice(SPLITS), default=split, show_default=True,
+                      help="Which split the samples come from.")
+        @click.option("--n", type=int, default=None, help=f"The first N samples of the split (default {what}).")
+        @click.option("--labels", type=click.Choice(LABEL_MODES), default="trained", show_default=True,
+                      help="On train/val: the labels the checkpoint was trained on, or the true ones.")
+        @functools.wraps(f)
+        def wrapper(*args, split, n, labels, all_samples=False, **kwargs):
+            if all_samples and n is not None:
+                raise AtprobeError("give --n N or --all, not both")
+            spec = SampleSpec(split=split, n=n, labels=labels, default_n=None if all_samples else default_n)
+            return f(*args, samples=spec, **kwargs)
+
+        if all_flag:
+            wrapper = click.option("--all", "all_samples", is_flag=True, help="Probe the whole split.")(wrapper)
+        return wrapper
+
+    return decorate(func) if func is not None else decorate
+
+
+def attack_options(func: Callable) -> Callable:
+    """The gradient probes' attack options: the threat model (``threat_options``), TRADES'
+    ``--beta`` and the per-sample-gradient ``--chunk-size``."""
+
+    @threat_options
+    @click.option("--beta", type=NUMBER, default=6.0, show_default=True, help="TRADES' weight on the KL term.")
+    @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+                  help="Samples per per-sample-gradient chunk (memory: chunk x parameters floats). Default: "
+                       "--batch-size, capped to fit 4 GiB on the CPU or a quarter of the GPU's memory.")
+    @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def output_option(default: str) -> Callable:
+    """``--output/-o``: the main table (extra tables go beside it)."""
+    return click.option("--output", "-o", type=click.Path(dir_okay=False), default=default, show_default=True,
+                        help="The CSV to write (a .meta.json goes beside it).")
+
+
+def bars(quiet: bool) -> Callable[[int, str], tqdm]:
+    """The progress factory of ``atprobe.study``: a bar per call (silent when ``quiet``)."""
+    return lambda total, desc: progress(total, desc, quiet)
+
+
+def finish(tables, output: str, quiet: bool) -> None:
+    """Write ``tables`` (``atprobe.study.Tables``) to ``output`` and echo the shown part."""
+    tables.write(output)
+    if not quiet:
+        shown = tables.main if tables.shown is None else tables.shown
+        click.echo(shown.to_string(index=False), err=True)
+        click.echo(f"wrote {output}", err=True)
 
 
 def progress(total: int, desc: str, quiet: bool) -> tqdm:

@@ -51,26 +51,22 @@ def cli() -> None:
 
 def _register() -> None:
     from atprobe.cli.complexity import complexity_command
+    from atprobe.cli.curvature import curvature_command
     from atprobe.cli.demo import demo_command
-    from atprobe.cli.evaluate import eval_command
+    from atprobe.cli.eval import eval_command
+    from atprobe.cli.flatness import flatness_command
+    from atprobe.cli.gradcos import gradcos_command
+    from atprobe.cli.gradnorm import gradnorm_command
     from atprobe.cli.hardness import hardness_command
-    from atprobe.cli.landscape import curvature_command, flatness_command, hessian_command
+    from atprobe.cli.hessian import hessian_command
     from atprobe.cli.plot import plot_command
-    from atprobe.cli.probes_grad import gradcos_command, gradnorm_command, stability_command
+    from atprobe.cli.stability import stability_command
     from atprobe.cli.train import train_command
 
-    cli.add_command(train_command)
-    cli.add_command(eval_command)
-    cli.add_command(gradnorm_command)
-    cli.add_command(stability_command)
-    cli.add_command(gradcos_command)
-    cli.add_command(hardness_command)
-    cli.add_command(complexity_command)
-    cli.add_command(curvature_command)
-    cli.add_command(hessian_command)
-    cli.add_command(flatness_command)
-    cli.add_command(plot_command)
-    cli.add_command(demo_command)
+    for command in (train_command, eval_command, gradnorm_command, stability_command, gradcos_command,
+                    hardness_command, complexity_command, curvature_command, hessian_command, flatness_command,
+                    plot_command, demo_command):
+        cli.add_command(command)
 
 
 _register()

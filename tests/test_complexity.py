@@ -25,7 +25,6 @@ from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.foldbn import bn_affine, fold_bn, norm_layers, trace_layers
 from atprobe.models import build_model, weight_layers
 from atprobe.probes import complexity as cx
-from atprobe.runtime import make_generator
 from atprobe.threat import ThreatModel
 from atprobe.starts import Starts
 
@@ -567,7 +566,7 @@ def _bad_inputs(root, ckpts):
         "n 0": ([a, "--measures", "margin", "--n", "0"], "--n"),
         "n too large": ([a, "--measures", "margin", "--n", str(10**6)], "larger than the split"),
         "missing": ([root / "nope.pt", "--measures", "l1"], "not found"),
-        "empty run dir": ([empty_dir, "--measures", "l1"], "not a run directory"),
+        "empty run dir": ([empty_dir, "--measures", "l1"], "no checkpoints in this directory"),
         "eps 8": ([a, "--measures", "margin", "--eps", "8"], "8/255"),
     }
 

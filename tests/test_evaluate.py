@@ -385,9 +385,10 @@ def _bad_inputs(root, ckpts):
     foreign = root / "foreign.pt"
     torch.save(torch.load(ckpts["a"], weights_only=True)["model"], foreign)
     a = ckpts["a"]
+    (root / "no_checkpoints").mkdir(exist_ok=True)
     return {
         "missing": ([root / "nope.pt"], "not found"),
-        "directory": ([root], "directory"),
+        "directory": ([root / "no_checkpoints"], "no checkpoints in this directory"),
         "text": ([text], "not a readable PyTorch checkpoint"),
         "random bytes": ([noise], "not a readable PyTorch checkpoint"),
         "empty file": ([empty], "not a readable PyTorch checkpoint"),

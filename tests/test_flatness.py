@@ -11,7 +11,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from atprobe.attacks import PGDConfig
 from atprobe.checkpoint import make_checkpoint, save_checkpoint
-from atprobe.cli.hardness import checkpoint_paths, model_names
+from atprobe.checkpoint import load_checkpoint
+from atprobe.study import expand_checkpoints, model_names
 from atprobe.cli.main import cli
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
@@ -267,6 +268,11 @@ def _invoke(*args, monkeypatch=None):
     return CliRunner().invoke(cli, args, prog_name="atprobe")
 
 
+def checkpoint_paths(args):
+    """The files the one expansion rule (``atprobe.study.expand_checkpoints``) reads."""
+    return [c.path for c in expand_checkpoints(args, load_checkpoint)]
+
+
 def _ok(result):
     assert result.exit_code == 0, (result.output, result.exception)
     return result
@@ -274,9 +280,10 @@ def _ok(result):
 
 def test_checkpoint_paths_and_names(ckpts):
     paths = checkpoint_paths([str(ckpts["rundir"]), str(ckpts["a"])])
-    assert [p.name for p in paths] == ["epoch_0001.pt", "epoch_0002.pt", "final.pt", "model.pt"]
+    # final.pt holds the epoch its epoch files hold (copies of one model here): left out as a copy
+    assert [p.name for p in paths] == ["epoch_0001.pt", "epoch_0002.pt", "model.pt"]
     assert model_names([ckpts["a"], ckpts["b"], ckpts["noisy"]]) == ["a/model.pt", "b/model.pt", "noisy.pt"]
-    assert model_names(paths[:3]) == ["epoch_0001.pt", "epoch_0002.pt", "final.pt"]
+    assert model_names(paths[:2]) == ["epoch_0001.pt", "epoch_0002.pt"]
     with pytest.raises(AtprobeError, match="given twice"):
         model_names([ckpts["a"], ckpts["a"].parent / ".." / "a" / "model.pt"])
 
@@ -360,11 +367,15 @@ def test_a_model_compared_with_itself_has_tau_one(ckpts, tmp_path):
 
 
 def test_a_directory_gives_all_pairs(ckpts, tmp_path):
+    """A plain folder of models (not a run directory) stands for its *.pt files by name."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("x.pt", "y.pt", "z.pt", "last.pt"):
+        shutil.copyfile(ckpts["a"], folder / name)
     out = tmp_path / "dir"
-    _ok(_invoke("hardness", ckpts["rundir"], "--n", "8", "--attack", "fgsm", "--out", out, "--device", "cpu", "-q"))
+    _ok(_invoke("hardness", folder, "--n", "8", "--attack", "fgsm", "--out", out, "--device", "cpu", "-q"))
     con = pd.read_csv(out / "consistency.csv")
-    assert len(con) == 3 and set(con["model_a"]) | set(con["model_b"]) == {
-        "epoch_0001.pt", "epoch_0002.pt", "final.pt"}
+    assert len(con) == 3 and set(con["model_a"]) | set(con["model_b"]) == {"x.pt", "y.pt", "z.pt"}
     assert con["kendall_tau"].tolist() == pytest.approx([1.0] * 3, abs=1e-12)  # copies of one model
     assert (con["top_k_overlap"] == 1.0).all()
 
@@ -372,7 +383,7 @@ def test_a_directory_gives_all_pairs(ckpts, tmp_path):
 def _bad_cases(c):
     return {
         "one model": (["hardness", c["a"]], "at least two"),
-        "directory of last.pt only": (["hardness", c["lonely"]], "no *.pt"),
+        "directory of last.pt only": (["hardness", c["lonely"]], "no checkpoints in this directory"),
         "same file twice": (["hardness", c["a"], c["a"]], "given twice"),
         "classes differ": (["hardness", c["a"], c["classes5"]], "different numbers of classes"),
         "n too large": (["hardness", c["a"], c["b"], "--n", "4001"], "larger than the split"),
@@ -442,4 +453,4 @@ def test_training_run_directory_leaves_out_copies_of_its_epochs(tmp_path):
     (run / "config.json").write_text("{}")
     assert [p.name for p in checkpoint_paths([str(run)])] == ["epoch_0001.pt", "epoch_0002.pt"]
     _save(run / "best.pt", seed=3, epoch=3)
-    assert [p.name for p in checkpoint_paths([str(run)])] == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    assert [p.name for p in checkpoint_paths([str(run)])] == ["epoch_0001.pt", "epoch_0002.pt", "best.pt"]

@@ -20,9 +20,7 @@ loads checkpoints one by one).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import pandas as pd
@@ -35,13 +33,10 @@ from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
 from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
-__all__ = ["COLUMNS", "GradCosConfig", "check_same_architecture", "order_by_epoch", "probe", "run_checkpoints"]
+__all__ = ["COLUMNS", "GradCosConfig", "check_same_architecture", "order_by_epoch", "probe"]
 
 COLUMNS = ["pair", "checkpoint_a", "checkpoint_b", "epoch_a", "epoch_b", "loss", "n",
            "cos_mean", "cos_std", "dist_mean", "dist_std"]
-
-_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-
 
 @dataclass(frozen=True)
 class GradCosConfig(AttackOptions):
@@ -58,22 +53,6 @@ class GradCosConfig(AttackOptions):
     def __post_init__(self) -> None:
         check_choice(self.loss, OBJECTIVES, "loss")
         super().__post_init__()
-
-
-def run_checkpoints(run_dir: str | Path) -> tuple[list[Path], Path | None]:
-    """The per-epoch checkpoints of an ``atprobe train`` run directory, ``epoch_*.pt``
-    sorted by the epoch in the name, and its ``final.pt`` (None when absent).
-    ``best.pt`` and ``last.pt`` are copies of epochs and are not listed."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AtprobeError(f"{run_dir} is not a run directory")
-    found = []
-    for p in run_dir.iterdir():
-        m = _EPOCH_FILE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p.name, p))
-    final = run_dir / "final.pt"
-    return [p for _, _, p in sorted(found)], (final if final.is_file() else None)
 
 
 def order_by_epoch(checkpoints: Sequence) -> list:

@@ -1,0 +1,386 @@
+"""The work of each command, as a library call: ``atprobe COMMAND`` parses its options,
+builds these typed arguments, calls the function named after it and writes the
+:class:`~atprobe.study.Tables` it returns. The demo and notebooks call the same functions.
+
+Each function takes a :class:`~atprobe.study.Study` (the checkpoints and their data), a
+:class:`~atprobe.study.SampleSpec` where it probes samples, the probe's frozen config, the
+device and a progress factory, runs the probe over the checkpoints through the study layer
+and returns its tables with their meta record (docs/probes/ for each table's columns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from atprobe.attacks import AttackSpec
+from atprobe.errors import AtprobeError
+from atprobe.io import atomic_write_bytes, write_table
+from atprobe.evaluate import EvalConfig, evaluate
+from atprobe.models import canonical_arch
+from atprobe.probes import complexity as complexity_probe
+from atprobe.probes import curvature as curvature_probe
+from atprobe.probes import flatness as flatness_probe
+from atprobe.probes import gradcos as gradcos_probe
+from atprobe.probes import gradnorm as gradnorm_probe
+from atprobe.probes import hardness as hardness_probe
+from atprobe.probes import hessian as hessian_probe
+from atprobe.probes import stability as stability_probe
+from atprobe.probes._gradutil import auto_chunk_size
+from atprobe.runtime import prepare_model
+from atprobe.study import (PREFIX, Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint,
+                           prefix)
+
+__all__ = [
+    "complexity",
+    "curvature",
+    "evaluation",
+    "flatness",
+    "gradcos",
+    "gradnorm",
+    "hardness",
+    "hessian",
+    "stability",
+    "write_hardness",
+]
+
+
+def _chunk(model: torch.nn.Module, chunk_size: int | None, batch_size: int, copies: int) -> int:
+    """An explicit chunk size, or the batch size capped to fit the device's budget."""
+    return chunk_size if chunk_size is not None else auto_chunk_size(model, batch_size, copies)
+
+
+def _fields(spec: SampleSpec | None, study: Study, n: int | None, batch_size: int | None,
+            device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if spec is not None:
+        out.update(split=spec.split, n=n, labels=spec.labels)
+    out.update(batch_size=batch_size, device=str(device))
+    return out
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, *, threat=None,
+               seed: int = 0, progress: Progress = no_progress) -> Tables:
+    """``atprobe eval``: one row per (checkpoint, attack); columns checkpoint, split, then
+    ``atprobe.evaluate.EVAL_COLUMNS``."""
+    def probe(model, samples, ckpt, bar):
+        return {"": evaluate(model, samples, config, progress=bar)}
+
+    tables = per_checkpoint(study, spec, probe, device, columns=("checkpoint", "split"), name="eval",
+                            units=lambda m, s: len(s) * len(config.attacks), progress=progress)
+    n = len(study.base(spec))
+    meta = study.meta({"attacks": [a.name for a in config.attacks]}, seed=seed, threat=threat,
+                      **_fields(spec, study, n, config.batch_size, device))
+    return Tables(tables[""], meta)
+
+
+# ---------------------------------------------------------------------------- gradient probes
+
+
+def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConfig, device: torch.device, *,
+             chunk_size: int | None = None, batch_size: int = 256, per_sample: bool = False,
+             progress: Progress = no_progress) -> Tables:
+    """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
+    (``.samples``)."""
+    if config.noisy_vs_clean and (spec.labels != "trained" or spec.split == "test"):
+        raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained on the "
+                           "train or val split")
+    chunks: list[int] = []
+
+    def probe(model, samples, ckpt, bar):
+        cfg = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=1))
+        chunks.append(cfg.chunk_size)
+        table = gradnorm_probe.per_sample(model, samples, cfg, progress=bar)
+        return {"": gradnorm_probe.summarize(table, cfg), ".samples": table}
+
+    tables = per_checkpoint(study, spec, probe, device, name="gradnorm", units=lambda m, s: 4 * len(s),
+                            progress=progress)
+    meta = study.meta(config, seed=config.seed, chunk_size=chunks,
+                      **_fields(spec, study, len(study.base(spec)), batch_size, device))
+    summary = tables[""]
+    shown = summary[(summary["group"] == "all") & (summary["statistic"].isin(["mean", "ratio_of_means"]))]
+    extra = {".samples": tables[".samples"]} if per_sample else {}
+    return Tables(summary, meta, extra, names={".samples": "per-sample"}, main_name="summary", shown=shown)
+
+
+def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityConfig, device: torch.device, *,
+              init_arch: str | None = None, chunk_size: int | None = None, batch_size: int = 256,
+              progress: Progress = no_progress) -> Tables:
+    """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
+    (seeded by ``config.seed``, on the study's dataset with its true labels)."""
+    if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
+        raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
+    extra: dict[str, Any] = {}
+    base = study.base(spec)
+    if init_arch is None:
+        ckpt = study.checkpoints[0]
+        samples, model, name = study.samples(ckpt, spec, base), study.model(ckpt, device), str(ckpt.path)
+        labels = spec.labels
+    else:
+        if study.models_source.arch is not None:
+            raise AtprobeError("--arch names the architecture of foreign checkpoints; with --init give it as --init ARCH")
+        arch, data = canonical_arch(init_arch), study.dataset
+        if study.models_source.num_classes not in (None, data.num_classes):
+            raise AtprobeError(f"--num-classes {study.models_source.num_classes} does not match dataset {data.name} "
+                               f"({data.num_classes} classes)")
+        norm = {"mean": data.mean, "std": data.std} if study.models_source.normalize == "dataset" else {}
+        samples = base.with_labels(base.true_y)  # a fresh model was trained on nothing
+        model = prepare_model(stability_probe.init_model(arch, data.num_classes, config.seed, **norm), device)
+        name, labels = f"init:{arch}", "true"
+        extra = {"init": {"arch": arch, "seed": config.seed, "num_classes": data.num_classes,
+                          "normalize": study.models_source.normalize}}
+    config = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=2))
+    total = len(samples) * len(config.losses) * config.directions * len(config.lambdas)
+    with progress(total, f"stability {name}") as bar:
+        table = stability_probe.probe(model, samples, config, progress=bar)
+    table = prefix(table, {"checkpoint": name, "split": spec.split, "labels": labels})
+    meta = study.meta(config, seed=config.seed, extra=extra, **_fields(spec, study, len(samples), batch_size, device))
+    if init_arch is not None:
+        meta["config"]["dataset"] = study.dataset.name
+    return Tables(table, meta)
+
+
+def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig, device: torch.device, *,
+            chunk_size: int | None = None, batch_size: int = 256, progress: Progress = no_progress) -> Tables:
+    """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
+    on the same samples with the first checkpoint's labels."""
+    stubs = gradcos_probe.order_by_epoch(study.checkpoints)
+    if len(stubs) < 2:
+        raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
+    for what, values in (("architectures", {s.arch for s in stubs}),
+                         ("numbers of classes", {s.num_classes for s in stubs})):
+        if len(values) > 1:
+            raise AtprobeError(f"the checkpoints have different {what} ({', '.join(map(str, sorted(values)))})")
+    base = study.base(spec)
+    samples = study.samples(stubs[0], spec, base)
+    for s in stubs[1:]:
+        if not torch.equal(study.samples(s, spec, base).y, samples.y):
+            raise AtprobeError(f"{s.path} was trained on other labels than {stubs[0].path}: use --labels true")
+    first = study.model(stubs[0], device)
+    config = dataclasses.replace(config, chunk_size=_chunk(first, chunk_size, batch_size, copies=2))
+
+    def models():
+        yield first
+        for s in stubs[1:]:
+            yield study.model(s, device)
+
+    with progress(len(samples) * (len(stubs) - 1), "gradcos") as bar:
+        table = gradcos_probe.probe(models(), samples, config, names=[str(s.path) for s in stubs],
+                                    epochs=[s.epoch for s in stubs], progress=bar)
+    table.insert(5, "labels", spec.labels)
+    table.insert(5, "split", spec.split)
+    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(samples), batch_size, device))
+    return Tables(table, meta)
+
+
+# ---------------------------------------------------------------------------- landscape probes
+
+
+def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureConfig, device: torch.device, *,
+              per_sample: bool = False, progress: Progress = no_progress) -> Tables:
+    """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``)."""
+    def probe(model, samples, ckpt, bar):
+        table = curvature_probe.probe(model, samples, config, progress=bar)
+        out = {"": curvature_probe.summarize(table)}
+        if per_sample:
+            out[".samples"] = table
+        for df in out.values():
+            df.insert(0, "at", config.at)
+        return out
+
+    tables = per_checkpoint(study, spec, probe, device, name="curvature", progress=progress)
+    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+                                                             device))
+    main = tables[""]
+    return Tables(main, meta, {k: v for k, v in tables.items() if k})
+
+
+def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig, device: torch.device, *,
+            progress: Progress = no_progress) -> Tables:
+    """``atprobe hessian``: eigenvalues and traces (main) and the density (``.density``)."""
+    def probe(model, samples, ckpt, bar):
+        result = hessian_probe.compute(model, samples, config, progress=bar)
+        out = {"": result.table}
+        if result.density is not None:
+            out[".density"] = result.density
+        for df in out.values():
+            df.insert(0, "n", result.n)
+            df.insert(0, "scope", config.scope)
+            df.insert(0, "at", config.at)
+        return out
+
+    def units(model, samples):
+        return 1 + len(hessian_probe.parameter_blocks(model, config.blocks))
+
+    tables = per_checkpoint(study, spec, probe, device, name="hessian", units=units, progress=progress)
+    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+                                                             device))
+    main = tables[""]
+    shown = main[["checkpoint", "block", "quantity", "k", "value", "iterations", "method"]]
+    return Tables(main, meta, {k: v for k, v in tables.items() if k}, shown=shown)
+
+
+def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConfig, device: torch.device, *,
+             curve: bool = False, progress: Progress = no_progress) -> Tables:
+    """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``)."""
+    def probe(model, samples, ckpt, bar):
+        table = flatness_probe.probe(model, samples, config, progress=bar)
+        out = {"": flatness_probe.summarize(table, config)}
+        if curve:
+            out[".curve"] = table
+        return out
+
+    points = 1 + config.directions * sum(1 for v in config.lambdas if v != 0)
+    tables = per_checkpoint(study, spec, probe, device, name="flatness", units=lambda m, s: points * len(s),
+                            progress=progress)
+    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+                                                             device))
+    return Tables(tables[""], meta, {k: v for k, v in tables.items() if k})
+
+
+# ---------------------------------------------------------------------------- complexity
+
+
+def label_noise(ckpt) -> float | None:
+    """The fraction of training labels the checkpoint's run replaced by random ones (0 = true
+    labels, 1 = random labels; Fig. 6 marks the two kinds apart); None when unrecorded."""
+    value = (ckpt.label_spec or {}).get("label_noise")
+    return None if value is None else float(value)
+
+
+#: Columns of the complexity table.
+COMPLEXITY_CSV_COLUMNS = ["checkpoint", "epoch", "label_noise", "measure", "variant", "value", "reason", "n"]
+
+
+def complexity(study: Study, config: complexity_probe.ComplexityConfig, device: torch.device, *,
+               n: int | None = None, progress: Progress = no_progress) -> Tables:
+    """``atprobe complexity``: every measure of every checkpoint; the data-dependent measures
+    on the first ``n`` training samples (trained labels) and, for ``gap``, test samples."""
+    train = test = None
+    if config.needs_data:
+        train = study.base(SampleSpec(split="train", n=n))
+        if "gap" in config.measures:
+            test = study.base(SampleSpec(split="test", n=n))
+    spec = SampleSpec(split="train", n=n, labels="trained")
+    frames = []
+    with progress(len(study.checkpoints), "complexity") as bar:
+        for ckpt in study.checkpoints:
+            model = study.model(ckpt, device)
+            samples = None if train is None else study.samples(ckpt, spec, train)
+            df = complexity_probe.probe(model, samples, config, test=test)
+            df.insert(0, "label_noise", pd.array([label_noise(ckpt)] * len(df), dtype="Float64"))
+            frames.append(prefix(df, {"checkpoint": str(ckpt.path), "epoch": ckpt.epoch}))
+            del model
+            if bar is not None:
+                bar.update(1)
+    table = pd.concat(frames, ignore_index=True)[COMPLEXITY_CSV_COLUMNS]
+    meta = study.meta(complexity_probe.config_record(config), seed=config.seed, threat=config.threat,
+                      n_train=None if train is None else len(train), n_test=None if test is None else len(test),
+                      labels="trained (train), true (test)", batch_size=config.batch_size, device=str(device))
+    return Tables(table, meta)
+
+
+# ---------------------------------------------------------------------------- hardness
+
+
+@dataclass(frozen=True)
+class HardnessOutput:
+    """What ``hardness`` writes besides its tables: the two figures, as PNG bytes."""
+
+    gallery_png: bytes
+    sorted_png: bytes
+
+
+def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConfig, device: torch.device, *,
+             gallery_k: int = 10, gallery_size: tuple[int, int] | None = None,
+             progress: Progress = no_progress) -> tuple[Tables, HardnessOutput, list[str]]:
+    """``atprobe hardness``: per-sample losses (``.per_sample`` is the main table's sibling),
+    the consistency table, the figures, and notes for the user. Model names are the paths
+    relative to their common folder."""
+    stubs = study.checkpoints
+    if len(stubs) < 2:
+        raise AtprobeError(f"hardness compares at least two checkpoints (or a directory of them), got {len(stubs)}")
+    if gallery_k < 1:
+        raise AtprobeError(f"--gallery-k must be >= 1, got {gallery_k}")
+    names = model_names([s.path for s in stubs])
+    by_name = dict(zip(names, stubs))
+    classes = {name: s.num_classes for name, s in by_name.items()}
+    if len(set(classes.values())) > 1:
+        listed = ", ".join(f"{name}: {c}" for name, c in classes.items())
+        raise AtprobeError(f"the checkpoints have different numbers of classes ({listed})")
+    notes = _check_same_data(stubs, study.dataset_name, spec.split)
+    base = study.base(spec)
+    samples = {name: study.samples(s, spec, base) for name, s in by_name.items()}
+    used = {name: spec.labels_used(s) for name, s in by_name.items()}
+    differ = {name: int((samples[name].y != samples[name].true_y).sum()) for name in by_name}
+    models = study.lazy_models(device, names)
+    with progress(len(base) * len(stubs), "hardness") as bar:
+        per_sample = hardness_probe.per_sample_losses(models, samples, config, progress=bar)
+    table = hardness_probe.consistency(per_sample, config.top_k)
+    first = names[0]
+    gallery = hardness_probe.hardest_gallery(models[first], samples[first], per_sample, config, k=gallery_k,
+                                             class_names=study.dataset.class_names, size=gallery_size,
+                                             model_name=first)
+    figures = HardnessOutput(hardness_probe.png_bytes(gallery),
+                             hardness_probe.png_bytes(hardness_probe.sorted_loss_figure(per_sample)))
+    spec_attack: AttackSpec = config.spec
+    meta = study.meta(config, seed=config.seed, attack_name=spec_attack.name,
+                      attack_config=None if spec_attack.config is None else dataclasses.asdict(spec_attack.config),
+                      split=spec.split, n=len(base), labels=spec.labels, gallery_k=gallery_k,
+                      gallery_size=list(gallery_size or hardness_probe.default_gallery_size(min(gallery_k, len(base)))),
+                      device=str(device),
+                      extra={"models": {name: str(s.path) for name, s in by_name.items()}, "labels_used": used,
+                             "labels_differing_from_true": differ})
+
+    def why(name: str) -> str:
+        if used[name] == "trained":
+            return f" ({differ[name]} of {len(base)} differ from the true labels)"
+        if spec.labels == "true":
+            return ""
+        return " (test split)" if spec.split == "test" else " (no stored training labels)"
+
+    notes.append(f"hardness: {len(stubs)} models, {len(base)} {spec.split} samples of {study.dataset.name}, "
+                 f"{spec_attack.name} ({config.threat.describe()}); labels: "
+                 + "; ".join(f"{name} {used[name]}{why(name)}" for name in by_name))
+    tables = Tables(table, meta, {"per_sample": per_sample}, names={"per_sample": "per-sample"},
+                    main_name="consistency")
+    return tables, figures, notes
+
+
+def write_hardness(out_dir, tables: Tables, figures: HardnessOutput) -> Path:
+    """``per_sample.csv``, ``consistency.csv`` (each with its .meta.json), ``hardest.png`` and
+    ``sorted.png`` in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    write_table(tables.extra["per_sample"], out / "per_sample.csv", {**tables.meta, "table": "per-sample"})
+    write_table(tables.main, out / "consistency.csv", {**tables.meta, "table": "consistency"})
+    atomic_write_bytes(out / "hardest.png", figures.gallery_png)
+    atomic_write_bytes(out / "sorted.png", figures.sorted_png)
+    return out
+
+
+def _check_same_data(stubs: Sequence, dataset: str, split: str) -> list[str]:
+    """One-line error if the checkpoints were trained on different synthetic data; notes
+    (returned) if they carved different validation splits off the training set."""
+    notes = []
+    cfgs = [(s.train_config or {}) for s in stubs]
+    if dataset == "synthetic":
+        seeds = {int(c.get("synthetic_seed", 0) or 0) for c in cfgs}
+        if len(seeds) > 1:
+            raise AtprobeError(f"the checkpoints were trained on different synthetic data (synthetic seeds "
+                               f"{', '.join(map(str, sorted(seeds)))}): they share no samples")
+    carve = {(int(c.get("val_size", 0) or 0), int(c.get("val_seed", 0) or 0)) for c in cfgs}
+    if len(carve) > 1 and split != "test":
+        notes.append(f"note: the checkpoints carved different validation splits; the {split} split is "
+                     f"{stubs[0].path}'s")
+    return notes
+
+
+_ = PREFIX  # re-exported for callers that prefix their own tables

@@ -1,0 +1,413 @@
+"""The study layer: checkpoints, their data and samples, a probe run over them, tables written.
+
+Every command and the demo go through here, so "which checkpoints does this argument
+mean", "which samples with which labels" and "how is a table written" have one answer:
+
+* :func:`expand_checkpoints` is the one rule that turns ``CKPT | RUN_DIR`` arguments into
+  checkpoints (see its docstring);
+* :class:`Study` holds the checkpoints as weightless stubs (metadata, labels, SHA-256),
+  loads the dataset they belong to once, and builds a model only when asked, checking that
+  the file still has the hash it had when the study opened (:meth:`Study.model`,
+  :class:`LazyModels`);
+* :class:`SampleSpec` is the sample choice (split, first ``n``, trained or true labels);
+* :func:`per_checkpoint` runs a probe function on every checkpoint and prefixes its rows
+  with ``checkpoint, epoch, split, labels``;
+* :class:`Tables` is what a command produces (a main table and named extra tables) and
+  writes them atomically with their ``.meta.json`` (extra tables first, the main one
+  last, so the main CSV exists only when everything was written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from atprobe.checkpoint import Checkpoint, load_checkpoint
+from atprobe.data import Dataset, Split, load_dataset
+from atprobe.errors import AtprobeError, check_choice
+from atprobe.io import run_meta, write_table
+from atprobe.runtime import prepare_model
+
+__all__ = [
+    "DEFAULT_N",
+    "DataSource",
+    "LABEL_MODES",
+    "LazyModels",
+    "ModelSource",
+    "SPLITS",
+    "SampleSpec",
+    "Study",
+    "Tables",
+    "config_record",
+    "expand_checkpoints",
+    "model_names",
+    "no_progress",
+    "per_checkpoint",
+    "prefix",
+]
+
+SPLITS = ("train", "test", "val")
+LABEL_MODES = ("trained", "true")
+#: Samples probed when no ``n`` is given (or the whole split, if it is smaller).
+DEFAULT_N = 1000
+
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------------------- what to read
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to read checkpoints atprobe did not write (bare state dicts): their ``arch``,
+    ``num_classes`` (default: read off the classifier) and input ``normalize``
+    (``none``: the weights take [0, 1] images; ``dataset``: the dataset's mean/std)."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        check_choice(self.normalize, ("none", "dataset"), "normalization")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Which dataset (default: the one the checkpoints record), where it lives, and whether
+    a missing one may be downloaded."""
+
+    dataset: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """The samples a probe sees: the first ``n`` of ``split`` (default ``default_n``, or the
+    whole split when it is smaller; ``default_n=None``: the whole split) with the
+    ``trained`` labels of each checkpoint (train/val rows; test labels are never
+    corrupted) or the ``true`` ones."""
+
+    split: str = "train"
+    n: int | None = None
+    labels: str = "trained"
+    default_n: int | None = DEFAULT_N
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, SPLITS, "split")
+        check_choice(self.labels, LABEL_MODES, "label mode")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise AtprobeError(f"--n must be >= 1, got {self.n}")
+
+    def labels_used(self, ckpt: Checkpoint) -> str:
+        """Which labels ``ckpt`` gets: ``trained`` or ``true``."""
+        if self.labels == "trained" and self.split != "test" and ckpt.labels is not None:
+            return "trained"
+        return "true"
+
+
+# ---------------------------------------------------------------------------- the expansion rule
+
+
+def stub(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint without its weights (metadata, labels, hash): many can be held at once."""
+    return dataclasses.replace(ckpt, state_dict={}, raw={})
+
+
+def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Checkpoint]:
+    """An ``atprobe train`` run directory: its ``epoch_*.pt``, then ``best.pt`` and
+    ``final.pt`` unless they hold an epoch already listed, all in epoch order."""
+    found = []
+    for p in sorted(path.glob("epoch_*.pt")):
+        m = _EPOCH_FILE.match(p.name)
+        if m and p.is_file():
+            found.append(stub(load(p)))
+    epochs = {c.epoch for c in found}
+    for name in ("best.pt", "final.pt"):
+        p = path / name
+        if p.is_file():
+            c = stub(load(p))
+            if c.epoch is None or c.epoch not in epochs:
+                found.append(c)
+                epochs.add(c.epoch)
+    if any(c.epoch is None for c in found):
+        return found
+    return sorted(found, key=lambda c: int(c.epoch))  # stable: epoch files before copies named later
+
+
+def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path], Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints named by ``args`` (stubs, see :func:`stub`), in order: the one rule
+    of every command.
+
+    * a file is itself;
+    * an ``atprobe train`` run directory (it has ``config.json`` or ``epoch_*.pt`` files) stands for its
+      ``epoch_*.pt`` checkpoints, and ``best.pt`` and ``final.pt`` unless they hold an epoch
+      already listed (they are copies then), all ordered by epoch; ``last.pt`` (the resume
+      copy of the newest epoch) never;
+    * any other directory stands for its ``*.pt`` files by name, ``last.pt`` left out.
+
+    A file given twice is listed twice (``gradcos a.pt a.pt`` is a valid check); commands
+    that compare models by name refuse that (:func:`model_names`).
+    """
+    if not args:
+        raise AtprobeError("no checkpoint given")
+    out: list[Checkpoint] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            if (path / "config.json").is_file() or any(_EPOCH_FILE.match(p.name) for p in path.glob("epoch_*.pt")):
+                found = _run_directory(path, load)
+            else:
+                found = [stub(load(p)) for p in sorted(path.glob("*.pt")) if p.is_file() and p.name != "last.pt"]
+            if not found:
+                raise AtprobeError(f"{path}: no checkpoints in this directory (last.pt is left out)")
+            out.extend(found)
+        else:
+            out.append(stub(load(path)))
+    return out
+
+
+def model_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """A short unique name per checkpoint: its path relative to the deepest folder that
+    holds them all (``runs/a/best.pt``, ``runs/b/best.pt`` -> ``a/best.pt``, ``b/best.pt``),
+    with ``/`` separators."""
+    absolute = [os.path.abspath(p) for p in paths]
+    if len(set(absolute)) != len(absolute):
+        dup = next(p for p, a in zip(paths, absolute) if absolute.count(a) > 1)
+        raise AtprobeError(f"{dup}: the same checkpoint is given twice")
+    if not absolute:
+        return []
+    common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    return [Path(os.path.relpath(a, common)).as_posix() for a in absolute]
+
+
+# ---------------------------------------------------------------------------- the study
+
+
+def _loader(models: ModelSource, data: DataSource) -> Callable[[Path], Checkpoint]:
+    mean = std = None
+    if models.normalize == "dataset":
+        if data.dataset is None:
+            raise AtprobeError("--normalize dataset needs --dataset")
+        stats = load_dataset(data.dataset, data.data_dir)
+        mean, std = stats.mean, stats.std
+
+    def load(path: Path) -> Checkpoint:
+        return load_checkpoint(path, arch=models.arch, num_classes=models.num_classes, dataset=data.dataset,
+                               mean=mean, std=std)
+
+    return load
+
+
+class Study:
+    """Checkpoints (weightless stubs) and the dataset they belong to.
+
+    ``checkpoints``: ``CKPT | RUN_DIR`` arguments (:func:`expand_checkpoints`); empty for a
+    study of fresh models on ``data.dataset``. Opening a study reads every checkpoint once
+    (metadata and hash) and keeps no weights; the dataset is read on first use.
+    """
+
+    def __init__(self, checkpoints: Sequence[str | os.PathLike] = (), models: ModelSource = ModelSource(),
+                 data: DataSource = DataSource()) -> None:
+        self.models_source = models
+        self.data_source = data
+        self._load = _loader(models, data)
+        self.checkpoints: list[Checkpoint] = expand_checkpoints(checkpoints, self._load) if checkpoints else []
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def dataset_name(self) -> str:
+        if self.data_source.dataset:
+            return self.data_source.dataset
+        names = {c.dataset for c in self.checkpoints}
+        if not self.checkpoints:
+            return "synthetic"
+        if None in names:
+            foreign = next(c for c in self.checkpoints if c.dataset is None)
+            raise AtprobeError(f"{foreign.path}: the checkpoint does not say its dataset: pass --dataset NAME")
+        if len(names) > 1:
+            raise AtprobeError(f"the checkpoints were trained on different datasets ({', '.join(sorted(names))}): "
+                               "pass --dataset to choose one")
+        return names.pop()
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The checkpoints' dataset with its true labels (trained labels come per checkpoint),
+        with the validation split the first checkpoint's run carved (``val_size``/``val_seed``)."""
+        cfg = self.checkpoints[0].train_config if self.checkpoints else {}
+        cfg = cfg or {}
+        return load_dataset(self.dataset_name, self.data_source.data_dir, download=self.data_source.download,
+                            val_size=int(cfg.get("val_size", 0) or 0), val_seed=int(cfg.get("val_seed", 0) or 0),
+                            synthetic_seed=int(cfg.get("synthetic_seed", 0) or 0))
+
+    def base(self, spec: SampleSpec) -> Split:
+        """The samples of ``spec`` with the true labels."""
+        split = getattr(self.dataset, spec.split)
+        if split is None:
+            raise AtprobeError(f"dataset {self.dataset.name} has no {spec.split} split here "
+                               "(train with --val-size to hold one out)")
+        n = spec.n
+        if n is None:
+            n = len(split) if spec.default_n is None else min(spec.default_n, len(split))
+        if n > len(split):
+            raise AtprobeError(f"--n {n} is larger than the split ({len(split)} samples)")
+        return split.subset(slice(0, n))
+
+    def samples(self, ckpt: Checkpoint, spec: SampleSpec, base: Split | None = None) -> Split:
+        """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``."""
+        base = self.base(spec) if base is None else base
+        if spec.labels_used(ckpt) == "true":
+            return base.with_labels(base.true_y)
+        labels = ckpt.labels
+        if labels.numel() <= int(base.index.max()):
+            raise AtprobeError(f"{ckpt.path}: it stores {labels.numel()} training labels, fewer than the "
+                               "dataset's train split")
+        return base.with_labels(labels.to(base.index.device)[base.index].to(torch.int64))
+
+    # ------------------------------------------------------------------ models
+
+    def model(self, ckpt: Checkpoint, device: torch.device) -> nn.Module:
+        """``ckpt``'s model on ``device`` (channels-last), read now; a one-line error if the
+        file changed since the study opened."""
+        full = self._load(ckpt.path)
+        if full.sha256 != ckpt.sha256:
+            raise AtprobeError(f"{ckpt.path} changed while the study was running")
+        return prepare_model(full.build_model(), device)
+
+    def lazy_models(self, device: torch.device, names: Sequence[str] | None = None) -> "LazyModels":
+        """name -> model, built on each access (one in memory at a time)."""
+        names = list(names) if names is not None else [str(c.path) for c in self.checkpoints]
+        return LazyModels(self, dict(zip(names, self.checkpoints)), device)
+
+    def meta(self, config: Any, *, seed: int, threat: Any = None, extra: Mapping[str, Any] | None = None,
+             **fields: Any) -> dict[str, Any]:
+        """The ``.meta.json`` record of a table of this study: the config (as JSON values),
+        the threat model at the top level (the same key in every command), the dataset and
+        ``fields``."""
+        record = {**config_record(config), **fields}
+        if "dataset" in self.__dict__:  # read by the study (a cached property): never loaded just for this
+            record.setdefault("dataset", self.dataset.name)
+        else:
+            record.setdefault("dataset", None)
+        threat = threat if threat is not None else getattr(config, "threat", None)
+        top = {"threat": None if threat is None else dataclasses.asdict(threat)}
+        return run_meta(seed=seed, checkpoints=self.checkpoints, config=record, extra={**top, **dict(extra or {})})
+
+
+class LazyModels(Mapping[str, nn.Module]):
+    """name -> model, loaded, hash-checked and moved to the device on each access (never
+    cached): a probe that visits each once holds one model in memory at a time."""
+
+    def __init__(self, study: Study, checkpoints: Mapping[str, Checkpoint], device: torch.device) -> None:
+        self._study, self._checkpoints, self._device = study, dict(checkpoints), device
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._study.model(self._checkpoints[name], self._device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._checkpoints)
+
+    def __len__(self) -> int:
+        return len(self._checkpoints)
+
+
+# ---------------------------------------------------------------------------- running and writing
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (tuples as lists, nested dataclasses as dicts)."""
+    if config is None:
+        return {}
+    if not dataclasses.is_dataclass(config):
+        return dict(config)
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            v = dataclasses.asdict(v)
+        elif isinstance(v, tuple):
+            v = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v]
+        out[f.name] = v
+    return out
+
+
+#: ``probe(model, samples, ckpt, bar) -> {suffix: table}``: "" is the main table; ``bar``
+#: is the progress bar of this checkpoint (anything with ``update(n)``, or None).
+CheckpointProbe = Callable[[nn.Module, Split, Checkpoint, Any], Mapping[str, pd.DataFrame]]
+#: ``progress(total, description)``: a context manager giving a bar (``update(n)``) or None.
+Progress = Callable[[int, str], contextlib.AbstractContextManager]
+
+
+def no_progress(total: int, description: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext(None)
+
+
+#: The columns :func:`per_checkpoint` puts first by default.
+PREFIX = ("checkpoint", "epoch", "split", "labels")
+
+
+def prefix(df: pd.DataFrame, values: Mapping[str, Any]) -> pd.DataFrame:
+    """``df`` with ``values`` as its first columns, in order (``epoch`` as nullable Int64)."""
+    for column, value in reversed(list(values.items())):
+        if column == "epoch":
+            value = pd.array([value] * len(df), dtype="Int64")
+        df.insert(0, column, value)
+    return df
+
+
+def per_checkpoint(study: Study, spec: SampleSpec, probe: CheckpointProbe, device: torch.device, *,
+                   columns: Sequence[str] = PREFIX, name: str = "probe",
+                   units: Callable[[nn.Module, Split], int] = lambda model, samples: len(samples),
+                   progress: Progress = no_progress) -> dict[str, pd.DataFrame]:
+    """``probe`` on every checkpoint of ``study`` (its model on ``device``, its samples of
+    ``spec``), rows prefixed with ``columns`` (of ``checkpoint, epoch, split, labels``);
+    the tables of all checkpoints concatenated per suffix. ``progress(units(model,
+    samples), "<name> <checkpoint>")`` gives each checkpoint's bar."""
+    base = study.base(spec)
+    tables: dict[str, list[pd.DataFrame]] = {}
+    for ckpt in study.checkpoints:
+        model = study.model(ckpt, device)
+        samples = study.samples(ckpt, spec, base)
+        with progress(units(model, samples), f"{name} {ckpt.name}") as bar:
+            out = probe(model, samples, ckpt, bar)
+        del model
+        known = {"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "split": spec.split, "labels": spec.labels}
+        for suffix, df in out.items():
+            tables.setdefault(suffix, []).append(prefix(df, {c: known[c] for c in columns}))
+    return {suffix: pd.concat(dfs, ignore_index=True) for suffix, dfs in tables.items()}
+
+
+@dataclass
+class Tables:
+    """What a command writes: ``main`` (to OUTPUT) and ``extra`` tables (to OUTPUT's stem +
+    suffix + ``.csv``), each with ``meta`` plus ``{"table": name}``; ``shown`` is the part of
+    the main table a command echoes."""
+
+    main: pd.DataFrame
+    meta: dict[str, Any]
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # suffix -> table name in the meta
+    main_name: str = "main"
+    shown: pd.DataFrame | None = None
+
+    def paths(self, output: str | os.PathLike) -> dict[str, Path]:
+        path = Path(output)
+        return {suffix: path.with_name(path.stem + suffix + ".csv") for suffix in self.extra}
+
+    def write(self, output: str | os.PathLike) -> Path:
+        """Every table atomically with its meta, the extra tables first."""
+        for suffix, target in self.paths(output).items():
+            write_table(self.extra[suffix], target,
+                        {**self.meta, "table": self.names.get(suffix, suffix.lstrip("."))})
+        return write_table(self.main, output, {**self.meta, "table": self.main_name})
