@@ -98,6 +98,31 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the dependent defaults and validate everything (AtprobeError on nonsense)."""
         c = self
+        c._check_options()
+        milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
+        if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
+            raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
+        te_start = c.te_start if c.te_start is not None else round(0.45 * c.epochs)
+        te_end = c.te_end if c.te_end is not None else round(0.75 * c.epochs)
+        if c.te and te_end < te_start:
+            raise AtprobeError(f"TE ramp ends (epoch {te_end}) before it starts (epoch {te_start})")
+        mix_epochs = c.mix_epochs if c.mix_epochs is not None else c.epochs // 2
+        if mix_epochs < 0:
+            raise AtprobeError(f"mix-epochs must be >= 0, got {mix_epochs}")
+        out = replace(
+            c,
+            arch=canonical_arch(c.arch),
+            milestones=tuple(int(m) for m in milestones),
+            te_start=int(te_start),
+            te_end=int(te_end),
+            mix_epochs=int(mix_epochs),
+        )
+        parse_attack(out.eval_attack, out.threat)
+        return out
+
+    def _check_options(self) -> None:
+        """The checks of options that depend on no default (AtprobeError on nonsense)."""
+        c = self
         check_choice(c.method, METHODS, "method")
         check_choice(c.dataset, DATASETS, "dataset")
         check_choice(c.schedule, SCHEDULES, "schedule")
@@ -131,26 +156,6 @@ class TrainConfig:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
-        milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
-        if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
-            raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
-        te_start = c.te_start if c.te_start is not None else round(0.45 * c.epochs)
-        te_end = c.te_end if c.te_end is not None else round(0.75 * c.epochs)
-        if c.te and te_end < te_start:
-            raise AtprobeError(f"TE ramp ends (epoch {te_end}) before it starts (epoch {te_start})")
-        mix_epochs = c.mix_epochs if c.mix_epochs is not None else c.epochs // 2
-        if mix_epochs < 0:
-            raise AtprobeError(f"mix-epochs must be >= 0, got {mix_epochs}")
-        out = replace(
-            c,
-            arch=canonical_arch(c.arch),
-            milestones=tuple(int(m) for m in milestones),
-            te_start=int(te_start),
-            te_end=int(te_end),
-            mix_epochs=int(mix_epochs),
-        )
-        parse_attack(out.eval_attack, out.threat)
-        return out
 
     def attack_config(self) -> PGDConfig:
         """The inner maximization of this method (training attack) under ``threat``:
@@ -234,18 +239,7 @@ def training_loss(
         loss = objectives.ce(logits, y).mean()
         return StepOutput(loss, logits, None, {"ce": loss.detach()})
 
-    attack = config.attack_config()
-    if config.method == "trades":
-        with torch.no_grad(), module_mode(attacker, not attack.eval_mode), autocast(device, amp):
-            natural_for_attack = attacker(x)
-        inner = attack_loss("kl", natural_logits=natural_for_attack)
-    else:
-        inner = attack_loss("ce", y)
-    loss_fn = inner
-    if w > 0:
-        loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
-    x_adv = pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
-
+    x_adv = _training_attack(attacker, x, y, config, w=w, te_target=te_target, starts=starts, amp=amp)
     with autocast(device, amp):
         if config.method == "trades" or (config.mix_clean and mix_gamma(config, epoch) < 1):
             logits_nat, logits_adv = _forward(model, x, x_adv)
@@ -253,28 +247,48 @@ def training_loss(
             (logits_adv,) = _forward(model, x_adv)
             logits_nat = None
     parts: dict[str, Tensor] = {}
-    if config.method == "trades":
-        ce_nat = objectives.ce(logits_nat, y)
-        kl = objectives.trades_kl(logits_nat, logits_adv)
-        per_sample = ce_nat + config.beta * kl
-        parts.update(ce=ce_nat.mean().detach(), kl=kl.mean().detach())
-        te_logits = logits_nat if config.te_trades_input == "natural" else logits_adv
-    else:
-        ce_adv = objectives.ce(logits_adv, y)
-        parts["ce_adv"] = ce_adv.mean().detach()
-        if logits_nat is not None:
-            gamma = mix_gamma(config, epoch)
-            ce_nat = objectives.ce(logits_nat, y)
-            per_sample = (1 - gamma) * ce_nat + gamma * ce_adv
-            parts["ce"] = ce_nat.mean().detach()
-        else:
-            per_sample = ce_adv
-        te_logits = logits_adv
+    per_sample, te_logits = _method_objective(config, epoch, y, logits_nat, logits_adv, parts)
     if w > 0:
         penalty = objectives.te_penalty(te_logits, te_target)
         per_sample = per_sample + w * penalty
         parts["te"] = penalty.mean().detach()
     return StepOutput(per_sample.mean(), logits_adv, x_adv, parts)
+
+
+def _training_attack(attacker: nn.Module, x: Tensor, y: Tensor, config: TrainConfig, *, w: float,
+                     te_target: Tensor | None, starts: Starts | None, amp: bool) -> Tensor:
+    """x' of the method's inner maximization, with TE's term in the attack's loss when ``w > 0``."""
+    attack = config.attack_config()
+    if config.method == "trades":
+        with torch.no_grad(), module_mode(attacker, not attack.eval_mode), autocast(x.device, amp):
+            natural_for_attack = attacker(x)
+        inner = attack_loss("kl", natural_logits=natural_for_attack)
+    else:
+        inner = attack_loss("ce", y)
+    loss_fn = inner
+    if w > 0:
+        loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
+    return pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
+
+
+def _method_objective(config: TrainConfig, epoch: int, y: Tensor, logits_nat: Tensor | None, logits_adv: Tensor,
+                      parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The per-sample objective of an AT method before TE, and the logits TE's outer term
+    uses; the batch means of its parts go into ``parts``."""
+    if config.method == "trades":
+        ce_nat = objectives.ce(logits_nat, y)
+        kl = objectives.trades_kl(logits_nat, logits_adv)
+        parts.update(ce=ce_nat.mean().detach(), kl=kl.mean().detach())
+        te_logits = logits_nat if config.te_trades_input == "natural" else logits_adv
+        return ce_nat + config.beta * kl, te_logits
+    ce_adv = objectives.ce(logits_adv, y)
+    parts["ce_adv"] = ce_adv.mean().detach()
+    if logits_nat is None:
+        return ce_adv, logits_adv
+    gamma = mix_gamma(config, epoch)  # Eq. 6
+    ce_nat = objectives.ce(logits_nat, y)
+    parts["ce"] = ce_nat.mean().detach()
+    return (1 - gamma) * ce_nat + gamma * ce_adv, logits_adv
 
 
 #: The stream of training's random starts (another draw than any probe's, which use none).
