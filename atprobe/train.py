@@ -2,8 +2,10 @@
 ensembling and random labels, on device-resident data.
 
 ``train(config, out_dir)`` runs one training and writes a run directory
-(``docs/training.md`` lists the files). The hot loop keeps every running metric on
-the device; the host synchronizes once per epoch (evaluation and checkpointing).
+(``docs/training.md`` lists the files) through a ``Trainer``, one method per phase
+(setup, resume, epoch, evaluate_and_select, save). The hot loop keeps every running
+metric on the device; the host synchronizes once per epoch (evaluation and checkpointing).
+Schedules live in ``atprobe.schedules``, the ``torchrun`` helpers in ``atprobe.distributed``.
 """
 
 from __future__ import annotations
