@@ -518,6 +518,7 @@ class Trainer:
         # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
         self.state = RunState(self.model, self.optimizer, make_generator(config.seed, device), ensemble)
         self.curves: list[dict[str, Any]] = []
+        # Only rank 0 writes files, so only it logs (the grad ratio of its own rows).
         self.callbacks: list[StepCallback] = (
             [GradRatioLog(self.model, config)] if ctx.main and config.log_grad_ratio else [])
         self.train_split = train_split.to(device)
