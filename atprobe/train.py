@@ -2,8 +2,10 @@
 ensembling and random labels, on device-resident data.
 
 ``train(config, out_dir)`` runs one training and writes a run directory
-(``docs/training.md`` lists the files). The hot loop keeps every running metric on
-the device; the host synchronizes once per epoch (evaluation and checkpointing).
+(``docs/training.md`` lists the files) through a ``Trainer``, one method per phase
+(setup, resume, epoch, evaluate_and_select, save). The hot loop keeps every running
+metric on the device; the host synchronizes once per epoch (evaluation and checkpointing).
+Schedules live in ``atprobe.schedules``, the ``torchrun`` helpers in ``atprobe.distributed``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from torch.func import functional_call
 from atprobe import objectives
 from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from atprobe.data import DATASETS, Dataset, iterate_batches, load_dataset
+from atprobe.data import DATASETS, Batch, Dataset, Split, iterate_batches, load_dataset
+from atprobe.distributed import DistContext, MultiForward, ddp_wrapped, distributed_context
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.io import write_json, write_table, run_meta
 from atprobe.models import build_model, canonical_arch
 from atprobe.objectives import attack_loss, full_precision
-from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, resolve_device, set_determinism
+from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, set_determinism
+from atprobe.schedules import learning_rate, mix_gamma, te_weight
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
 
@@ -96,6 +100,31 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the dependent defaults and validate everything (AtprobeError on nonsense)."""
         c = self
+        c._check_options()
+        milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
+        if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
+            raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
+        te_start = c.te_start if c.te_start is not None else round(0.45 * c.epochs)
+        te_end = c.te_end if c.te_end is not None else round(0.75 * c.epochs)
+        if c.te and te_end < te_start:
+            raise AtprobeError(f"TE ramp ends (epoch {te_end}) before it starts (epoch {te_start})")
+        mix_epochs = c.mix_epochs if c.mix_epochs is not None else c.epochs // 2
+        if mix_epochs < 0:
+            raise AtprobeError(f"mix-epochs must be >= 0, got {mix_epochs}")
+        out = replace(
+            c,
+            arch=canonical_arch(c.arch),
+            milestones=tuple(int(m) for m in milestones),
+            te_start=int(te_start),
+            te_end=int(te_end),
+            mix_epochs=int(mix_epochs),
+        )
+        parse_attack(out.eval_attack, out.threat)
+        return out
+
+    def _check_options(self) -> None:
+        """The checks of options that depend on no default (AtprobeError on nonsense)."""
+        c = self
         check_choice(c.method, METHODS, "method")
         check_choice(c.dataset, DATASETS, "dataset")
         check_choice(c.schedule, SCHEDULES, "schedule")
@@ -129,26 +158,6 @@ class TrainConfig:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
-        milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
-        if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
-            raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
-        te_start = c.te_start if c.te_start is not None else round(0.45 * c.epochs)
-        te_end = c.te_end if c.te_end is not None else round(0.75 * c.epochs)
-        if c.te and te_end < te_start:
-            raise AtprobeError(f"TE ramp ends (epoch {te_end}) before it starts (epoch {te_start})")
-        mix_epochs = c.mix_epochs if c.mix_epochs is not None else c.epochs // 2
-        if mix_epochs < 0:
-            raise AtprobeError(f"mix-epochs must be >= 0, got {mix_epochs}")
-        out = replace(
-            c,
-            arch=canonical_arch(c.arch),
-            milestones=tuple(int(m) for m in milestones),
-            te_start=int(te_start),
-            te_end=int(te_end),
-            mix_epochs=int(mix_epochs),
-        )
-        parse_attack(out.eval_attack, out.threat)
-        return out
 
     def attack_config(self) -> PGDConfig:
         """The inner maximization of this method (training attack) under ``threat``:
@@ -182,54 +191,7 @@ class TrainConfig:
 
 _LEGACY_THREAT_KEYS = ("norm", "eps", "alpha", "steps")
 
-
-# ---------------------------------------------------------------------------- schedules
-
-
-def learning_rate(config: TrainConfig, epoch_float: float) -> float:
-    """The learning rate at a fractional epoch (set every iteration)."""
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "cosine":
-        return 0.5 * config.lr * (1 + math.cos(math.pi * min(epoch_float / config.epochs, 1.0)))
-    decays = sum(1 for m in config.milestones or () if epoch_float >= m)
-    return config.lr * config.lr_decay**decays
-
-
-def mix_gamma(config: TrainConfig, epoch: int) -> float:
-    """gamma of Eq. 6 in epoch ``epoch`` (0-based): 0 -> 1 over ``mix_epochs``."""
-    if not config.mix_clean:
-        return 1.0
-    if config.mix_ramp == "linear":
-        return objectives.linear_rampup(epoch, config.mix_epochs)
-    return objectives.gaussian_rampup(epoch, 0, config.mix_epochs)
-
-
-def te_weight(config: TrainConfig, epoch: int) -> float:
-    """w of Eq. 7 in epoch ``epoch``: te_weight * Gaussian ramp between te_start and te_end."""
-    if not config.te:
-        return 0.0
-    return config.te_weight * objectives.gaussian_rampup(epoch, config.te_start, config.te_end)
-
-
 # ---------------------------------------------------------------------------- one step
-
-
-class MultiForward(nn.Module):
-    """``forward(*xs)`` = one ``model(x)`` per input, as a tuple.
-
-    Each input keeps its own forward (train-mode BatchNorm statistics per input, as the
-    methods define), but a DDP wrapper sees a single forward per step, which is what its
-    gradient reduction expects (TRADES and Eq. 6 need two).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *xs: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.model(x) for x in xs)
-
 
 def _forward(model: nn.Module, *xs: Tensor) -> tuple[Tensor, ...]:
     if isinstance(model, MultiForward) or isinstance(getattr(model, "module", None), MultiForward):
@@ -279,18 +241,7 @@ def training_loss(
         loss = objectives.ce(logits, y).mean()
         return StepOutput(loss, logits, None, {"ce": loss.detach()})
 
-    attack = config.attack_config()
-    if config.method == "trades":
-        with torch.no_grad(), module_mode(attacker, not attack.eval_mode), autocast(device, amp):
-            natural_for_attack = attacker(x)
-        inner = attack_loss("kl", natural_logits=natural_for_attack)
-    else:
-        inner = attack_loss("ce", y)
-    loss_fn = inner
-    if w > 0:
-        loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
-    x_adv = pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
-
+    x_adv = _training_attack(attacker, x, y, config, w=w, te_target=te_target, starts=starts, amp=amp)
     with autocast(device, amp):
         if config.method == "trades" or (config.mix_clean and mix_gamma(config, epoch) < 1):
             logits_nat, logits_adv = _forward(model, x, x_adv)
@@ -298,28 +249,48 @@ def training_loss(
             (logits_adv,) = _forward(model, x_adv)
             logits_nat = None
     parts: dict[str, Tensor] = {}
-    if config.method == "trades":
-        ce_nat = objectives.ce(logits_nat, y)
-        kl = objectives.trades_kl(logits_nat, logits_adv)
-        per_sample = ce_nat + config.beta * kl
-        parts.update(ce=ce_nat.mean().detach(), kl=kl.mean().detach())
-        te_logits = logits_nat if config.te_trades_input == "natural" else logits_adv
-    else:
-        ce_adv = objectives.ce(logits_adv, y)
-        parts["ce_adv"] = ce_adv.mean().detach()
-        if logits_nat is not None:
-            gamma = mix_gamma(config, epoch)
-            ce_nat = objectives.ce(logits_nat, y)
-            per_sample = (1 - gamma) * ce_nat + gamma * ce_adv
-            parts["ce"] = ce_nat.mean().detach()
-        else:
-            per_sample = ce_adv
-        te_logits = logits_adv
+    per_sample, te_logits = _method_objective(config, epoch, y, logits_nat, logits_adv, parts)
     if w > 0:
         penalty = objectives.te_penalty(te_logits, te_target)
         per_sample = per_sample + w * penalty
         parts["te"] = penalty.mean().detach()
     return StepOutput(per_sample.mean(), logits_adv, x_adv, parts)
+
+
+def _training_attack(attacker: nn.Module, x: Tensor, y: Tensor, config: TrainConfig, *, w: float,
+                     te_target: Tensor | None, starts: Starts | None, amp: bool) -> Tensor:
+    """x' of the method's inner maximization, with TE's term in the attack's loss when ``w > 0``."""
+    attack = config.attack_config()
+    if config.method == "trades":
+        with torch.no_grad(), module_mode(attacker, not attack.eval_mode), autocast(x.device, amp):
+            natural_for_attack = attacker(x)
+        inner = attack_loss("kl", natural_logits=natural_for_attack)
+    else:
+        inner = attack_loss("ce", y)
+    loss_fn = inner
+    if w > 0:
+        loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
+    return pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
+
+
+def _method_objective(config: TrainConfig, epoch: int, y: Tensor, logits_nat: Tensor | None, logits_adv: Tensor,
+                      parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The per-sample objective of an AT method before TE, and the logits TE's outer term
+    uses; the batch means of its parts go into ``parts``."""
+    if config.method == "trades":
+        ce_nat = objectives.ce(logits_nat, y)
+        kl = objectives.trades_kl(logits_nat, logits_adv)
+        parts.update(ce=ce_nat.mean().detach(), kl=kl.mean().detach())
+        te_logits = logits_nat if config.te_trades_input == "natural" else logits_adv
+        return ce_nat + config.beta * kl, te_logits
+    ce_adv = objectives.ce(logits_adv, y)
+    parts["ce_adv"] = ce_adv.mean().detach()
+    if logits_nat is None:
+        return ce_adv, logits_adv
+    gamma = mix_gamma(config, epoch)  # Eq. 6
+    ce_nat = objectives.ce(logits_nat, y)
+    parts["ce"] = ce_nat.mean().detach()
+    return (1 - gamma) * ce_nat + gamma * ce_adv, logits_adv
 
 
 #: The stream of training's random starts (another draw than any probe's, which use none).
@@ -371,60 +342,6 @@ def grad_ratio_parts(
     return {k: float(v) for k, v in norms.items()}
 
 
-# ---------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def rows(self, n: int) -> slice:
-        """This rank's contiguous share of a global batch of n samples (sizes differ by <= 1)."""
-        base, extra = divmod(n, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (1 if self.rank < extra else 0))
-
-    def all_gather_rows(self, t: Tensor, n: int) -> Tensor:
-        """Concatenate every rank's ``rows(n)`` share of a batch back into the global batch."""
-        if self.world_size == 1:
-            return t
-        size = -(-n // self.world_size)  # padded to equal size: all_gather wants equal shapes
-        padded = t.new_zeros((size, *t.shape[1:]))
-        padded[: len(t)] = t
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, padded)
-        return torch.cat([p[: len(range(n)[DistContext(r, self.world_size).rows(n)])]
-                          for r, p in enumerate(parts)])
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def distributed_context(device: str | torch.device) -> tuple[DistContext, torch.device]:
-    """Join the ``torchrun`` job named by the environment (WORLD_SIZE > 1), if any:
-    NCCL on GPUs (one per local rank), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext(), resolve_device(device)
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    resolved = resolve_device(device)
-    if resolved.type == "cuda":
-        resolved = torch.device("cuda", local)
-        torch.cuda.set_device(resolved)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
-    return DistContext(rank, world), resolved
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -455,31 +372,82 @@ class RunState:
         self.data_gen.set_state(state["data"])
 
 
+
+
+@dataclass
+class EpochStats:
+    """The running metrics of one epoch: sums on the device, read once when it ends."""
+
+    loss_sum: Tensor
+    correct: Tensor
+    seen: int = 0
+    lr: float = math.nan  # the learning rate of the epoch's last step
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EpochStats":
+        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    def add(self, step: StepOutput, y: Tensor) -> None:
+        self.loss_sum += step.loss.detach() * len(y)
+        self.correct += (step.logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def summed_over(self, ctx: DistContext) -> "EpochStats":
+        """The global epoch's metrics (this rank's own in one process)."""
+        if ctx.world_size == 1:
+            return self
+        seen = torch.tensor(float(self.seen), device=self.loss_sum.device, dtype=torch.float64)
+        totals = ctx.sum_over_ranks(torch.stack([self.loss_sum.double(), self.correct.double(), seen]))
+        return EpochStats(totals[0], totals[1], int(totals[2].item()), self.lr)
+
+    @property
+    def objective(self) -> float:
+        return self.loss_sum.item() / self.seen
+
+    @property
+    def running_acc(self) -> float:
+        return self.correct.item() / self.seen
+
+
+class StepCallback:
+    """A hook into the epoch loop; it persists what it logs in the run directory."""
+
+    def after_loss(self, iteration: int, epoch: int, x: Tensor, y: Tensor, step: StepOutput) -> None:
+        """Called after each step's objective, before its update (this step's weights)."""
+
+    def load(self, out: Path) -> None:
+        """Take back what an interrupted run wrote (on resume)."""
+
+    def write(self, out: Path) -> None:
+        """Write what is logged so far (every epoch, before last.pt)."""
+
+
+class GradRatioLog(StepCallback):
+    """``--log-grad-ratio N``: ``grad_ratio_parts`` of the first N iterations, to gradratio.csv."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig):
+        self.model = model  # the unwrapped module: the norms are of one process's batch
+        self.config = config
+        self.rows: list[dict[str, Any]] = []
+
+    def after_loss(self, iteration: int, epoch: int, x: Tensor, y: Tensor, step: StepOutput) -> None:
+        if iteration < self.config.log_grad_ratio and step.x_adv is not None:
+            parts = grad_ratio_parts(self.model, x, step.x_adv, y, self.config, amp=self.config.amp)
+            self.rows.append({"iteration": iteration, "epoch": epoch, "method": self.config.method, **parts})
+
+    def load(self, out: Path) -> None:
+        if (out / "gradratio.csv").is_file():
+            self.rows = pd.read_csv(out / "gradratio.csv").to_dict("records")
+
+    def write(self, out: Path) -> None:
+        if self.rows:
+            write_table(pd.DataFrame(self.rows), out / "gradratio.csv",
+                        run_meta(seed=self.config.seed, config=self.config.to_json()))
+
+
 def _arch_kwargs(config: TrainConfig, data: Dataset) -> dict[str, Any]:
     return {"num_classes": data.num_classes, "dropout": config.dropout,
             "mean": list(data.mean), "std": list(data.std)}
-
-
-def _checkpoint(state: RunState, config: TrainConfig, data: Dataset, labels: Tensor, *, resume: bool) -> dict:
-    model = state.model.module if hasattr(state.model, "module") else state.model
-    model = getattr(model, "_orig_mod", model)
-    extra: dict[str, Any] = {"best": list(state.best) if state.best else None, "best_epoch": state.best_epoch,
-                             "best_split": "val" if data.val is not None else "test"}
-    if resume and state.ensemble is not None:
-        extra["te_ensemble"] = state.ensemble.detach().cpu()
-    return make_checkpoint(
-        model,
-        arch=config.arch,
-        arch_kwargs=_arch_kwargs(config, data),
-        dataset=config.dataset,
-        labels=labels,
-        label_spec={"label_noise": config.label_noise, "label_seed": config.label_seed},
-        train_config=config.to_json(),
-        epoch=state.epoch,
-        optimizer=state.optimizer.state_dict() if resume else None,
-        rng=state.rng_state() if resume else None,
-        extra=extra,
-    )
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
@@ -491,6 +459,24 @@ def load_training_data(config: TrainConfig) -> Dataset:
     )
 
 
+def _trained_split(config: TrainConfig, data: Dataset) -> Split:
+    """The samples trained on: the train split, or its first ``--train-n``."""
+    if not config.train_n:
+        return data.train
+    if config.train_n > len(data.train):
+        raise AtprobeError(f"--train-n {config.train_n} is larger than the training split ({len(data.train)})")
+    return data.train.subset(slice(0, config.train_n))
+
+
+def _trained_labels(data: Dataset) -> Tensor:
+    """The full vector of trained labels over the original train split (val rows included)."""
+    labels = torch.empty(len(data.train) + (len(data.val) if data.val is not None else 0), dtype=torch.int64)
+    labels[data.train.index] = data.train.y
+    if data.val is not None:
+        labels[data.val.index] = data.val.y
+    return labels
+
+
 def _curve_rows(epoch: int, split: str, df: pd.DataFrame) -> list[dict[str, Any]]:
     rows = []
     for r in df.itertuples():
@@ -498,6 +484,212 @@ def _curve_rows(epoch: int, split: str, df: pd.DataFrame) -> list[dict[str, Any]
         rows.append({"epoch": epoch, "split": split, "metric": f"{name}_acc", "value": r.accuracy})
         rows.append({"epoch": epoch, "split": split, "metric": f"{name}_loss", "value": r.loss})
     return rows
+
+
+def saved_config(out: Path) -> TrainConfig:
+    """The configuration of the run to resume in ``out`` (AtprobeError if there is none)."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        raise AtprobeError(f"cannot resume {out}: no config.json there (is it a run directory?)")
+    config = TrainConfig.from_json(json.loads(saved.read_text()))
+    if not (out / "last.pt").is_file():
+        raise AtprobeError(f"cannot resume {out}: no last.pt (no epoch finished yet); start it again instead")
+    return config
+
+
+class Trainer:
+    """One training run, phase by phase: ``__init__`` (setup), ``resume`` or
+    ``start_run_dir``, then ``run``: per epoch ``epoch`` (the updates), ``log_epoch``,
+    ``evaluate_and_select`` and ``save`` (rank 0), and ``final.pt`` at the end."""
+
+    def __init__(self, config: TrainConfig, out: Path, ctx: DistContext, device: torch.device):
+        config = config.resolved()
+        if config.batch_size < ctx.world_size:
+            raise AtprobeError(f"batch size {config.batch_size} is smaller than the {ctx.world_size} processes")
+        set_determinism(config.seed)
+        self.config, self.out, self.ctx, self.device = config, out, ctx, device
+        self.data = load_training_data(config)
+        train_split = _trained_split(config, self.data)  # checked before anything is written
+        self.labels = _trained_labels(self.data)
+        self.model = prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        ensemble = torch.zeros(len(self.labels), self.data.num_classes, device=device) if config.te else None
+        # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
+        self.state = RunState(self.model, self.optimizer, make_generator(config.seed, device), ensemble)
+        self.curves: list[dict[str, Any]] = []
+        # Only rank 0 writes files, so only it logs (the grad ratio of its own rows).
+        self.callbacks: list[StepCallback] = (
+            [GradRatioLog(self.model, config)] if ctx.main and config.log_grad_ratio else [])
+        self.train_split = train_split.to(device)
+        self._prepare_evaluation()
+        wrapped = ddp_wrapped(self.model, ctx, device)
+        self.forward_model = torch.compile(wrapped) if config.compile else wrapped
+        compile_attack = config.compile and ctx.world_size == 1
+        self.attack_model = torch.compile(self.model) if compile_attack else self.model
+        self.iters_per_epoch = math.ceil(len(self.train_split) / config.batch_size)
+        self.iteration = 0  # global step count of this process's run (the grad-ratio log's x axis)
+
+    def _prepare_evaluation(self) -> None:
+        """The curves' eval subsets (first ``eval_n`` of each split) and their attacks."""
+        c, data, n = self.config, self.data, self.config.eval_n
+        self.eval_sets = {"train": self.train_split.subset(slice(0, min(n, len(self.train_split)))),
+                          "test": data.test.subset(slice(0, min(n, len(data.test)))).to(self.device)}
+        if data.val is not None:
+            self.eval_sets["val"] = data.val.subset(slice(0, min(n, len(data.val)))).to(self.device)
+        self.select_name = "val" if data.val is not None else "test"  # best.pt's split
+        robust, natural = parse_attack(c.eval_attack, c.threat), parse_attack("natural")
+        self.eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, c.batch_size), seed=c.seed)
+
+    def start_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.config.to_json(), self.out / "config.json")
+
+    def resume(self) -> None:
+        """Continue from last.pt: weights, optimizer, RNGs, TE ensemble, best score, logs."""
+        last = load_checkpoint(self.out / "last.pt")
+        self.model.load_state_dict(last.state_dict)
+        self.optimizer.load_state_dict(last.raw["optimizer"])
+        self.state.load_rng_state(last.raw["rng"])
+        self.state.epoch = int(last.epoch or 0)
+        extra = last.raw.get("extra") or {}
+        self.state.best = tuple(extra["best"]) if extra.get("best") else None
+        self.state.best_epoch = extra.get("best_epoch")
+        if self.state.ensemble is not None:
+            self.state.ensemble.copy_(extra["te_ensemble"].to(self.device))
+        if (self.out / "curves.csv").is_file():
+            old = pd.read_csv(self.out / "curves.csv")
+            self.curves = old[old["epoch"] <= self.state.epoch].to_dict("records")
+        for callback in self.callbacks:
+            callback.load(self.out)
+
+    def run(self, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> None:
+        """The remaining epochs; rank 0 evaluates and writes while the others wait."""
+        self.iteration = self.state.epoch * self.iters_per_epoch
+        start_time = time.perf_counter()
+        while self.state.epoch < self.config.epochs:
+            stats = self.epoch()
+            self.log_epoch(stats, wall_time=time.perf_counter() - start_time)
+            if not self.ctx.main:
+                self.ctx.barrier()
+                continue
+            metrics = self.evaluate_and_select() if self._evaluation_due() else {}
+            self.save()
+            self.ctx.barrier()
+            if progress is not None:
+                metrics = {"objective": stats.objective, **metrics, "lr": stats.lr}
+                progress(self.state.epoch, self.config.epochs, metrics)
+        if self.ctx.main:
+            save_checkpoint(self._checkpoint(resumable=False), self.out / "final.pt")
+        self.ctx.barrier()
+
+    def epoch(self) -> EpochStats:
+        """One pass over the shuffled, augmented training batches; returns the global metrics."""
+        c, epoch = self.config, self.state.epoch
+        self.model.train()
+        stats = EpochStats.zeros(self.device)
+        batches = iterate_batches(self.train_split, c.batch_size, shuffle=True, augment=c.augment,
+                                  generator=self.state.data_gen, channels_last=True)
+        for i, batch in enumerate(batches):
+            # Under DDP every rank draws the same global batch (shared generator) and keeps
+            # its rows: the run equals a single process with the same global batch.
+            if len(batch) < self.ctx.world_size:
+                continue  # a last batch too small to give every rank a sample
+            stats.lr = self._set_learning_rate(epoch + i / self.iters_per_epoch)
+            self._step(batch, epoch, stats)
+            self.iteration += 1
+        self.state.epoch = epoch + 1
+        return stats.summed_over(self.ctx)
+
+    def _set_learning_rate(self, epoch_float: float) -> float:
+        lr = learning_rate(self.config, epoch_float)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _step(self, batch: Batch, epoch: int, stats: EpochStats) -> None:
+        """TE targets, the training objective and one SGD update on this rank's rows of ``batch``."""
+        ctx, n_global = self.ctx, len(batch)
+        rows = ctx.rows(n_global)
+        x, y = batch.x[rows], batch.y[rows]
+        te_target = self._te_targets(batch, x, rows) if self.state.ensemble is not None else None
+        step = training_loss(self.forward_model, x, y, self.config, epoch=epoch,
+                             starts=training_starts(self.config, epoch, batch.index[rows]),
+                             te_target=te_target, amp=self.config.amp, attack_model=self.attack_model)
+        for callback in self.callbacks:
+            callback.after_loss(self.iteration, epoch, x, y, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; weighting by the share makes that the global mean.
+        share = len(y) * ctx.world_size / n_global
+        (step.loss * share if ctx.world_size > 1 else step.loss).backward()
+        self.optimizer.step()
+        stats.add(step, y)
+
+    def _te_targets(self, batch: Batch, x: Tensor, rows: slice) -> Tensor:
+        """p_hat of Eq. 7 for this rank's rows, after the ensemble took the global batch's predictions."""
+        with torch.no_grad(), module_mode(self.model, False), autocast(self.device, self.config.amp):
+            probs = F.softmax(full_precision(self.attack_model(x)), dim=1)
+        probs = self.ctx.all_gather_rows(probs, len(batch))
+        return objectives.update_ensemble(self.state.ensemble, batch.index, probs, self.config.te_eta)[rows]
+
+    def log_epoch(self, stats: EpochStats, wall_time: float) -> None:
+        """The epoch's training rows of the curves (``epoch`` counts completed epochs)."""
+        epoch = self.state.epoch
+        lr_at_end = learning_rate(self.config, epoch - 1e-9)  # the last lr of the epoch's schedule
+        self.curves += [
+            {"epoch": epoch, "split": "train", "metric": "objective", "value": stats.objective},
+            {"epoch": epoch, "split": "train", "metric": "running_acc", "value": stats.running_acc},
+            {"epoch": epoch, "split": "-", "metric": "lr", "value": lr_at_end},
+            {"epoch": epoch, "split": "-", "metric": "wall_time_s", "value": wall_time},
+        ]
+
+    def _evaluation_due(self) -> bool:
+        return self.state.epoch % self.config.eval_every == 0 or self.state.epoch == self.config.epochs
+
+    def evaluate_and_select(self) -> dict[str, float]:
+        """Curves on every eval subset; best.pt when the selection split's (robust, natural)
+        accuracy beats the best so far (robust first, natural breaks ties)."""
+        metrics: dict[str, float] = {}
+        for split_name, split in self.eval_sets.items():
+            df = evaluate(self.model, split, self.eval_config)
+            self.curves.extend(_curve_rows(self.state.epoch, split_name, df))
+            metrics[f"{split_name}_nat"] = float(df.accuracy.iloc[0])
+            metrics[f"{split_name}_pgd"] = float(df.accuracy.iloc[1])
+        score = (metrics[f"{self.select_name}_pgd"], metrics[f"{self.select_name}_nat"])
+        if self.state.best is None or score > tuple(self.state.best):
+            self.state.best, self.state.best_epoch = score, self.state.epoch
+            save_checkpoint(self._checkpoint(resumable=False), self.out / "best.pt")
+        return metrics
+
+    def save(self) -> None:
+        """This epoch's files: epoch_K.pt (cadence), curves.csv, the callbacks' logs, last.pt."""
+        c, out, epoch = self.config, self.out, self.state.epoch
+        if c.save_every and epoch % c.save_every == 0:
+            save_checkpoint(self._checkpoint(resumable=False), out / f"epoch_{epoch:04d}.pt")
+        write_table(pd.DataFrame(self.curves, columns=["epoch", "split", "metric", "value"]), out / "curves.csv",
+                    run_meta(seed=c.seed, config=c.to_json(),
+                             extra={"best_split": self.select_name, "best_epoch": self.state.best_epoch}))
+        for callback in self.callbacks:
+            callback.write(out)
+        # last.pt is written last: once it names an epoch, everything of that epoch is on disk.
+        save_checkpoint(self._checkpoint(resumable=True), out / "last.pt")
+
+    def _checkpoint(self, *, resumable: bool) -> dict:
+        """The checkpoint of the current epoch; ``resumable`` adds optimizer, RNGs and TE ensemble."""
+        state, config = self.state, self.config
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        model = getattr(model, "_orig_mod", model)
+        extra: dict[str, Any] = {"best": list(state.best) if state.best else None, "best_epoch": state.best_epoch,
+                                 "best_split": self.select_name}
+        if resumable and state.ensemble is not None:
+            extra["te_ensemble"] = state.ensemble.detach().cpu()
+        return make_checkpoint(
+            model, arch=config.arch, arch_kwargs=_arch_kwargs(config, self.data), dataset=config.dataset,
+            labels=self.labels, label_spec={"label_noise": config.label_noise, "label_seed": config.label_seed},
+            train_config=config.to_json(), epoch=state.epoch,
+            optimizer=state.optimizer.state_dict() if resumable else None,
+            rng=state.rng_state() if resumable else None, extra=extra,
+        )
 
 
 def train(
@@ -515,161 +707,11 @@ def train(
     out = Path(out_dir)
     ctx, device = distributed_context(device)
     if resume:
-        saved = out / "config.json"
-        if not saved.is_file():
-            raise AtprobeError(f"cannot resume {out}: no config.json there (is it a run directory?)")
-        config = TrainConfig.from_json(json.loads(saved.read_text()))
-        if not (out / "last.pt").is_file():
-            raise AtprobeError(f"cannot resume {out}: no last.pt (no epoch finished yet); start it again instead")
-    config = config.resolved()
-    if config.batch_size < ctx.world_size:
-        raise AtprobeError(f"batch size {config.batch_size} is smaller than the {ctx.world_size} processes")
-    set_determinism(config.seed)
-
-    data = load_training_data(config)
-    train_split = data.train
-    if config.train_n:  # checked before anything is written
-        if config.train_n > len(train_split):
-            raise AtprobeError(f"--train-n {config.train_n} is larger than the training split ({len(train_split)})")
-        train_split = train_split.subset(slice(0, config.train_n))
-    # The full vector of trained labels over the original train split (val rows included).
-    labels = torch.empty(len(data.train) + (len(data.val) if data.val is not None else 0), dtype=torch.int64)
-    labels[data.train.index] = data.train.y
-    if data.val is not None:
-        labels[data.val.index] = data.val.y
-
-    model = prepare_model(build_model(config.arch, **_arch_kwargs(config, data)), device)
-    # Every rank starts from rank 0's weights (seeded init is identical anyway; this makes it certain).
-    wrapped: nn.Module = model
-    if ctx.world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(MultiForward(model),
-                                                      device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    ensemble = (torch.zeros(len(labels), data.num_classes, device=device) if config.te else None)
-    # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
-    state = RunState(model, optimizer, make_generator(config.seed, device), ensemble)
-    curves: list[dict[str, Any]] = []
-    grad_rows: list[dict[str, Any]] = []
-
+        config = saved_config(out)  # the run's own config wins
+    trainer = Trainer(config, out, ctx, device)
     if resume:
-        last = load_checkpoint(out / "last.pt")
-        model.load_state_dict(last.state_dict)
-        optimizer.load_state_dict(last.raw["optimizer"])
-        state.load_rng_state(last.raw["rng"])
-        state.epoch = int(last.epoch or 0)
-        extra = last.raw.get("extra") or {}
-        state.best = tuple(extra["best"]) if extra.get("best") else None
-        state.best_epoch = extra.get("best_epoch")
-        if ensemble is not None:
-            ensemble.copy_(extra["te_ensemble"].to(device))
-        if (out / "curves.csv").is_file():
-            old = pd.read_csv(out / "curves.csv")
-            curves = old[old["epoch"] <= state.epoch].to_dict("records")
-        if (out / "gradratio.csv").is_file():
-            grad_rows = pd.read_csv(out / "gradratio.csv").to_dict("records")
+        trainer.resume()
     elif ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(config.to_json(), out / "config.json")
-
-    train_split = train_split.to(device)
-    eval_train = train_split.subset(slice(0, min(config.eval_n, len(train_split))))
-    select_name = "val" if data.val is not None else "test"
-    eval_sets = {"train": eval_train,
-                 "test": data.test.subset(slice(0, min(config.eval_n, len(data.test)))).to(device)}
-    if data.val is not None:
-        eval_sets["val"] = data.val.subset(slice(0, min(config.eval_n, len(data.val)))).to(device)
-    robust = parse_attack(config.eval_attack, config.threat)
-    natural = parse_attack("natural")
-    eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, config.batch_size), seed=config.seed)
-
-    forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped
-    attack_model: nn.Module = torch.compile(model) if config.compile and ctx.world_size == 1 else model
-    iters_per_epoch = math.ceil(len(train_split) / config.batch_size)
-    iteration = state.epoch * iters_per_epoch
-    start_time = time.perf_counter()
-
-    while state.epoch < config.epochs:
-        epoch = state.epoch
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for i, batch in enumerate(iterate_batches(train_split, config.batch_size, shuffle=True,
-                                                  augment=config.augment, generator=state.data_gen,
-                                                  channels_last=True)):
-            # Under DDP every rank draws the same global batch (shared generator) and keeps
-            # its rows: the run equals a single process with the same global batch.
-            n_global = len(batch)
-            if n_global < ctx.world_size:
-                continue  # a last batch too small to give every rank a sample
-            rows = ctx.rows(n_global)
-            lr = learning_rate(config, epoch + i / iters_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = batch.x[rows], batch.y[rows]
-            te_target = None
-            if ensemble is not None:
-                with torch.no_grad(), module_mode(model, False), autocast(device, config.amp):
-                    probs = F.softmax(full_precision(attack_model(x)), dim=1)
-                probs = ctx.all_gather_rows(probs, n_global)
-                te_target = objectives.update_ensemble(ensemble, batch.index, probs, config.te_eta)[rows]
-            step = training_loss(forward_model, x, y, config, epoch=epoch,
-                                 starts=training_starts(config, epoch, batch.index[rows]),
-                                 te_target=te_target, amp=config.amp, attack_model=attack_model)
-            if ctx.main and iteration < config.log_grad_ratio and step.x_adv is not None:
-                row = grad_ratio_parts(model, x, step.x_adv, y, config, amp=config.amp)
-                grad_rows.append({"iteration": iteration, "epoch": epoch, "method": config.method, **row})
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks; weighting by the share makes that the global mean.
-            share = len(y) * ctx.world_size / n_global
-            (step.loss * share if ctx.world_size > 1 else step.loss).backward()
-            optimizer.step()
-            loss_sum += step.loss.detach() * len(y)
-            correct += (step.logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            iteration += 1
-        if ctx.world_size > 1:
-            totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
-                                                                                  dtype=torch.float64)])
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
-        state.epoch = epoch + 1
-        wall = time.perf_counter() - start_time
-        row_epoch = state.epoch
-        curves.append({"epoch": row_epoch, "split": "train", "metric": "objective", "value": loss_sum.item() / seen})
-        curves.append({"epoch": row_epoch, "split": "train", "metric": "running_acc", "value": correct.item() / seen})
-        curves.append({"epoch": row_epoch, "split": "-", "metric": "lr", "value": learning_rate(config, epoch + 1 - 1e-9)})
-        curves.append({"epoch": row_epoch, "split": "-", "metric": "wall_time_s", "value": wall})
-        metrics: dict[str, float] = {}
-        evaluated = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
-        if not ctx.main:
-            ctx.barrier()  # rank 0 evaluates and writes; the others wait for it
-            continue
-        if evaluated:
-            for split_name, split in eval_sets.items():
-                df = evaluate(model, split, eval_config)
-                curves.extend(_curve_rows(row_epoch, split_name, df))
-                metrics[f"{split_name}_nat"] = float(df.accuracy.iloc[0])
-                metrics[f"{split_name}_pgd"] = float(df.accuracy.iloc[1])
-            score = (metrics[f"{select_name}_pgd"], metrics[f"{select_name}_nat"])
-            if state.best is None or score > tuple(state.best):
-                state.best, state.best_epoch = score, state.epoch
-                save_checkpoint(_checkpoint(state, config, data, labels, resume=False), out / "best.pt")
-        if config.save_every and state.epoch % config.save_every == 0:
-            save_checkpoint(_checkpoint(state, config, data, labels, resume=False), out / f"epoch_{state.epoch:04d}.pt")
-        write_table(pd.DataFrame(curves, columns=["epoch", "split", "metric", "value"]), out / "curves.csv",
-                    run_meta(seed=config.seed, config=config.to_json(),
-                             extra={"best_split": select_name, "best_epoch": state.best_epoch}))
-        if grad_rows:
-            write_table(pd.DataFrame(grad_rows), out / "gradratio.csv", run_meta(seed=config.seed, config=config.to_json()))
-        # last.pt is written last: once it names an epoch, everything of that epoch is on disk.
-        save_checkpoint(_checkpoint(state, config, data, labels, resume=True), out / "last.pt")
-        ctx.barrier()
-        if progress is not None:
-            progress(state.epoch, config.epochs, {"objective": loss_sum.item() / seen, **metrics, "lr": lr})
-
-    if ctx.main:
-        save_checkpoint(_checkpoint(state, config, data, labels, resume=False), out / "final.pt")
-    ctx.barrier()
+        trainer.start_run_dir()
+    trainer.run(progress)
     return out

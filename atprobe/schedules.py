@@ -1,0 +1,38 @@
+"""What changes with the epoch in a training run: the learning rate, gamma of Eq. 6 and
+the TE weight of Eq. 7 (``atprobe.train`` re-exports all three)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from atprobe import objectives
+
+if TYPE_CHECKING:  # only for the annotations: atprobe.train imports this module
+    from atprobe.train import TrainConfig
+
+
+def learning_rate(config: TrainConfig, epoch_float: float) -> float:
+    """The learning rate at a fractional epoch (set every iteration)."""
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(epoch_float / config.epochs, 1.0)))
+    decays = sum(1 for m in config.milestones or () if epoch_float >= m)
+    return config.lr * config.lr_decay**decays
+
+
+def mix_gamma(config: TrainConfig, epoch: int) -> float:
+    """gamma of Eq. 6 in epoch ``epoch`` (0-based): 0 -> 1 over ``mix_epochs``."""
+    if not config.mix_clean:
+        return 1.0
+    if config.mix_ramp == "linear":
+        return objectives.linear_rampup(epoch, config.mix_epochs)
+    return objectives.gaussian_rampup(epoch, 0, config.mix_epochs)
+
+
+def te_weight(config: TrainConfig, epoch: int) -> float:
+    """w of Eq. 7 in epoch ``epoch``: te_weight * Gaussian ramp between te_start and te_end."""
+    if not config.te:
+        return 0.0
+    return config.te_weight * objectives.gaussian_rampup(epoch, config.te_start, config.te_end)
