@@ -18,12 +18,12 @@ This is the ``hooks`` method of :mod:`atprobe.pergrad`. It supports ``nn.Conv2d`
 (``groups=1``, zero padding), ``nn.Linear`` and eval-mode ``nn.BatchNorm2d`` with running
 statistics: every layer with parameters in ``atprobe.models``. :func:`supports` says
 whether a model and parameter point qualify; otherwise :mod:`atprobe.pergrad` uses
-``vmap``.
+``vmap`` (:mod:`atprobe.pergrad.vmap`).
 
 Rows and samples. The loss may call the model on several stacks of the chunk
 (``torch.cat([x, x_adv])`` for TRADES and R): row ``r`` of a call with ``k * b`` rows
 belongs to sample ``r mod b``. That is how every :class:`atprobe.pergrad.Objective` calls
-it; a loss that mixes samples or reorders rows must use ``vmap``.
+it; a loss that mixes samples or reorders rows must use ``vmap`` (:mod:`atprobe.pergrad.vmap`).
 """
 
 from __future__ import annotations
