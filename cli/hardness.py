@@ -19,6 +19,7 @@ from atprobe.errors import AtprobeError
 from atprobe.inputs import (LABEL_MODES, SPLITS, checkpoint_loader, first_n, load_for_checkpoints, pick_split,
                             with_checkpoint_labels)
 from atprobe.io import atomic_write_bytes, run_meta, write_table
+from atprobe.plot import default_gallery_size, hardest_gallery, parse_size, png_bytes, sorted_loss_figure
 from atprobe.probes import hardness
 from atprobe.runtime import prepare_model, set_determinism
 
@@ -184,7 +185,7 @@ def hardness_command(checkpoints, split, n, all_samples, labels, attack, threat,
         raise AtprobeError(f"--gallery-k must be >= 1, got {gallery_k}")
     if all_samples and n is not None:
         raise AtprobeError("give --n N or --all, not both")
-    size = hardness.parse_size(gallery_size) if gallery_size is not None else None
+    size = parse_size(gallery_size) if gallery_size is not None else None
     config = hardness.HardnessConfig(attack=attack, threat=threat, batch_size=batch_size,
                                      seed=seed, top_k=top_k, amp=amp)
     spec = config.spec
@@ -229,17 +230,19 @@ def hardness_command(checkpoints, split, n, all_samples, labels, attack, threat,
         per_sample = hardness.per_sample_losses(models, samples, config, progress=bar)
     table = hardness.consistency(per_sample, top_k)
     first = names[0]
-    gallery = hardness.hardest_gallery(models[first], samples[first], per_sample, config, k=gallery_k,
-                                       class_names=data.class_names, size=size, model_name=first)
-    gallery_png = hardness.png_bytes(gallery)
-    sorted_png = hardness.png_bytes(hardness.sorted_loss_figure(per_sample))
+    top, top_samples = hardness.hardest_samples(samples[first], per_sample, gallery_k)
+    adversarial = hardness.adversarial_examples(models[first], top_samples, config)
+    gallery = hardest_gallery(top, top_samples, adversarial, attack=config.attack, class_names=data.class_names,
+                              size=size, model_name=first)
+    gallery_png = png_bytes(gallery)
+    sorted_png = png_bytes(sorted_loss_figure(per_sample))
 
     out = Path(out_dir)
     meta_config = {
         **dataclasses.asdict(config), "attack_name": spec.name,
         "attack_config": None if spec.config is None else dataclasses.asdict(spec.config),
         "split": split, "n": len(base), "labels": labels, "gallery_k": gallery_k,
-        "gallery_size": list(size or hardness.default_gallery_size(min(gallery_k, len(base)))),
+        "gallery_size": list(size or default_gallery_size(min(gallery_k, len(base)))),
         "device": str(device), "dataset": data.name,
     }
     extra = {"models": {name: str(s.path) for name, s in stubs.items()}, "labels_used": used,

@@ -59,7 +59,20 @@ from atprobe.plot.training import RATIO_NAMES, grad_ratio, learning_curves
 from atprobe.plot.gradients import GRAD_LEGEND, GRADS, RATIOS, gradcos, gradnorm, gradnorm_samples, stability
 from atprobe.plot.eval import eval_bars
 from atprobe.plot.measures import MEASURE_AXES, complexity
-from atprobe.plot.hardness import hardness_consistency, hardness_sorted
+from atprobe.plot.hardness import (
+    DEFAULT_DPI,
+    GALLERY_COLUMN_PX,
+    GALLERY_HEIGHT_PX,
+    SORTED_SIZE,
+    default_gallery_size,
+    gallery_figure,
+    hardest_gallery,
+    hardness_consistency,
+    hardness_sorted,
+    parse_size,
+    png_bytes,
+    sorted_loss_figure,
+)
 from atprobe.plot.landscape import (
     curvature,
     curvature_samples,
@@ -78,5 +91,7 @@ __all__ = [
     "eval_bars",
     "MEASURE_AXES", "complexity",
     "hardness_consistency", "hardness_sorted",
+    "DEFAULT_DPI", "GALLERY_COLUMN_PX", "GALLERY_HEIGHT_PX", "SORTED_SIZE", "default_gallery_size", "gallery_figure",
+    "hardest_gallery", "parse_size", "png_bytes", "sorted_loss_figure",
     "curvature", "curvature_samples", "flatness", "flatness_curve", "hessian", "hessian_density", "slq_density",
 ]
