@@ -14,11 +14,16 @@ Points ``theta + lam * d`` are never materialized as model copies: they are plai
 ``{name: tensor}`` dicts evaluated through ``torch.func.functional_call``
 (:func:`call_at`, :class:`ModelAt`), so a sweep over many ``lam`` costs one
 parameter-sized tensor per point and the model's own weights are never touched.
+
+:func:`parse_lambdas` reads the grid of steps ``lam`` along a direction (``START:STOP:NUM``
+or a list), the grid of the stability and flatness probes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from fractions import Fraction
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -39,6 +44,7 @@ __all__ = [
     "iter_points",
     "model_parameters",
     "normalize_direction",
+    "parse_lambdas",
     "perturbed_parameters",
     "random_direction",
 ]
@@ -297,3 +303,55 @@ def iter_points(
     """``(lam, theta + lam d)`` for each ``lam``, one point alive at a time."""
     for lam in lams:
         yield lam, perturbed_parameters(model, direction, lam)
+
+
+# ---------------------------------------------------------------------------- grids of steps
+
+
+def _fraction(text: str, what: str) -> Fraction:
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise AtprobeError(f"--lambdas: {text.strip()!r} in {what} is not a number") from None
+    return value
+
+
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """A ``lam`` grid: ``START:STOP:NUM`` (NUM evenly spaced values, both ends included) or
+    a comma-separated list (``-0.1,0,0.1``; fractions such as ``1/20`` allowed).
+
+    The grid points of ``START:STOP:NUM`` are computed exactly (as fractions) and then
+    rounded once, so a grid that passes through 0 contains exactly 0.0 (``-0.05:0.05:21``
+    does), and the grid must contain 0: the reference point of the probe. Values must be
+    distinct.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise AtprobeError("--lambdas is empty: give START:STOP:NUM or a comma-separated list")
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise AtprobeError(f"--lambdas {text!r}: expected START:STOP:NUM, e.g. -0.05:0.05:21")
+        start, stop = _fraction(parts[0], text), _fraction(parts[1], text)
+        try:
+            num = int(parts[2].strip())
+        except ValueError:
+            raise AtprobeError(f"--lambdas {text!r}: NUM must be an integer, got {parts[2].strip()!r}") from None
+        if num < 1 or (num == 1 and start != stop):
+            raise AtprobeError(f"--lambdas {text!r}: NUM must be >= 2 (or 1 with START == STOP)")
+        if num > 1 and start >= stop:
+            raise AtprobeError(f"--lambdas {text!r}: START must be smaller than STOP")
+        exact = [start] if num == 1 else [start + (stop - start) * i / (num - 1) for i in range(num)]
+    else:
+        items = [t for t in text.split(",")]
+        if any(not t.strip() for t in items):
+            raise AtprobeError(f"--lambdas {text!r}: an empty entry in the list")
+        exact = [_fraction(t, text) for t in items]
+    values = tuple(float(v) for v in exact)
+    if any(not math.isfinite(v) for v in values):
+        raise AtprobeError(f"--lambdas {text!r}: values must be finite")
+    if len(set(values)) != len(values):
+        raise AtprobeError(f"--lambdas {text!r}: values must be distinct")
+    if 0.0 not in values:
+        raise AtprobeError(f"--lambdas {text!r} does not contain 0, the reference point (lam = 0 must give distance 0)")
+    return values

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from atprobe import plot
 from atprobe.attacks import AttackSpec
 from atprobe.errors import AtprobeError
 from atprobe.io import atomic_write_bytes, write_table
@@ -326,16 +327,16 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
         per_sample = hardness_probe.per_sample_losses(models, samples, config, progress=bar)
     table = hardness_probe.consistency(per_sample, config.top_k)
     first = names[0]
-    gallery = hardness_probe.hardest_gallery(models[first], samples[first], per_sample, config, k=gallery_k,
-                                             class_names=study.dataset.class_names, size=gallery_size,
-                                             model_name=first)
-    figures = HardnessOutput(hardness_probe.png_bytes(gallery),
-                             hardness_probe.png_bytes(hardness_probe.sorted_loss_figure(per_sample)))
+    top, top_samples = hardness_probe.hardest_samples(samples[first], per_sample, gallery_k)
+    adversarial = hardness_probe.adversarial_examples(models[first], top_samples, config)
+    gallery = plot.hardest_gallery(top, top_samples, adversarial, attack=config.attack,
+                                   class_names=study.dataset.class_names, size=gallery_size, model_name=first)
+    figures = HardnessOutput(plot.png_bytes(gallery), plot.png_bytes(plot.sorted_loss_figure(per_sample)))
     spec_attack: AttackSpec = config.spec
     meta = study.meta(config, seed=config.seed, attack_name=spec_attack.name,
                       attack_config=None if spec_attack.config is None else dataclasses.asdict(spec_attack.config),
                       split=spec.split, n=len(base), labels=spec.labels, gallery_k=gallery_k,
-                      gallery_size=list(gallery_size or hardness_probe.default_gallery_size(min(gallery_k, len(base)))),
+                      gallery_size=list(gallery_size or plot.default_gallery_size(min(gallery_k, len(base)))),
                       device=str(device),
                       extra={"models": {name: str(s.path) for name, s in by_name.items()}, "labels_used": used,
                              "labels_differing_from_true": differ})

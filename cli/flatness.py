@@ -9,7 +9,7 @@ from atprobe import studies
 from atprobe.directions import IGNORES
 from atprobe.directions import NORMS as DIRECTION_NORMS
 from atprobe.probes import flatness
-from atprobe.probes.stability import parse_lambdas
+from atprobe.directions import parse_lambdas
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
 

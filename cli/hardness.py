@@ -8,6 +8,7 @@ import click
 
 from atprobe import studies
 from atprobe.errors import AtprobeError
+from atprobe.plot import parse_size
 from atprobe.probes import hardness
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
@@ -57,7 +58,7 @@ def hardness_command(checkpoints, samples, attack, threat, top_k, gallery_k, gal
     set_determinism(seed)
     if top_k < 1:
         raise AtprobeError(f"--top-k must be >= 1, got {top_k}")
-    size = hardness.parse_size(gallery_size) if gallery_size is not None else None
+    size = parse_size(gallery_size) if gallery_size is not None else None
     config = hardness.HardnessConfig(attack=attack, threat=threat, batch_size=batch_size, seed=seed, top_k=top_k,
                                      amp=amp)
     study = Study(checkpoints, models, data)

@@ -8,6 +8,7 @@ import click
 from atprobe import studies
 from atprobe.directions import IGNORES
 from atprobe.directions import NORMS as DIRECTION_NORMS
+from atprobe.directions import parse_lambdas
 from atprobe.pergrad import OBJECTIVES
 from atprobe.probes import stability
 from atprobe.runtime import set_determinism
@@ -56,7 +57,7 @@ def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ig
     """
     set_determinism(seed)
     config = stability.StabilityConfig(
-        losses=tuple(split_list(losses, "--losses")), lambdas=stability.parse_lambdas(lambdas),
+        losses=tuple(split_list(losses, "--losses")), lambdas=parse_lambdas(lambdas),
         directions=num_directions, ignore=ignore, direction_norm=direction_norm, threat=threat, beta=beta, seed=seed)
     study = Study([checkpoint] if checkpoint is not None else [], models, data)
     tables = studies.stability(study, samples, config, device, init_arch=init_arch, chunk_size=chunk_size,

@@ -28,6 +28,7 @@ from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from tests.conftest import keyed_start
+from atprobe import plot
 from atprobe.probes import hardness
 from atprobe.probes.hardness import HardnessConfig
 from atprobe.threat import ThreatModel
@@ -207,14 +208,14 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def test_figures_have_the_requested_pixel_size():
     k = 3
     natural = torch.rand(k, 3, 8, 8)
-    fig = hardness.gallery_figure(natural, natural.flip(1), ["a", "b", "c"], size=(437, 211))
-    assert _png_size(hardness.png_bytes(fig)) == (437, 211)
-    assert _png_size(hardness.png_bytes(hardness.gallery_figure(natural, natural, ["a", "b", "c"]))) == \
-        hardness.default_gallery_size(k)
-    assert hardness.parse_size(" 640X480 ") == (640, 480)
+    fig = plot.gallery_figure(natural, natural.flip(1), ["a", "b", "c"], size=(437, 211))
+    assert _png_size(plot.png_bytes(fig)) == (437, 211)
+    assert _png_size(plot.png_bytes(plot.gallery_figure(natural, natural, ["a", "b", "c"]))) == \
+        plot.default_gallery_size(k)
+    assert plot.parse_size(" 640X480 ") == (640, 480)
     for bad in ("640", "0x10", "ax3", "10x99999"):
         with pytest.raises(AtprobeError):
-            hardness.parse_size(bad)
+            plot.parse_size(bad)
 
 
 # ------------------------------------------------------------------------- CLI
@@ -334,7 +335,7 @@ def test_hardness_writes_tables_that_match_scipy(ckpts, tmp_path, monkeypatch):
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "hardest.png").shape[:2] == (260, 500)
-    assert matplotlib.image.imread(out / "sorted.png").shape[:2] == hardness.SORTED_SIZE[::-1]
+    assert matplotlib.image.imread(out / "sorted.png").shape[:2] == plot.SORTED_SIZE[::-1]
 
     meta = json.loads((out / "per_sample.meta.json").read_text())
     assert meta["command"] == ["atprobe", *map(str, args)]

@@ -240,7 +240,7 @@ def test_a_subset_of_parameters(cnn, data):
 def _track(monkeypatch):
     """Wrap the chunk generator: record chunk sizes and how many chunks are alive
     (referenced anywhere) each time a new one is produced."""
-    real = pergrad._grad_chunks
+    real = pergrad.api._grad_chunks
     alive: set[int] = set()
     record = {"peak": 0, "rows": []}
     counter = iter(range(10**6))
@@ -256,7 +256,7 @@ def _track(monkeypatch):
             yield grads
             del grads
 
-    monkeypatch.setattr(pergrad, "_grad_chunks", tracked)
+    monkeypatch.setattr(pergrad.api, "_grad_chunks", tracked)
     return record
 
 
@@ -316,7 +316,7 @@ def test_float32_reductions_are_accurate():
     g = torch.Generator().manual_seed(0)
     grads = {"w": 1e-3 * torch.randn(2, 3_000_001, generator=g), "b": torch.randn(2, 7, generator=g)}
     ref = torch.cat([v.double().flatten(1) for v in grads.values()], dim=1).norm(dim=1)
-    got = pergrad._norms(grads)
+    got = pergrad.api._norms(grads)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
 
@@ -371,7 +371,7 @@ def test_hooks_cover_every_layer_kind():
 
 def test_ghost_and_direct_norms_agree():
     """Each layer's squared norm by the ghost identity and by the materialized gradient."""
-    from atprobe import pergrad_hooks as H
+    from atprobe.pergrad import hooks as H
 
     torch.manual_seed(1)
     model = _Layers().double().eval()

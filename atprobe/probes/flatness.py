@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from atprobe import objectives
 from atprobe.attacked import attacked_batches
 from atprobe.data import Split
-from atprobe.directions import IGNORES, NORMS, ModelAt, directions as draw_directions, model_parameters, perturbed_parameters
+from atprobe.directions import (IGNORES, NORMS, ModelAt, directions as draw_directions, model_parameters,
+                                parse_lambdas, perturbed_parameters)
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number
-from atprobe.probes.stability import parse_lambdas
 from atprobe.runtime import module_mode
 
 __all__ = [
@@ -68,7 +68,7 @@ class FlatnessConfig(PGDFields):
     """What ``flatness`` measures.
 
     lambdas: the grid of steps along each direction (relative filter steps); must contain 0
-        (see ``atprobe.probes.stability.parse_lambdas``).
+        (see ``atprobe.directions.parse_lambdas``).
     radius: ``r`` of the summary; default (None) the largest ``|lam|`` of the grid, and it
         must be the ``|lam|`` of a grid point (set to that value after validation).
     directions: ``K`` random directions, drawn one after the other from a CPU generator

@@ -21,18 +21,18 @@ never the adversarial images; models are visited one after the other, so a lazy
 ``Mapping`` (as the CLI passes) holds one model in memory at a time.
 
 ``probe(models, data, config)`` returns the consistency table; :func:`per_sample_losses`
-the per-sample table it is computed from. :func:`gallery_figure`, :func:`hardest_gallery`
-and :func:`sorted_loss_figure` draw the figures (matplotlib, imported when called).
+the per-sample table it is computed from. :func:`hardest_samples` and
+:func:`adversarial_examples` pick the hardest samples and re-craft their adversarial images
+for the gallery. The figures are drawn by :mod:`atprobe.plot.hardness`
+(``sorted_loss_figure``, ``hardest_gallery``, ``gallery_figure``): this module draws nothing.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
-import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,27 +47,17 @@ from atprobe.errors import AtprobeError
 from atprobe.probes._gradutil import check_threat, is_int
 from atprobe.threat import ThreatModel
 
-if TYPE_CHECKING:  # matplotlib is imported lazily, inside the figure functions
-    from matplotlib.figure import Figure
-
 __all__ = [
     "COLUMNS",
     "CONSISTENCY_COLUMNS",
-    "DEFAULT_DPI",
-    "SORTED_SIZE",
     "HardnessConfig",
     "adversarial_examples",
     "consistency",
-    "default_gallery_size",
-    "gallery_figure",
     "hardest",
-    "hardest_gallery",
-    "parse_size",
+    "hardest_samples",
     "per_sample_losses",
-    "png_bytes",
     "probe",
     "ranks",
-    "sorted_loss_figure",
 ]
 
 #: Columns of :func:`per_sample_losses` (one row per model and sample).
@@ -75,14 +65,6 @@ COLUMNS = ["index", "label", "true_label", "model", "adv_loss", "adv_correct", "
 #: Columns of :func:`consistency` (one row per unordered pair of models).
 CONSISTENCY_COLUMNS = ["model_a", "model_b", "n", "kendall_tau", "kendall_p", "spearman_rho", "spearman_p",
                        "top_k", "top_k_overlap"]
-
-#: Dots per inch of every figure: sizes are given in pixels, figsize = pixels / DEFAULT_DPI.
-DEFAULT_DPI = 100
-#: Pixel size of ``sorted.png``.
-SORTED_SIZE = (900, 500)
-#: Pixel width of one gallery column and the gallery's height (``default_gallery_size``).
-GALLERY_COLUMN_PX = 110
-GALLERY_HEIGHT_PX = 320
 
 
 def _is_int(v: object) -> bool:
@@ -350,164 +332,14 @@ def adversarial_examples(model: nn.Module, data: Split, config: HardnessConfig =
     return torch.cat(out).contiguous()
 
 
-# ---------------------------------------------------------------------------- figures
-
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"WIDTHxHEIGHT"`` in pixels (e.g. ``1100x320``) -> ``(width, height)``, each 16..20000."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise AtprobeError(f"size {text!r} is not WIDTHxHEIGHT in pixels (e.g. 1100x320)")
-    width, height = int(match[1]), int(match[2])
-    _check_size((width, height))
-    return width, height
-
-
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(v) for v in size)
-            or not all(16 <= int(v) <= 20000 for v in size)):
-        raise AtprobeError(f"figure size must be two whole numbers of pixels in 16..20000, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-def default_gallery_size(k: int) -> tuple[int, int]:
-    """``(GALLERY_COLUMN_PX * max(k, 2), GALLERY_HEIGHT_PX)`` pixels: 110 px per sample, 320 high."""
-    return GALLERY_COLUMN_PX * max(int(k), 2), GALLERY_HEIGHT_PX
-
-
-def _new_figure(size: tuple[int, int], dpi: int) -> "Figure":
-    """A matplotlib Figure of exactly ``size`` pixels at ``dpi`` (no pyplot, no global state;
-    it renders with the Agg canvas when saved)."""
-    from matplotlib.figure import Figure
-
-    width, height = _check_size(size)
-    if not _is_int(dpi) or dpi < 1:
-        raise AtprobeError(f"dpi must be an integer >= 1, got {dpi!r}")
-    return Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-
-
-def png_bytes(fig: "Figure") -> bytes:
-    """The figure as PNG bytes at its own dpi (its pixel size is ``figsize * dpi``; no tight
-    bounding box, so the size is exactly the one asked for)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    return buf.getvalue()
-
-
-def _hwc(image: Tensor | np.ndarray) -> np.ndarray:
-    a = image.detach().to("cpu", torch.float32).numpy() if isinstance(image, Tensor) else np.asarray(image, np.float32)
-    a = np.clip(a, 0.0, 1.0)
-    if a.ndim == 3 and a.shape[0] in (1, 3):
-        a = a.transpose(1, 2, 0)
-    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
-
-
-def gallery_figure(
-    natural: Tensor | np.ndarray,
-    adversarial: Tensor | np.ndarray,
-    captions: Sequence[str],
-    *,
-    size: tuple[int, int] | None = None,
-    dpi: int = DEFAULT_DPI,
-    title: str | None = None,
-    row_labels: tuple[str, str] = ("natural", "adversarial"),
-) -> "Figure":
-    """A 2 x k grid: natural images (k, C, H, W in [0, 1]) above their adversarial versions,
-    each column captioned. ``size`` in pixels (default :func:`default_gallery_size`)."""
-    k = len(captions)
-    if k < 1 or len(natural) != k or len(adversarial) != k:
-        raise AtprobeError(f"the gallery needs as many natural ({len(natural)}) and adversarial "
-                           f"({len(adversarial)}) images as captions ({k}), at least one")
-    fig = _new_figure(size or default_gallery_size(k), dpi)
-    axes = fig.subplots(2, k, squeeze=False)
-    for j in range(k):
-        for row, images in enumerate((natural, adversarial)):
-            ax = axes[row][j]
-            img = _hwc(images[j])
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(row_labels[row], fontsize=8)
-        axes[1][j].set_xlabel(captions[j], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.04, right=0.99, top=0.88 if title else 0.97, bottom=0.2, wspace=0.08, hspace=0.06)
-    return fig
-
-
-def _class(label: int, class_names: Sequence[str] | None) -> str:
-    if class_names is not None and 0 <= int(label) < len(class_names):
-        return str(class_names[int(label)])
-    return str(int(label))
-
-
-def hardest_gallery(
-    model: nn.Module,
-    data: Split,
-    per_sample: pd.DataFrame,
-    config: HardnessConfig = HardnessConfig(),
-    *,
-    k: int = 10,
-    class_names: Sequence[str] | None = None,
-    size: tuple[int, int] | None = None,
-    dpi: int = DEFAULT_DPI,
-    model_name: str | None = None,
-) -> "Figure":
-    """Fig. C.3: the ``k`` hardest samples by mean rank (:func:`hardest`), natural above
-    adversarial. The adversarial images are re-crafted for just these samples against
-    ``model`` (the first model: pass ``data`` with its labels) by :func:`adversarial_examples`.
-    Captions: sample index, class name of the label (and of the true label if it differs),
-    mean rank."""
+def hardest_samples(data: Split, per_sample: pd.DataFrame, k: int = 10) -> tuple[pd.DataFrame, Split]:
+    """``(top, samples)``: the ``k`` hardest samples by mean rank (:func:`hardest`) and those
+    samples of ``data`` (in the order of ``top``), e.g. for :func:`adversarial_examples` and
+    ``atprobe.plot.hardest_gallery``. Every sample of ``top`` must be in ``data``."""
     top = hardest(per_sample, k)
     position = {int(v): i for i, v in enumerate(data.index.cpu().tolist())}
     missing = [int(i) for i in top["index"] if int(i) not in position]
     if missing:
         raise AtprobeError(f"sample {missing[0]} of the per-sample table is not in the given split")
     rows = [position[int(i)] for i in top["index"]]
-    chosen = data.subset(rows)
-    adversarial = adversarial_examples(model, chosen, config)
-    natural = chosen.x.float() / 255.0 if chosen.x.dtype == torch.uint8 else chosen.x.float()
-    captions = []
-    for i, y, t, r in zip(chosen.index.tolist(), chosen.y.tolist(), chosen.true_y.tolist(), top["mean_rank"]):
-        label = _class(y, class_names) + ("" if y == t else f"\n(true {_class(t, class_names)})")
-        captions.append(f"#{i} {label}\nmean rank {r:.4g}")
-    who = f" against {model_name}" if model_name else ""
-    title = (f"{len(rows)} hardest samples by mean rank ({config.attack}{who}, re-crafted)")
-    return gallery_figure(natural, adversarial, captions, size=size, dpi=dpi, title=title,
-                          row_labels=("natural", "adversarial"))
-
-
-def sorted_loss_figure(
-    per_sample: pd.DataFrame,
-    *,
-    size: tuple[int, int] = SORTED_SIZE,
-    dpi: int = DEFAULT_DPI,
-    log: bool = False,
-) -> "Figure":
-    """Fig. 7(c): every model's per-sample adversarial loss over the samples sorted by the
-    first model's loss (x = the first model's rank, 1 = hardest). The first model is a
-    line, the others are points. ``log``: logarithmic loss axis."""
-    parts = _by_model(per_sample)
-    names = list(parts)
-    if not names or len(parts[names[0]]) == 0:
-        raise AtprobeError("the per-sample table is empty")
-    order = np.argsort(parts[names[0]]["rank"].to_numpy(), kind="stable")
-    x = np.arange(1, len(order) + 1)
-    fig = _new_figure(size, dpi)
-    ax = fig.add_subplot()
-    y0 = parts[names[0]]["adv_loss"].to_numpy(dtype=np.float64)[order]
-    ax.plot(x, y0, color="C0", linewidth=1.5, label=f"{names[0]} (sort key)", zorder=3)
-    for j, name in enumerate(names[1:], start=1):
-        y = parts[name]["adv_loss"].to_numpy(dtype=np.float64)[order]
-        ax.scatter(x, y, s=3, alpha=0.5, linewidths=0, color=f"C{j % 10}", label=name, rasterized=True, zorder=2)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel(f"sample, sorted by the adversarial loss of {names[0]} (1 = hardest)")
-    ax.set_ylabel("adversarial loss (CE, nats)")
-    ax.legend(fontsize=7, markerscale=3, loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return top, data.subset(rows)

@@ -21,70 +21,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from fractions import Fraction
 import pandas as pd
 import torch
 from torch import nn
 
 from atprobe.data import Split
-from atprobe.directions import IGNORES, NORMS, directions, model_parameters, perturbed_parameters
+from atprobe.directions import IGNORES, NORMS, directions, model_parameters, parse_lambdas, perturbed_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.models import build_model
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distances
 from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
 
+# parse_lambdas lives in atprobe.directions (the flatness probe uses it too); re-exported here for the
+# callers of stability.parse_lambdas.
 __all__ = ["COLUMNS", "DEFAULT_LAMBDAS", "StabilityConfig", "init_model", "parse_lambdas", "probe"]
 
 COLUMNS = ["loss", "direction", "lam", "n", "dist_mean", "dist_std", "cos_mean", "cos_std"]
-
-
-def _fraction(text: str, what: str) -> Fraction:
-    try:
-        value = Fraction(text.strip())
-    except (ValueError, ZeroDivisionError):
-        raise AtprobeError(f"--lambdas: {text.strip()!r} in {what} is not a number") from None
-    return value
-
-
-def parse_lambdas(text: str) -> tuple[float, ...]:
-    """A ``lam`` grid: ``START:STOP:NUM`` (NUM evenly spaced values, both ends included) or
-    a comma-separated list (``-0.1,0,0.1``; fractions such as ``1/20`` allowed).
-
-    The grid points of ``START:STOP:NUM`` are computed exactly (as fractions) and then
-    rounded once, so a grid that passes through 0 contains exactly 0.0 (``-0.05:0.05:21``
-    does), and the grid must contain 0: the reference point of the probe. Values must be
-    distinct.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise AtprobeError("--lambdas is empty: give START:STOP:NUM or a comma-separated list")
-    text = text.strip()
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise AtprobeError(f"--lambdas {text!r}: expected START:STOP:NUM, e.g. -0.05:0.05:21")
-        start, stop = _fraction(parts[0], text), _fraction(parts[1], text)
-        try:
-            num = int(parts[2].strip())
-        except ValueError:
-            raise AtprobeError(f"--lambdas {text!r}: NUM must be an integer, got {parts[2].strip()!r}") from None
-        if num < 1 or (num == 1 and start != stop):
-            raise AtprobeError(f"--lambdas {text!r}: NUM must be >= 2 (or 1 with START == STOP)")
-        if num > 1 and start >= stop:
-            raise AtprobeError(f"--lambdas {text!r}: START must be smaller than STOP")
-        exact = [start] if num == 1 else [start + (stop - start) * i / (num - 1) for i in range(num)]
-    else:
-        items = [t for t in text.split(",")]
-        if any(not t.strip() for t in items):
-            raise AtprobeError(f"--lambdas {text!r}: an empty entry in the list")
-        exact = [_fraction(t, text) for t in items]
-    values = tuple(float(v) for v in exact)
-    if any(not math.isfinite(v) for v in values):
-        raise AtprobeError(f"--lambdas {text!r}: values must be finite")
-    if len(set(values)) != len(values):
-        raise AtprobeError(f"--lambdas {text!r}: values must be distinct")
-    if 0.0 not in values:
-        raise AtprobeError(f"--lambdas {text!r} does not contain 0, the reference point (lam = 0 must give distance 0)")
-    return values
 
 
 DEFAULT_LAMBDAS = parse_lambdas("-0.05:0.05:21")

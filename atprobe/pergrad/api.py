@@ -1,204 +1,33 @@
-"""Per-sample gradients of a per-sample loss with respect to the parameters.
-
-For samples ``(x_i, y_i)`` and a parameter point ``theta`` this computes
-
-    g_i(theta) = d/d theta  l(f(. ; theta), x_i, y_i)          (one flat vector of P entries)
-
-and reductions of it: ``||g_i||`` and, for two points, ``||g_i(a) - g_i(b)||`` and
-``cos(g_i(a), g_i(b))``, the quantities the gradient probes of Dong et al. (ICLR 2022)
-compare between clean and adversarial objectives.
-
-Eval mode. The model runs in eval mode (BatchNorm normalizes with its running
-statistics, dropout is off), so ``f(x_i)`` depends on sample i alone and
-``l_i`` has a well-defined gradient of its own. In train mode BatchNorm would normalize
-with batch statistics, every ``l_i`` would depend on every sample of the batch, and a
-"per-sample gradient" would depend on which samples it was batched with. Modes are
-restored afterwards.
-
-Method (``method=``, :data:`METHODS`). ``hooks`` (:mod:`atprobe.pergrad_hooks`): one
-batched forward/backward per chunk and the per-layer identities ``dl_i/dW = sum_t g_t
-a_t^T`` as batched GEMMs, with ghost norms where cheaper; used by default wherever every
-probed parameter sits in a supported layer. ``vmap``: ``torch.func.vmap(torch.func.grad(l_i))``
-over ``torch.func.functional_call`` with the buffers passed as constants; any layer, given
-no in-place ops on activations. ``benchmarks/pergrad.py`` measures both against the
-loop; see docs/pergrad.md.
-
-Memory. A chunk of ``b`` samples holds ``b x P`` gradient entries (WRN-28-10:
-P = 36.5M, so 146 MB per sample in float32 and 9.3 GB for ``chunk_size=64``).
-Nothing ever holds ``N x P``: :func:`per_sample_grad_norms` keeps one chunk alive,
-:func:`per_sample_grad_distance` two (one per point); :func:`chunk_size_for` turns a
-memory budget into a chunk size.
-
-Adversarial objectives. ``pgd_at``, ``trades`` and ``R`` craft ``x'`` with
-``atprobe.attacks.pgd`` *at the parameter point being probed* (through
-:class:`atprobe.directions.ModelAt`), from a random start that is a function of
-``(seed, sample id)`` only, so a sample starts from the same point at every ``theta``
-and at ``theta_a == theta_b`` the two gradients are bit-identical (on a GPU, where some
-backward kernels accumulate in a nondeterministic order, only with
-``torch.use_deterministic_algorithms(True)``; otherwise up to rounding). The gradient then
-treats ``x'`` as a constant: by Danskin's theorem the gradient of
-``max_{x'} l(theta, x')`` is ``d/d theta l(theta, x')`` at the maximizer, which is also
-what PGD-AT and TRADES training step along.
-"""
+"""The public functions of :mod:`atprobe.pergrad`: per-sample gradients chunk by chunk and
+their reductions (norms, distances and cosines between two points or two losses), the
+method choice (``hooks`` or ``vmap``) and :func:`chunk_size_for`. See the package docstring
+for eval mode, memory and the adversarial objectives."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
-from atprobe import objectives
-from atprobe.attacks import PGDConfig, pgd
 from atprobe.directions import ModelAt, functional_state, model_parameters
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.pergrad_hooks import layer_plan, row_sq_norms, per_sample_grads_hooks, per_sample_sq_norms_hooks
+from atprobe.pergrad.hooks import layer_plan, per_sample_grads_hooks, per_sample_sq_norms_hooks, row_sq_norms
+from atprobe.pergrad.objectives import Objective, PerSampleLoss, _Prepared
+from atprobe.pergrad.vmap import per_sample_grads_vmap
 from atprobe.runtime import autocast, module_mode
-from atprobe.starts import Starts
-from atprobe.threat import ThreatModel
 
 __all__ = [
     "METHODS",
-    "OBJECTIVES",
-    "Objective",
-    "PerSampleLoss",
-    "PointCall",
     "chunk_size_for",
-    "default_attack",
-    "objective",
     "per_sample_grad_distance",
     "per_sample_grad_distances",
+    "per_sample_grad_norm_pair",
     "per_sample_grad_norms",
     "per_sample_grads",
+    "resolve_method",
 ]
-
-#: ``f``: images -> logits of the model at the parameter point being differentiated.
-PointCall = Callable[[Tensor], Tensor]
-
-
-class PerSampleLoss(Protocol):
-    """``loss(f, x, y, *extra) -> (B,)``: per-sample losses of the logits function ``f``.
-
-    Inside the gradient computation it is called one sample at a time (B = 1, under
-    ``vmap``), so it must not mix samples (no batch means, no data-dependent Python
-    control flow). ``extra`` are the tensors ``prepare`` returned, if any.
-    """
-
-    def __call__(self, f: PointCall, x: Tensor, y: Tensor, *extra: Tensor) -> Tensor: ...
-
-
-@runtime_checkable
-class _Prepared(Protocol):
-    def prepare(
-        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Sequence[int]
-    ) -> tuple[Tensor, ...]: ...
-
-
-# ---------------------------------------------------------------------------- objectives
-
-#: The objectives of the gradient probes (Dong et al. 2022):
-#: clean CE, the PGD-AT loss, the TRADES loss and the robust gap R = CE(x') - CE(x).
-OBJECTIVES = ("clean", "pgd_at", "trades", "R")
-
-
-def default_attack(name: str, threat: ThreatModel = ThreatModel()) -> PGDConfig | None:
-    """The attack of objective ``name`` under ``threat`` (default: the training attack of
-    ``atprobe.train``, L-inf 8/255, step 2/255, 10 steps): CE with the threat model's
-    start (uniform) for ``pgd_at`` and ``R``, KL with TRADES' ``0.001 N(0, I)`` start for
-    ``trades``; none for ``clean``."""
-    check_choice(name, OBJECTIVES, "objective")
-    if name == "clean":
-        return None
-    return threat.attack("kl" if name == "trades" else "ce")
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A per-sample training objective of adversarial training, as a :class:`PerSampleLoss`
-    with a ``prepare`` step that crafts the adversarial examples (see :func:`objective`).
-
-    ``clean``:  CE(f(x), y)
-    ``pgd_at``: CE(f(x'), y),                          x' = PGD on CE(f(.), y)
-    ``trades``: CE(f(x), y) + beta KL(f(x) || f(x')),  x' = PGD on KL(f(x) || f(.))
-    ``R``:      CE(f(x'), y) - CE(f(x), y),             x' = PGD on CE(f(.), y)
-
-    KL is between the softmax distributions, gradient flowing through both arguments
-    (``objectives.trades_kl``); every CE is ``objectives.ce``.
-    """
-
-    name: str
-    attack: PGDConfig | None = None
-    beta: float = 6.0
-    seed: int = 0
-    amp: bool = False
-
-    def prepare(
-        self, model_at: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | Sequence[int]
-    ) -> tuple[Tensor, ...]:
-        """``(x',)`` crafted against ``model_at`` (the model at the probed point), or ``()``.
-
-        The starts are keyed by ``(seed, sample id)`` (``atprobe.starts``), so a sample
-        starts from the same point at every parameter point and in every chunk. The attack runs
-        in eval mode (``PGDConfig.eval_mode``; the gradient computation is in eval mode
-        anyway). ``x'`` is detached: the gradient treats it as a constant (Danskin).
-        """
-        if self.attack is None:
-            return ()
-        ids = sample_ids if isinstance(sample_ids, Tensor) else torch.as_tensor(list(sample_ids), dtype=torch.int64)
-        x_adv = pgd(model_at, x, y, self.attack, starts=Starts(self.seed, ids.to(x.device)), amp=self.amp)
-        return (x_adv,)
-
-    def __call__(self, f: PointCall, x: Tensor, y: Tensor, *extra: Tensor) -> Tensor:
-        if self.name == "clean":
-            return objectives.ce(f(x), y)
-        (x_adv,) = extra
-        if self.name == "pgd_at":
-            return objectives.ce(f(x_adv), y)
-        # One forward for both inputs: in eval mode samples do not interact, so this is the
-        # same as two forwards, with half the kernel launches.
-        logits = f(torch.cat([x, x_adv]))
-        natural, adversarial = logits[: x.shape[0]], logits[x.shape[0] :]
-        if self.name == "trades":
-            return objectives.ce(natural, y) + self.beta * objectives.trades_kl(natural, adversarial)
-        return objectives.ce(adversarial, y) - objectives.ce(natural, y)  # R
-
-
-def objective(
-    name: str,
-    *,
-    attack: PGDConfig | None = None,
-    beta: float = 6.0,
-    seed: int = 0,
-    amp: bool = False,
-) -> Objective:
-    """The objective ``name`` (one of :data:`OBJECTIVES`) for the gradient functions.
-
-    Args:
-        attack: the inner maximization (default :func:`default_attack`). ``pgd_at``/``R``
-            need a ``ce`` or ``cw`` attack, ``trades`` a ``kl`` attack, ``clean`` none.
-            Restarts are keyed per sample too, so any number keeps "same start at every
-            parameter point".
-        beta: TRADES' weight on the KL term.
-        seed: keys the per-sample random starts (with each sample's id).
-        amp: bf16 autocast for the attack on CUDA. Off by default: probes compare
-            gradients at nearby points, where bf16 rounding of x' would be noise.
-    """
-    check_choice(name, OBJECTIVES, "objective")
-    if name == "clean":
-        if attack is not None:
-            raise AtprobeError("the clean objective has no attack")
-        return Objective(name)
-    attack = default_attack(name) if attack is None else attack
-    wanted = ("kl",) if name == "trades" else ("ce", "cw")
-    if attack.loss not in wanted:
-        raise AtprobeError(f"objective {name} needs an attack on {' or '.join(wanted)}, got {attack.loss!r}")
-    if not (math.isfinite(beta) and beta >= 0):
-        raise AtprobeError(f"TRADES beta must be a finite number >= 0, got {beta}")
-    return Objective(name, attack, float(beta), int(seed), bool(amp))
-
 
 # ---------------------------------------------------------------------------- gradients
 
@@ -237,7 +66,7 @@ def _check(
 
 
 #: How per-sample gradients are computed: ``hooks`` (per-layer identities on one batched
-#: backward, :mod:`atprobe.pergrad_hooks`), ``vmap`` (``torch.func``), or ``auto``: hooks
+#: backward, :mod:`atprobe.pergrad.hooks`), ``vmap`` (``torch.func``), or ``auto``: hooks
 #: where they apply (every probed parameter in a supported layer, and an :class:`Objective`
 #: loss, which is known to keep samples apart and stack whole chunks), else vmap.
 METHODS = ("auto", "hooks", "vmap")
@@ -301,15 +130,6 @@ def _grad_chunks(
     chunk k+1 never has two alive.
     """
     _, consts = functional_state(model, point, buffers)
-
-    def single(p: dict[str, Tensor], xi: Tensor, yi: Tensor, *extra: Tensor) -> Tensor:
-        # One sample, batch of one; buffers and unprobed parameters are closed over as
-        # constants, so only ``p`` is differentiated (and broadcast, not copied, by vmap).
-        def f(inputs: Tensor) -> Tensor:
-            return functional_call(model, (p, consts), (inputs,))
-
-        return loss_fn(f, xi.unsqueeze(0), yi.unsqueeze(0), *(e.unsqueeze(0) for e in extra)).sum()
-
     prepare = loss_fn.prepare if isinstance(loss_fn, _Prepared) else None
     view = ModelAt(model, point, buffers) if prepare is not None else None
     method = resolve_method(model, loss_fn, point, method)
@@ -339,9 +159,8 @@ def _grad_chunks(
                     else:
                         grads = per_sample_grads_hooks(model, plan, run_loss, point, xb.shape[0])
             else:
-                in_dims = (None, 0, 0, *([0] * len(extra)))
                 with autocast(x.device, amp):
-                    grads = vmap(grad(single), in_dims=in_dims)(point, xb, yb, *extra)
+                    grads = per_sample_grads_vmap(model, loss_fn, point, consts, xb, yb, extra)
                 if norms_only:
                     grads = _norms(grads)
         del extra
@@ -412,7 +231,7 @@ def _flat_chunks(
 
 def _norms(grads: Mapping[str, Tensor]) -> Tensor:
     """Per-sample L2 norm over all parameters of a chunk, (b,), in the gradients' dtype:
-    accurately blocked squared norms per parameter (``pergrad_hooks.row_sq_norms``), summed."""
+    accurately blocked squared norms per parameter (``pergrad.hooks.row_sq_norms``), summed."""
     return torch.stack([row_sq_norms(g) for g in grads.values()]).sum(0).sqrt()
 
 

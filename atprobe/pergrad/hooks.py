@@ -18,7 +18,13 @@ This is the ``hooks`` method of :mod:`atprobe.pergrad`. It supports ``nn.Conv2d`
 (``groups=1``, zero padding), ``nn.Linear`` and eval-mode ``nn.BatchNorm2d`` with running
 statistics: every layer with parameters in ``atprobe.models``. :func:`supports` says
 whether a model and parameter point qualify; otherwise :mod:`atprobe.pergrad` uses
-``vmap``.
+``vmap`` (:mod:`atprobe.pergrad.vmap`).
+
+Layer kinds. What is specific to a kind of layer (when the identities apply, what the
+forward hook records besides input and output, the bias sums over positions, the weight's
+positions and per-sample gradients) is one :class:`LayerKind` of small functions in
+:data:`LAYER_KINDS`, keyed by module class (looked up along the class's MRO, so subclasses
+count as their base); a new kind of layer is one more entry there.
 
 Rows and samples. The loss may call the model on several stacks of the chunk
 (``torch.cat([x, x_adv])`` for TRADES and R): row ``r`` of a call with ``k * b`` rows
@@ -38,7 +44,7 @@ from torch import Tensor, nn
 
 from atprobe.errors import AtprobeError
 
-__all__ = ["BLOCK", "layer_plan", "per_sample_grads_hooks", "per_sample_sq_norms_hooks", "row_sq_norms", "supports"]
+__all__ = ["BLOCK", "LAYER_KINDS", "LayerKind", "layer_plan", "per_sample_grads_hooks", "per_sample_sq_norms_hooks", "row_sq_norms", "supports"]
 
 
 @dataclass
@@ -52,19 +58,10 @@ class _Layer:
 
 def _supported_module(module: nn.Module) -> str | None:
     """``None`` if the per-layer identities apply to ``module``, else why not."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return "grouped convolution"
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return "non-zero or string padding"
-        return None
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.BatchNorm2d):
-        if not module.track_running_stats or module.running_mean is None:
-            return "BatchNorm without running statistics (mixes samples)"
-        return None
-    return f"{type(module).__name__} layers"
+    kind = _kind(module)
+    if kind is None:
+        return f"{type(module).__name__} layers"
+    return kind.why_not(module)
 
 
 def layer_plan(model: nn.Module, names: list[str]) -> dict[str, _Layer] | str:
@@ -102,13 +99,10 @@ def _capturing(plan: Mapping[str, _Layer]) -> Iterator[None]:
     """Forward hooks that record every call's input and output on the planned layers."""
 
     def hook_for(layer: _Layer) -> Callable:
+        recorded = _kind(layer.module).extra
+
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            extra: tuple[Tensor, ...] = ()
-            if isinstance(module, nn.BatchNorm2d):
-                # The running statistics of the point (functional_call swaps them in only
-                # for the duration of the call, so they are read here).
-                extra = (module.running_mean, module.running_var)
-            layer.calls.append((inputs[0].detach(), output, extra))
+            layer.calls.append((inputs[0].detach(), output, recorded(module)))
 
         return hook
 
@@ -184,32 +178,138 @@ def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor, b: int) -> Tenso
 def _positions(module: nn.Module, a: Tensor, g: Tensor, b: int) -> tuple[Tensor, Tensor]:
     """A weight's per-sample gradient as ``G_i^T A_i``: ``A`` (b, positions, d_in) and
     ``G`` (b, positions, d_out), positions of all k stacks of a sample side by side."""
-    if isinstance(module, nn.Linear):
-        a = a.reshape(a.shape[0], -1, a.shape[-1])
-        g = g.reshape(g.shape[0], -1, g.shape[-1])
-    else:
-        a = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
-        g = g.flatten(2).transpose(1, 2)
+    a, g = _kind(module).positions(module, a, g)
     return _by_sample(a, b).flatten(1, 2), _by_sample(g, b).flatten(1, 2)
 
 
 def _small_grads(module: nn.Module, names: Mapping[str, str], a: Tensor, g: Tensor, extra: tuple[Tensor, ...],
                  b: int) -> dict[str, Tensor]:
     """Per-sample gradients of the cheap parameters: biases and BatchNorm's weight."""
+    kind = _kind(module)
     out: dict[str, Tensor] = {}
     if "bias" in names:
-        if isinstance(module, nn.Linear):  # over every position of the input's middle dims
-            sums = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
-        else:
-            sums = g.sum((2, 3))
-        out["bias"] = _by_sample(sums, b).sum(1)
-    if isinstance(module, nn.BatchNorm2d) and "weight" in names:
-        mean, var = extra
-        scale = torch.rsqrt(var.to(g.dtype) + module.eps)
-        # sum_t g xhat = scale (sum_t g a - mean sum_t g), per channel
-        dot = torch.einsum("nchw,nchw->nc", g, a) - mean.to(g.dtype) * g.sum((2, 3))
-        out["weight"] = _by_sample(dot * scale, b).sum(1)
+        out["bias"] = _by_sample(kind.bias_sums(g), b).sum(1)
+    if kind.small_weight is not None and "weight" in names:
+        out["weight"] = _by_sample(kind.small_weight(module, a, g, extra), b).sum(1)
     return out
+
+
+# ---------------------------------------------------------------------------- layer kinds
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """The per-layer identities of one kind of module, as small functions of a call's
+    input ``a`` and output gradient ``g`` (rows = samples, or k stacks of them).
+
+    why_not: ``None`` if the identities apply to this module, else why not (for errors).
+    bias_sums: ``g`` summed over the positions a bias is added at, ``(rows, d_out)``.
+    extra: what the forward hook records besides input and output (read at call time).
+    small_weight: ``(rows, d)`` per-row gradient of a cheap (per-channel) weight, or ``None``.
+    positions: ``(A, G)``, ``(rows, positions, d_in)`` and ``(rows, positions, d_out)``, of a
+        weight matrix (``dl/dW = G^T A`` per row), or ``None`` when the weight is not a matrix.
+    weight_grads: per-sample gradients ``(b, *weight.shape)`` of the weight matrix.
+    weight_parts: the same as a list of pieces whose squared norms add up (a convolution's
+        kernel offsets), for norms without stacking them; ``None``: only ``weight_grads``.
+    """
+
+    why_not: Callable[[nn.Module], str | None]
+    bias_sums: Callable[[Tensor], Tensor]
+    extra: Callable[[nn.Module], tuple[Tensor, ...]] = lambda module: ()
+    small_weight: Callable[[nn.Module, Tensor, Tensor, tuple[Tensor, ...]], Tensor] | None = None
+    positions: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    weight_grads: Callable[[nn.Module, Tensor, Tensor, int], Tensor] | None = None
+    weight_parts: Callable[[nn.Module, Tensor, Tensor, int], list[Tensor]] | None = None
+
+
+#: The supported layers: module class -> :class:`LayerKind`.
+LAYER_KINDS: dict[type[nn.Module], LayerKind] = {}
+
+
+def _kind(module: nn.Module) -> LayerKind | None:
+    """The :class:`LayerKind` of ``module``'s class or of its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in LAYER_KINDS:
+            return LAYER_KINDS[cls]
+    return None
+
+
+def _spatial_sums(g: Tensor) -> Tensor:
+    return g.sum((2, 3))
+
+
+def _conv_why_not(module: nn.Conv2d) -> str | None:
+    if module.groups != 1:
+        return "grouped convolution"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return "non-zero or string padding"
+    return None
+
+
+def _conv_positions(module: nn.Conv2d, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    a = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    return a, g.flatten(2).transpose(1, 2)
+
+
+LAYER_KINDS[nn.Conv2d] = LayerKind(
+    why_not=_conv_why_not,
+    bias_sums=_spatial_sums,
+    positions=_conv_positions,
+    weight_grads=_conv_weight_grads,
+    weight_parts=lambda module, a, g, b: _conv_weight_parts(module, a, g, b)[1],
+)
+
+
+def _linear_sums(g: Tensor) -> Tensor:
+    return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)  # over every position of the input's middle dims
+
+
+def _linear_positions(module: nn.Linear, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    return a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _linear_weight_grads(module: nn.Linear, a: Tensor, g: Tensor, b: int) -> Tensor:
+    pa, pg = _positions(module, a, g, b)
+    return torch.bmm(pg.transpose(1, 2), pa)
+
+
+LAYER_KINDS[nn.Linear] = LayerKind(
+    why_not=lambda module: None,
+    bias_sums=_linear_sums,
+    positions=_linear_positions,
+    weight_grads=_linear_weight_grads,
+)
+
+
+def _bn_why_not(module: nn.BatchNorm2d) -> str | None:
+    if not module.track_running_stats or module.running_mean is None:
+        return "BatchNorm without running statistics (mixes samples)"
+    return None
+
+
+def _bn_running_stats(module: nn.BatchNorm2d) -> tuple[Tensor, ...]:
+    # The running statistics of the point (functional_call swaps them in only for the
+    # duration of the call, so the forward hook reads them).
+    return (module.running_mean, module.running_var)
+
+
+def _bn_weight(module: nn.BatchNorm2d, a: Tensor, g: Tensor, extra: tuple[Tensor, ...]) -> Tensor:
+    mean, var = extra
+    scale = torch.rsqrt(var.to(g.dtype) + module.eps)
+    # sum_t g xhat = scale (sum_t g a - mean sum_t g), per channel
+    dot = torch.einsum("nchw,nchw->nc", g, a) - mean.to(g.dtype) * g.sum((2, 3))
+    return dot * scale
+
+
+LAYER_KINDS[nn.BatchNorm2d] = LayerKind(
+    why_not=_bn_why_not,
+    bias_sums=_spatial_sums,
+    extra=_bn_running_stats,
+    small_weight=_bn_weight,
+)
+
+
+# ---------------------------------------------------------------------------- per-sample gradients
 
 
 def _calls(layer: _Layer, dtype: torch.dtype, grads_out: list[Tensor | None]) -> Iterator[tuple[Tensor, Tensor, tuple]]:
@@ -219,7 +319,7 @@ def _calls(layer: _Layer, dtype: torch.dtype, grads_out: list[Tensor | None]) ->
 
 
 def _has_weight_matrix(layer: _Layer) -> bool:
-    return "weight" in layer.names and isinstance(layer.module, (nn.Linear, nn.Conv2d))
+    return "weight" in layer.names and _kind(layer.module).weight_grads is not None
 
 
 def _layer_grads(layer: _Layer, b: int, dtype: torch.dtype, grads_out: list[Tensor | None]) -> dict[str, Tensor]:
@@ -233,11 +333,7 @@ def _layer_grads(layer: _Layer, b: int, dtype: torch.dtype, grads_out: list[Tens
         for attr, t in _small_grads(layer.module, layer.names, a, g, extra, b).items():
             add(attr, t)
         if _has_weight_matrix(layer):
-            if isinstance(layer.module, nn.Conv2d):
-                add("weight", _conv_weight_grads(layer.module, a, g, b))
-            else:
-                pa, pg = _positions(layer.module, a, g, b)
-                add("weight", torch.bmm(pg.transpose(1, 2), pa))
+            add("weight", _kind(layer.module).weight_grads(layer.module, a, g, b))
     return out
 
 
@@ -271,9 +367,9 @@ def _layer_sq_norms(layer: _Layer, b: int, dtype: torch.dtype, grads_out: list[T
             pg = torch.cat([q for _, q in pairs], 1) if len(pairs) > 1 else pairs[0][1]
             del pairs
             sq = (torch.bmm(pa, pa.transpose(1, 2)) * torch.bmm(pg, pg.transpose(1, 2))).sum((1, 2))
-        elif isinstance(module, nn.Conv2d) and len(calls) == 1:
+        elif _kind(module).weight_parts is not None and len(calls) == 1:
             # piece by piece: one kernel offset's gradients alive at a time, never stacked
-            sq = sum(row_sq_norms(part) for part in _conv_weight_parts(module, calls[0][0], calls[0][1], b)[1])
+            sq = sum(row_sq_norms(part) for part in _kind(module).weight_parts(module, calls[0][0], calls[0][1], b))
         else:
             w = _layer_grads(_Layer(module, {"weight": layer.names["weight"]}, layer.calls), b, dtype, grads_out)
             sq = row_sq_norms(w.pop("weight"))

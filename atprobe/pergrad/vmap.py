@@ -1,0 +1,42 @@
+"""The ``vmap`` method of :mod:`atprobe.pergrad`: ``torch.func.vmap(torch.func.grad(l_i))``
+over ``torch.func.functional_call``, one sample at a time (a batch of one under ``vmap``).
+
+Works for any layer, given no in-place ops on activations; buffers and unprobed parameters
+are closed over as constants, so only the probed parameters are differentiated (and
+broadcast, not copied, by ``vmap``)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from atprobe.pergrad.objectives import PerSampleLoss
+
+__all__ = ["per_sample_grads_vmap"]
+
+
+def per_sample_grads_vmap(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    point: Mapping[str, Tensor],
+    consts: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    extra: tuple[Tensor, ...] = (),
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``{name: (b, *shape)}`` of ``loss_fn`` with respect to ``point``
+    for a chunk ``x, y`` (and the ``prepare`` outputs ``extra``, one row per sample); the
+    rest of the model's state is ``consts`` (``directions.functional_state``)."""
+
+    def single(p: dict[str, Tensor], xi: Tensor, yi: Tensor, *extra: Tensor) -> Tensor:
+        # One sample, batch of one; buffers and unprobed parameters are closed over as
+        # constants, so only ``p`` is differentiated (and broadcast, not copied, by vmap).
+        def f(inputs: Tensor) -> Tensor:
+            return functional_call(model, (p, consts), (inputs,))
+
+        return loss_fn(f, xi.unsqueeze(0), yi.unsqueeze(0), *(e.unsqueeze(0) for e in extra)).sum()
+
+    in_dims = (None, 0, 0, *([0] * len(extra)))
+    return vmap(grad(single), in_dims=in_dims)(point, x, y, *extra)

@@ -1,0 +1,262 @@
+"""Figures of the loss-landscape probes: flatness along random directions
+(``flatness_curve``, ``flatness``), input-space curvature (``curvature_samples``,
+``curvature``) and the weight Hessian (``hessian``, ``hessian_density``), Fig. 6."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from atprobe.errors import AtprobeError
+from atprobe.plot.core import (Data, PALETTE, PAPER, _bars, _data, _empty, _figure, _figure_legend, _lines,
+                               _log_if_wide, _log_ticks, _named, _num, _order, _rotate, _series, _short, _sns, _style,
+                               _title, register)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+
+@register("flatness_curve", ("direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"),
+          "atprobe flatness --curve's .curve.csv: adversarial and natural loss and accuracy along random "
+          "filter-normalized directions (Fig. 6's flatness; Wu et al. 2020)")
+def flatness_curve(data: Data, *, title: str | None = None) -> "Figure":
+    """Left: loss against the step lam (adversarial solid, natural dashed); right: the
+    accuracies. Line: mean over directions; band: ± the std over directions (several)."""
+    df = _num(_data(data, "flatness_curve"), ["direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"],
+              "flatness_curve")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
+                                    ("labels", "labels")])
+    ndir = int(df.groupby("_s")["direction"].nunique().max())
+    long = []
+    for inputs, prefix in (("adversarial", "adv"), ("natural", "nat")):
+        g = df.groupby(["_s", "lam"], sort=False)[[f"{prefix}_loss", f"{prefix}_acc"]]
+        stats = g.mean().join(g.std(ddof=0).add_suffix("_std")).reset_index()
+        stats.columns = ["_s", "lam", "loss", "acc", "loss_std", "acc_std"]
+        stats["inputs"] = inputs
+        long.append(stats)
+    long = pd.concat(long, ignore_index=True)
+    hue = header or "inputs"
+    if header:
+        long = _named(long, "_s", header)
+    with _style():
+        fig, axes = _figure(2, (12, 4.4))
+        for ax, y, ylabel in ((axes[0], "loss", "cross-entropy loss (nats)"),
+                              (axes[1], "acc", "accuracy (fraction of samples)")):
+            _lines(ax, long, "lam", y, hue, err=f"{y}_std" if ndir > 1 else None, style="inputs",
+                   style_order=["adversarial", "natural"])
+            ax.set_xlabel("step λ along d (relative to each filter's norm)")
+            ax.set_ylabel(ylabel + (f"\n(mean over {ndir} directions, band ± std)" if ndir > 1 else ""))
+            ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+        axes[0].set_title("loss at θ + λd (PGD re-crafted at every point)", fontsize="medium")
+        axes[1].set_title("accuracy at θ + λd", fontsize="medium")
+        _figure_legend(fig, axes)
+        _title(fig, title, f"Weight loss landscape along random directions (cf. {PAPER}, Fig. 6; Wu et al. 2020)")
+    return fig
+
+
+@register("flatness", ("loss", "radius", "directions", "n", "at_theta", "at_radius", "increase", "increase_std"),
+          "atprobe flatness's summary: mean loss increase at radius r per checkpoint (Fig. 6's flatness)")
+def flatness(data: Data, *, title: str | None = None) -> "Figure":
+    """Bars: the mean increase of the adversarial and natural loss from theta to the points at
+    ±r, per checkpoint (± std over directions and signs). Larger = sharper."""
+    df = _num(_data(data, "flatness"), ["radius", "directions", "n", "at_theta", "at_radius", "increase",
+                                        "increase_std"], "flatness")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
+                                    ("labels", "labels")])
+    df["_s"] = df["_s"] if header else df["ck"]
+    df["inputs"] = df["loss"].astype(str).map({"adv": "adversarial", "nat": "natural"}).fillna(df["loss"])
+    radii = sorted(set(df["radius"].dropna()))
+    width = min(16.0, max(8.0, 2.5 + 0.9 * df["_s"].nunique()))
+    with _style():
+        fig, axes = _figure(1, (width, 4.4))
+        ax = axes[0]
+        _bars(ax, df, "_s", "increase", "inputs", err="increase_std")
+        ax.set_xlabel(header or "checkpoint")
+        ax.set_ylabel("mean loss increase at ±r (nats)")
+        ax.set_title(f"radius r = {', '.join(f'{r:g}' for r in radii)} (filter-normalized), "
+                     f"{int(df['directions'].max())} directions; larger = sharper", fontsize="medium")
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        _rotate(ax, df["_s"].nunique())
+        _figure_legend(fig, axes)
+        _title(fig, title, f"Flatness of the loss landscape (cf. {PAPER}, Fig. 6)")
+    return fig
+
+
+@register("curvature_samples", ("sample", "label", "eigenvalue", "iterations", "converged"),
+          "atprobe curvature --per-sample's .samples.csv: histogram of the per-sample input-Hessian "
+          "dominant eigenvalue (Fig. 6's curvature)")
+def curvature_samples(data: Data, *, title: str | None = None) -> "Figure":
+    """Histogram of the dominant input-Hessian eigenvalue per sample, one outline per
+    checkpoint (log scale when all are positive and span decades); unconverged samples counted
+    in the title."""
+    sns = _sns()
+    df = _num(_data(data, "curvature_samples"), ["sample", "eigenvalue", "iterations"], "curvature_samples")
+    df = df[np.isfinite(df["eigenvalue"])]
+    if df.empty:
+        raise AtprobeError("curvature_samples: no finite eigenvalue to draw")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("split", "split"),
+                                    ("labels", "labels")])
+    if header:
+        df = _named(df, "_s", header)
+    v = df["eigenvalue"].to_numpy(dtype=float)
+    log = bool((v > 0).all() and np.log10(v.max() / v.min()) > 1.0)
+    unconverged = int((~df["converged"].astype(str).str.lower().isin(["true", "1", "1.0"])).sum())
+    at = ", ".join(_order(df["at"].astype(str))) if "at" in df.columns else ""
+    with _style():
+        fig, axes = _figure(1, (8.5 if header else 7.0, 4.4))
+        ax = axes[0]
+        sns.histplot(data=df, x="eigenvalue", hue=header or None, palette=PALETTE if header else None,
+                     color=None if header else sns.color_palette(PALETTE)[0], element="step",
+                     fill=not header, stat="count", common_bins=True, log_scale=log, ax=ax,
+                     bins=min(50, max(10, int(np.sqrt(len(df))) * 2)))
+        ax.set_xlabel("dominant eigenvalue of the input Hessian of the loss" + (" (log scale)" if log else ""))
+        ax.set_ylabel("samples")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        per = df.groupby(header).size() if header else pd.Series([len(df)])
+        note = (f"{int(per.iloc[0])} samples" if per.nunique() == 1 else f"{int(per.min())}-{int(per.max())} samples")
+        note += (" per checkpoint" if header else "") + (f" at {at} inputs" if at else "")
+        note += f", {unconverged} not converged" if unconverged else ", all converged"
+        ax.set_title(note, fontsize="medium")
+        _log_ticks(ax, "x")
+        _figure_legend(fig, axes)
+        _title(fig, title, f"Input-space curvature per sample (cf. {PAPER}, Fig. 6)")
+    return fig
+
+
+@register("curvature", ("at", "statistic", "n", "value"),
+          "atprobe curvature's summary: mean/median/std of the per-sample input-Hessian eigenvalue per checkpoint")
+def curvature(data: Data, *, title: str | None = None) -> "Figure":
+    """Bars of the summary statistics (mean, median, ...) per checkpoint."""
+    df = _num(_data(data, "curvature"), ["n", "value"], "curvature")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("split", "split"),
+                                    ("labels", "labels")])
+    df["_s"] = df["_s"] if header else df["ck"]
+    statistic = df["statistic"].astype(str)
+    stats = df[~statistic.isin(["std", "converged"])]  # eigenvalue units only; std as whiskers
+    std = df[statistic == "std"].set_index("_s")["value"]
+    converged = df[statistic == "converged"].set_index("_s")["value"]
+    stats = stats.assign(std=np.where(stats["statistic"] == "mean", stats["_s"].map(std), np.nan))
+    width = min(16.0, max(8.0, 2.5 + 0.9 * stats["_s"].nunique()))
+    with _style():
+        fig, axes = _figure(1, (width, 4.4))
+        ax = axes[0]
+        _bars(ax, stats, "_s", "value", "statistic", err="std")
+        ax.set_xlabel(header or "checkpoint")
+        ax.set_ylabel("input-Hessian dominant eigenvalue")
+        n = sorted(set(df["n"].dropna().astype(int)))
+        note = f"over n = {', '.join(map(str, n))} samples; mean ± std"
+        if len(converged):
+            note += "; converged: " + ", ".join(f"{v:.0%}" for v in converged)
+        ax.set_title(note, fontsize="medium")
+        _log_if_wide(ax, stats["value"])
+        _log_ticks(ax)
+        _rotate(ax, stats["_s"].nunique())
+        _figure_legend(fig, axes)
+        _title(fig, title, f"Input-space curvature (cf. {PAPER}, Fig. 6)")
+    return fig
+
+
+@register("hessian", ("block", "params", "quantity", "k", "value", "method"),
+          "atprobe hessian: top eigenvalues and trace of the weight Hessian of the adversarial loss, whole "
+          "model and per block (Fig. 6's Hessian)")
+def hessian(data: Data, *, title: str | None = None) -> "Figure":
+    """Left: the top-k eigenvalues per block (``all`` = the whole model); right: the trace per
+    block (± its Hutchinson standard error). Colour: k, or the checkpoint when there are several."""
+    df = _num(_data(data, "hessian"), ["params", "k", "value", "std_error"], "hessian")
+    df["quantity"] = df["quantity"].astype(str)
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("scope", "scope")])
+    if header:
+        df = _named(df, "_s", header)
+    blocks = _order(df["block"].astype(str))
+    df["block"] = df["block"].astype(str)
+    eig = df[df["quantity"] == "eigenvalue"].copy()
+    eig["eigenvalue"] = "λ" + eig["k"].astype("Int64").astype(str)
+    trace = df[df["quantity"] == "trace"].copy()
+    width = min(18.0, max(11.0, 4.0 + 1.1 * len(blocks) * max(1, df[header].nunique() if header else 1)))
+    with _style():
+        fig, axes = _figure(2, (width, 4.6))
+        for ax, part, ttl in ((axes[0], eig, "top eigenvalues"), (axes[1], trace, "trace (± std. error)")):
+            if part.empty:
+                _empty(ax, ttl)
+                continue
+            hue = header or ("eigenvalue" if ttl.startswith("top") else None)
+            if header and ttl.startswith("top") and part["k"].nunique() > 1:
+                part = part[part["k"] == 1]
+                ttl = "top eigenvalue λ1"
+            _bars(ax, part, "block", "value", hue, err="std_error" if not ttl.startswith("top") else None,
+                  order=[b for b in blocks if b in set(part["block"])])
+            ax.set_title(ttl, fontsize="medium")
+            ax.set_xlabel("parameter block (all = whole model)")
+            ax.set_ylabel("eigenvalue of H" if part["quantity"].iloc[0] == "eigenvalue"
+                          else "tr H (Hutchinson estimate)")
+            _log_if_wide(ax, part["value"])
+            _log_ticks(ax)
+            _rotate(ax, len(blocks))
+        _figure_legend(fig, axes)
+        at = {"adv": "PGD examples", "natural": "natural inputs"}
+        on = ", ".join(at.get(a, a) for a in _order(df["at"].astype(str))) if "at" in df.columns else "PGD examples"
+        _title(fig, title, f"Weight Hessian H of the loss on {on} (cf. {PAPER}, Fig. 6)")
+    return fig
+
+
+def slq_density(nodes: np.ndarray, weights: np.ndarray, runs: np.ndarray, grid: np.ndarray,
+                sigma: float) -> np.ndarray:
+    """The stochastic-Lanczos spectral density smoothed with a Gaussian kernel of width
+    ``sigma``: ``1/R sum_runs sum_j w_j N(t; node_j, sigma^2)`` (Ghorbani et al. 2019; PyHessian's
+    ``density_generate``), a density in t that integrates to 1."""
+    out = np.zeros_like(grid, dtype=float)
+    uniq = np.unique(runs)
+    for r in uniq:
+        m = runs == r
+        diff = grid[:, None] - nodes[m][None, :]
+        out += (weights[m][None, :] * np.exp(-0.5 * (diff / sigma) ** 2)).sum(axis=1)
+    return out / (len(uniq) * sigma * math.sqrt(2 * math.pi))
+
+
+@register("hessian_density", ("run", "node", "eigenvalue", "weight"),
+          "atprobe hessian --density's .density.csv: eigenvalue density of the weight Hessian (stochastic "
+          "Lanczos quadrature, Gaussian-smoothed)")
+def hessian_density(data: Data, *, title: str | None = None) -> "Figure":
+    """The spectral density (log scale) from the Lanczos nodes and weights, smoothed with a
+    Gaussian of width 1% of the eigenvalue range; one line per checkpoint."""
+    df = _num(_data(data, "hessian_density"), ["run", "node", "eigenvalue", "weight"], "hessian_density")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("scope", "scope")])
+    lo, hi = float(df["eigenvalue"].min()), float(df["eigenvalue"].max())
+    span = max(hi - lo, 1e-12 + abs(hi))
+    sigma = 0.01 * span
+    grid = np.linspace(lo - 0.05 * span, hi + 0.05 * span, 1000)
+    rows = []
+    for s, g in df.groupby("_s", sort=False):
+        dens = slq_density(g["eigenvalue"].to_numpy(float), g["weight"].to_numpy(float), g["run"].to_numpy(),
+                           grid, sigma)
+        rows.append(pd.DataFrame({"_s": s, "eigenvalue": grid, "density": np.maximum(dens, 1e-12)}))
+    curve = pd.concat(rows, ignore_index=True)
+    hue = header or "_s"
+    if header:
+        curve = _named(curve, "_s", header)
+    runs = int(df.groupby("_s")["run"].nunique().max())
+    with _style():
+        fig, axes = _figure(1, (10.0 if header else 8.5, 4.4))
+        ax = axes[0]
+        _lines(ax, curve, "eigenvalue", "density", hue, legend=bool(header))
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(1e-8, curve["density"].max() * 1e-8))
+        ax.set_xlabel("eigenvalue of the Hessian of the loss w.r.t. the weights")
+        ax.set_ylabel("density (log scale)")
+        ax.set_title(f"stochastic Lanczos quadrature, {runs} run{'s' if runs > 1 else ''}, Gaussian width "
+                     f"σ = {sigma:.3g}", fontsize="medium")
+        _log_ticks(ax)
+        _figure_legend(fig, axes)
+        _title(fig, title, "Eigenvalue density of the weight Hessian (cf. Ghorbani et al. 2019)")
+    return fig
