@@ -124,6 +124,10 @@ def stub(ckpt: Checkpoint) -> Checkpoint:
     return dataclasses.replace(ckpt, state_dict={}, raw={})
 
 
+def _relative(ckpt: Checkpoint, shown: Path) -> Checkpoint:
+    return ckpt if ckpt.path == shown else dataclasses.replace(ckpt, path=shown)
+
+
 def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Checkpoint]:
     """An ``atprobe train`` run directory: its ``epoch_*.pt``, then ``best.pt`` and
     ``final.pt`` unless they hold an epoch already listed, all in epoch order."""
@@ -145,7 +149,8 @@ def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Check
     return sorted(found, key=lambda c: int(c.epoch))  # stable: epoch files before copies named later
 
 
-def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path], Checkpoint]) -> list[Checkpoint]:
+def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path], Checkpoint],
+                       root: str | os.PathLike | None = None) -> list[Checkpoint]:
     """The checkpoints named by ``args`` (stubs, see :func:`stub`), in order: the one rule
     of every command.
 
@@ -156,24 +161,38 @@ def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path],
       copy of the newest epoch) never;
     * any other directory stands for its ``*.pt`` files by name, ``last.pt`` left out.
 
+    ``root``: relative arguments are read from there (and keep their relative names in the
+    tables), as if the command ran inside ``root``.
+
     A file given twice is listed twice (``gradcos a.pt a.pt`` is a valid check); commands
     that compare models by name refuse that (:func:`model_names`).
     """
     if not args:
         raise AtprobeError("no checkpoint given")
+    base = None if root is None else Path(root)
+
+    def where(p: Path) -> Path:
+        return p if base is None or p.is_absolute() else base / p
+
+    def shown(p: Path) -> Path:
+        return p if base is None or not p.is_relative_to(base) else p.relative_to(base)
+
+    def read(p: Path) -> Checkpoint:
+        return _relative(load(p), shown(p))
+
     out: list[Checkpoint] = []
     for arg in args:
-        path = Path(arg)
+        path = where(Path(arg))
         if path.is_dir():
             if (path / "config.json").is_file() or any(_EPOCH_FILE.match(p.name) for p in path.glob("epoch_*.pt")):
-                found = _run_directory(path, load)
+                found = _run_directory(path, read)
             else:
-                found = [stub(load(p)) for p in sorted(path.glob("*.pt")) if p.is_file() and p.name != "last.pt"]
+                found = [stub(read(p)) for p in sorted(path.glob("*.pt")) if p.is_file() and p.name != "last.pt"]
             if not found:
-                raise AtprobeError(f"{path}: no checkpoints in this directory (last.pt is left out)")
+                raise AtprobeError(f"{shown(path)}: no checkpoints in this directory (last.pt is left out)")
             out.extend(found)
         else:
-            out.append(stub(load(path)))
+            out.append(stub(read(path)))
     return out
 
 
@@ -213,16 +232,19 @@ class Study:
     """Checkpoints (weightless stubs) and the dataset they belong to.
 
     ``checkpoints``: ``CKPT | RUN_DIR`` arguments (:func:`expand_checkpoints`); empty for a
-    study of fresh models on ``data.dataset``. Opening a study reads every checkpoint once
-    (metadata and hash) and keeps no weights; the dataset is read on first use.
+    study of fresh models on ``data.dataset``. ``root``: where relative arguments live (the
+    tables keep them relative). Opening a study reads every checkpoint once (metadata and
+    hash) and keeps no weights; the dataset is read on first use.
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike] = (), models: ModelSource = ModelSource(),
-                 data: DataSource = DataSource()) -> None:
+                 data: DataSource = DataSource(), *, root: str | os.PathLike | None = None) -> None:
         self.models_source = models
         self.data_source = data
+        self.root = None if root is None else Path(root)
         self._load = _loader(models, data)
-        self.checkpoints: list[Checkpoint] = expand_checkpoints(checkpoints, self._load) if checkpoints else []
+        self.checkpoints: list[Checkpoint] = (expand_checkpoints(checkpoints, self._load, root) if checkpoints
+                                              else [])
 
     # ------------------------------------------------------------------ data
 
@@ -280,7 +302,8 @@ class Study:
     def model(self, ckpt: Checkpoint, device: torch.device) -> nn.Module:
         """``ckpt``'s model on ``device`` (channels-last), read now; a one-line error if the
         file changed since the study opened."""
-        full = self._load(ckpt.path)
+        path = ckpt.path if self.root is None or Path(ckpt.path).is_absolute() else self.root / ckpt.path
+        full = self._load(path)
         if full.sha256 != ckpt.sha256:
             raise AtprobeError(f"{ckpt.path} changed while the study was running")
         return prepare_model(full.build_model(), device)
