@@ -19,7 +19,7 @@ parameter-sized tensor per point and the model's own weights are never touched.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn

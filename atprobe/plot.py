@@ -24,8 +24,9 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -36,8 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-Source = Union[pd.DataFrame, str, os.PathLike]
-Data = Union[Source, Sequence[Source], Mapping[str, Source]]
+Source = pd.DataFrame | str | os.PathLike
+Data = Source | Sequence[Source] | Mapping[str, Source]
 
 PAPER = "Dong et al. 2022"
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
@@ -51,7 +52,7 @@ class Kind(NamedTuple):
     """A kind of CSV: the columns that identify it, its drawing function, one line on it."""
 
     columns: tuple[str, ...]
-    function: Callable[..., "Figure"]
+    function: Callable[..., Figure]
     description: str
 
 
@@ -234,7 +235,7 @@ def load(data: Data, kind: str | None = None) -> tuple[str, pd.DataFrame]:
     return kind, pd.concat(frames, ignore_index=True, sort=False)
 
 
-def plot(data: Data, kind: str | None = None, *, title: str | None = None) -> "Figure":
+def plot(data: Data, kind: str | None = None, *, title: str | None = None) -> Figure:
     """The figure of one or more CSVs of one kind (recognized from the columns unless given)."""
     kind, df = load(data, kind)
     return KINDS[kind].function(df, title=title)
@@ -247,7 +248,7 @@ def _data(data: Data, kind: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- saving
 
 
-def save_figure(fig: "Figure", path: str | os.PathLike, dpi: float = 150) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: float = 150) -> Path:
     """Write ``fig`` atomically; the suffix picks the format (.png, .pdf, .svg). A PNG is
     ``figsize * dpi`` pixels. PDF/SVG carry no date, so the same figure gives the same bytes."""
     from atprobe.io import atomic_write
@@ -287,7 +288,7 @@ def _style():
 
 
 def _figure(ncols: int, figsize: tuple[float, float], nrows: int = 1,
-            width_ratios: Sequence[float] | None = None) -> tuple["Figure", list["Axes"]]:
+            width_ratios: Sequence[float] | None = None) -> tuple[Figure, list[Axes]]:
     """A figure on an Agg canvas (no pyplot, no global backend) with ``nrows x ncols`` axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -298,7 +299,7 @@ def _figure(ncols: int, figsize: tuple[float, float], nrows: int = 1,
     return fig, list(axes.ravel())
 
 
-def _title(fig: "Figure", title: str | None, default: str) -> None:
+def _title(fig: Figure, title: str | None, default: str) -> None:
     """The figure's title, wrapped onto more lines when it would not fit the width."""
     import textwrap
 
@@ -336,7 +337,7 @@ def _palette(order: Sequence, name: str = PALETTE) -> dict:
     return dict(zip(order, sns.color_palette(name, max(len(order), 1))))
 
 
-def _log_if_wide(ax: "Axes", values: Iterable[float], axis: str = "y", decades: float = 1.5) -> bool:
+def _log_if_wide(ax: Axes, values: Iterable[float], axis: str = "y", decades: float = 1.5) -> bool:
     """Log scale when the positive values span more than ``decades`` decades."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if v.size == 0 or (v <= 0).any():
@@ -347,7 +348,7 @@ def _log_if_wide(ax: "Axes", values: Iterable[float], axis: str = "y", decades: 
     return False
 
 
-def _log_ticks(ax: "Axes", axis: str = "y") -> None:
+def _log_ticks(ax: Axes, axis: str = "y") -> None:
     """Plain-number labels on a log axis (0.5, 1, 20 rather than 5x10^-1); over less than
     about a decade the minor ticks (2, 3, 5 x 10^k, or all of them) are labelled too."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -372,7 +373,7 @@ def _log_ticks(ax: "Axes", axis: str = "y") -> None:
     which.set_minor_formatter(FuncFormatter(minor) if span < 1.6 else NullFormatter())
 
 
-def _figure_legend(fig: "Figure", axes: Sequence["Axes"], title: str | None = None) -> None:
+def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str | None = None) -> None:
     """One legend for the figure, right of the panels, from the axes' own legends (merged,
     each label once); the per-axes legends are removed."""
     handles, labels = [], []
@@ -400,7 +401,7 @@ def _figure_legend(fig: "Figure", axes: Sequence["Axes"], title: str | None = No
             fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title=title, frameon=False)
 
 
-def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18, positive: bool = False) -> None:
+def _band(ax: Axes, x, y, err, color, alpha: float = 0.18, positive: bool = False) -> None:
     """``y ± err``; ``positive`` (a log axis): the lower edge at least 5% of ``y``, as the bar
     whiskers of :func:`_bar_errors`, so that a std larger than the mean does not reach 0."""
     x, y, err = (np.asarray(v, dtype=float) for v in (x, y, err))
@@ -410,7 +411,7 @@ def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18, positive: bool = Fa
         ax.fill_between(x[ok], lower[ok], (y + err)[ok], color=color, alpha=alpha, linewidth=0)
 
 
-def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str | None = None,
+def _lines(ax: Axes, df: pd.DataFrame, x: str, y: str, hue: str, *, err: str | None = None,
            style: str | None = None, palette: dict | None = None, style_order: list | None = None,
            legend: bool = True, positive: bool = False) -> None:
     """One line per ``hue`` value (colour) and ``style`` value (dashes and markers), with an
@@ -432,7 +433,7 @@ def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str |
             _band(ax, g[x], g[y], g[err], palette[key[0] if isinstance(key, tuple) else key], positive=positive)
 
 
-def _epoch_axis(ax: "Axes") -> None:
+def _epoch_axis(ax: Axes) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -463,7 +464,7 @@ def _dirs(paths: pd.Series) -> pd.Series:
     return _short(paths.map(lambda c: str(Path(str(c)).parent)))
 
 
-def _empty(ax: "Axes", what: str) -> None:
+def _empty(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in the table", ha="center", va="center", transform=ax.transAxes,
             color="0.4")
 
@@ -475,7 +476,7 @@ def _named(df: pd.DataFrame, column: str, header: str) -> pd.DataFrame:
 
 @register("curves", ("epoch", "split", "metric", "value"),
           "atprobe train's curves.csv: natural and robust accuracy, train/test, per epoch (Fig. 2)")
-def learning_curves(data: Data, *, title: str | None = None) -> "Figure":
+def learning_curves(data: Data, *, title: str | None = None) -> Figure:
     """Natural (left) and robust (right) accuracy per epoch; colour = run (or split when
     there is one run), dashes = split (train solid, test dashed)."""
     df = _num(_data(data, "curves"), ["epoch", "value"], "curves")
@@ -519,7 +520,7 @@ RATIO_NAMES = {"pgd_at": "‖∇R‖ / ‖∇CE(x)‖", "fgsm_rs": "‖∇R‖ /
 @register("gradratio", ("iteration", "epoch", "method", "grad_ce", "ratio"),
           "atprobe train --log-grad-ratio's gradratio.csv: gradient norms of the objective's parts and "
           "their ratio per iteration (Fig. 3(b))")
-def grad_ratio(data: Data, *, title: str | None = None) -> "Figure":
+def grad_ratio(data: Data, *, title: str | None = None) -> Figure:
     """Left: L2 norms of the gradients of the objective's parts (log scale); right: the ratio
     robust term / clean CE per training iteration, one line per run."""
     names = {"grad_ce": "‖∇CE(x)‖", "grad_ce_adv": "‖∇CE(x')‖", "grad_r": "‖∇R‖, R = CE(x') − CE(x)",
@@ -571,7 +572,7 @@ def _epochs_vary(df: pd.DataFrame) -> bool:
 @register("gradnorm", ("checkpoint", "epoch", "group", "quantity", "statistic", "n", "value"),
           "atprobe gradnorm's summary: mean per-sample gradient norms and their ratios per checkpoint, "
           "over epochs for several (Figs. 3, A.9)")
-def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
+def gradnorm(data: Data, *, title: str | None = None) -> Figure:
     """Left: mean per-sample gradient norm of each part of the objectives (± std over samples,
     log scale); right: robust term / clean CE (ratio of the means, as in the paper; a ratio is
     drawn in its robust term's colour). Lines over the checkpoints' epochs when they have several,
@@ -639,7 +640,7 @@ def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
     return fig
 
 
-def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str, levels: list) -> None:
+def _bar_errors(ax: Axes, part: pd.DataFrame, order: list, hue: str, levels: list) -> None:
     """± std whiskers on seaborn's bars: a bar's category from its position on the x axis, its
     hue level from its container's place (seaborn draws one container per level of
     ``hue_order``, in that order; the containers' labels are not the levels)."""
@@ -661,7 +662,7 @@ def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str, levels: l
 @register("gradnorm_samples", ("checkpoint", "epoch", "sample", "label", "true_label", "noisy", "grad_ce"),
           "atprobe gradnorm --per-sample's .samples.csv: distribution of the per-sample gradient norms "
           "and ratios (Figs. 3, A.9)")
-def gradnorm_samples(data: Data, *, title: str | None = None) -> "Figure":
+def gradnorm_samples(data: Data, *, title: str | None = None) -> Figure:
     """Box plots (median, quartiles, 1.5 IQR whiskers) of the per-sample gradient norms (left)
     and ratios (right) of each part, log scale; colour = checkpoint (its epoch) and clean vs
     noisy samples when both occur."""
@@ -721,7 +722,7 @@ def gradnorm_samples(data: Data, *, title: str | None = None) -> "Figure":
 @register("stability", ("loss", "direction", "lam", "dist_mean", "dist_std", "cos_mean", "cos_std"),
           "atprobe stability: gradient L2 change and cosine against the step lam along random directions, "
           "per loss (Figs. 4(a), A.8)")
-def stability(data: Data, *, title: str | None = None) -> "Figure":
+def stability(data: Data, *, title: str | None = None) -> Figure:
     """Left: ``||grad J(theta + lam d) - grad J(theta)||``; right: the cosine of the two, against
     lam; colour = loss, dashes = checkpoint/run. Line: mean over samples (and over directions
     when there are several); band: ± the std over samples (averaged over directions)."""
@@ -758,7 +759,7 @@ def stability(data: Data, *, title: str | None = None) -> "Figure":
 
 @register("gradcos", ("pair", "epoch_a", "epoch_b", "loss", "cos_mean", "cos_std", "dist_mean", "dist_std"),
           "atprobe gradcos: cosine and L2 distance between per-sample gradients of successive epochs (Fig. 4(b))")
-def gradcos(data: Data, *, title: str | None = None) -> "Figure":
+def gradcos(data: Data, *, title: str | None = None) -> Figure:
     """Left: mean cosine between the per-sample gradients of epochs t and t+1 (± std over
     samples), against t+1; right: their mean L2 distance. Colour = run (or loss)."""
     df = _num(_data(data, "gradcos"), ["pair", "epoch_a", "epoch_b", "cos_mean", "cos_std", "dist_mean",
@@ -802,7 +803,7 @@ def _eps_text(norm: str, eps: float) -> str:
 
 @register("eval", ("checkpoint", "split", "attack", "n", "accuracy"),
           "atprobe eval: natural and robust accuracy per checkpoint and attack, as grouped bars")
-def eval_bars(data: Data, *, title: str | None = None) -> "Figure":
+def eval_bars(data: Data, *, title: str | None = None) -> Figure:
     """Accuracy per attack (x), one bar per checkpoint (colour), its value printed on it."""
     sns = _sns()
     df = _num(_data(data, "eval"), ["n", "accuracy", "loss", "eps"], "eval")
@@ -874,7 +875,7 @@ def _label_kind(noise) -> str:
 @register("complexity", ("checkpoint", "measure", "variant", "value", "reason"),
           "atprobe complexity: each complexity measure against the robust generalization gap, one panel "
           "per measure, marker by label kind (Fig. 6)")
-def complexity(data: Data, *, title: str | None = None) -> "Figure":
+def complexity(data: Data, *, title: str | None = None) -> Figure:
     """One panel per (measure, variant), every checkpoint a point at (robust generalization
     gap, measure), with Kendall's tau between the two over the points. Marker and colour: the
     label kind when the table has a ``label_noise`` column (0 = true, 1 = random labels), else
@@ -940,7 +941,7 @@ def complexity(data: Data, *, title: str | None = None) -> "Figure":
 @register("hardness", ("index", "label", "true_label", "model", "adv_loss", "adv_correct", "rank"),
           "atprobe hardness's per_sample.csv: every model's adversarial loss per sample, sorted by the first "
           "model's (Fig. 7(c))")
-def hardness_sorted(data: Data, *, title: str | None = None) -> "Figure":
+def hardness_sorted(data: Data, *, title: str | None = None) -> Figure:
     """The hardness probe's own Fig. 7(c) drawing (``atprobe.probes.hardness.sorted_loss_figure``):
     the samples sorted by the first model's adversarial loss (a line), the other models' losses
     as points; a log loss axis when the losses span decades. Several CSVs: models are prefixed
@@ -968,7 +969,7 @@ def hardness_sorted(data: Data, *, title: str | None = None) -> "Figure":
 @register("hardness_consistency", ("model_a", "model_b", "n", "kendall_tau", "spearman_rho", "top_k", "top_k_overlap"),
           "atprobe hardness's consistency.csv: how alike models rank the samples by adversarial loss "
           "(Kendall tau, top-k overlap) as heatmaps (Sec. 4.1)")
-def hardness_consistency(data: Data, *, title: str | None = None) -> "Figure":
+def hardness_consistency(data: Data, *, title: str | None = None) -> Figure:
     """Two symmetric heatmaps over the models: Kendall's tau between their per-sample
     adversarial losses, and the overlap of their k hardest samples (1 on the diagonal)."""
     sns = _sns()
@@ -1010,7 +1011,7 @@ def hardness_consistency(data: Data, *, title: str | None = None) -> "Figure":
 @register("flatness_curve", ("direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"),
           "atprobe flatness --curve's .curve.csv: adversarial and natural loss and accuracy along random "
           "filter-normalized directions (Fig. 6's flatness; Wu et al. 2020)")
-def flatness_curve(data: Data, *, title: str | None = None) -> "Figure":
+def flatness_curve(data: Data, *, title: str | None = None) -> Figure:
     """Left: loss against the step lam (adversarial solid, natural dashed); right: the
     accuracies. Line: mean over directions; band: ± the std over directions (several)."""
     df = _num(_data(data, "flatness_curve"), ["direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"],
@@ -1046,7 +1047,7 @@ def flatness_curve(data: Data, *, title: str | None = None) -> "Figure":
     return fig
 
 
-def _bars(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str | None, err: str | None = None,
+def _bars(ax: Axes, df: pd.DataFrame, x: str, y: str, hue: str | None, err: str | None = None,
           order: list | None = None) -> None:
     """Grouped bars with optional ± ``err`` whiskers, matched through each bar's position."""
     sns = _sns()
@@ -1070,7 +1071,7 @@ def _bars(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str | None, err: st
                             color="0.2", capsize=3, linewidth=1)
 
 
-def _rotate(ax: "Axes", labels: int) -> None:
+def _rotate(ax: Axes, labels: int) -> None:
     if labels > 4:
         ax.tick_params(axis="x", labelrotation=30)
         for t in ax.get_xticklabels():
@@ -1079,7 +1080,7 @@ def _rotate(ax: "Axes", labels: int) -> None:
 
 @register("flatness", ("loss", "radius", "directions", "n", "at_theta", "at_radius", "increase", "increase_std"),
           "atprobe flatness's summary: mean loss increase at radius r per checkpoint (Fig. 6's flatness)")
-def flatness(data: Data, *, title: str | None = None) -> "Figure":
+def flatness(data: Data, *, title: str | None = None) -> Figure:
     """Bars: the mean increase of the adversarial and natural loss from theta to the points at
     ±r, per checkpoint (± std over directions and signs). Larger = sharper."""
     df = _num(_data(data, "flatness"), ["radius", "directions", "n", "at_theta", "at_radius", "increase",
@@ -1109,7 +1110,7 @@ def flatness(data: Data, *, title: str | None = None) -> "Figure":
 @register("curvature_samples", ("sample", "label", "eigenvalue", "iterations", "converged"),
           "atprobe curvature --per-sample's .samples.csv: histogram of the per-sample input-Hessian "
           "dominant eigenvalue (Fig. 6's curvature)")
-def curvature_samples(data: Data, *, title: str | None = None) -> "Figure":
+def curvature_samples(data: Data, *, title: str | None = None) -> Figure:
     """Histogram of the dominant input-Hessian eigenvalue per sample, one outline per
     checkpoint (log scale when all are positive and span decades); unconverged samples counted
     in the title."""
@@ -1152,7 +1153,7 @@ def curvature_samples(data: Data, *, title: str | None = None) -> "Figure":
 
 @register("curvature", ("at", "statistic", "n", "value"),
           "atprobe curvature's summary: mean/median/std of the per-sample input-Hessian eigenvalue per checkpoint")
-def curvature(data: Data, *, title: str | None = None) -> "Figure":
+def curvature(data: Data, *, title: str | None = None) -> Figure:
     """Bars of the summary statistics (mean, median, ...) per checkpoint."""
     df = _num(_data(data, "curvature"), ["n", "value"], "curvature")
     df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
@@ -1187,7 +1188,7 @@ def curvature(data: Data, *, title: str | None = None) -> "Figure":
 @register("hessian", ("block", "params", "quantity", "k", "value", "method"),
           "atprobe hessian: top eigenvalues and trace of the weight Hessian of the adversarial loss, whole "
           "model and per block (Fig. 6's Hessian)")
-def hessian(data: Data, *, title: str | None = None) -> "Figure":
+def hessian(data: Data, *, title: str | None = None) -> Figure:
     """Left: the top-k eigenvalues per block (``all`` = the whole model); right: the trace per
     block (± its Hutchinson standard error). Colour: k, or the checkpoint when there are several."""
     df = _num(_data(data, "hessian"), ["params", "k", "value", "std_error"], "hessian")
@@ -1245,7 +1246,7 @@ def slq_density(nodes: np.ndarray, weights: np.ndarray, runs: np.ndarray, grid: 
 @register("hessian_density", ("run", "node", "eigenvalue", "weight"),
           "atprobe hessian --density's .density.csv: eigenvalue density of the weight Hessian (stochastic "
           "Lanczos quadrature, Gaussian-smoothed)")
-def hessian_density(data: Data, *, title: str | None = None) -> "Figure":
+def hessian_density(data: Data, *, title: str | None = None) -> Figure:
     """The spectral density (log scale) from the Lanczos nodes and weights, smoothed with a
     Gaussian of width 1% of the eigenvalue range; one line per checkpoint."""
     df = _num(_data(data, "hessian_density"), ["run", "node", "eigenvalue", "weight"], "hessian_density")

@@ -262,7 +262,7 @@ def test_stability_panels_are_distance_and_cosine_per_loss(csvs, name, points):
 def test_gradcos_is_drawn_at_the_later_epoch(csvs):
     df = pd.read_csv(csvs["gradcos"])
     fig = plot.gradcos(csvs["gradcos"])
-    line = next(l for l in fig.axes[0].get_lines() if len(l.get_xdata()) == len(df))
+    line = next(ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == len(df))
     assert line.get_xdata().tolist() == df["epoch_b"].tolist()
     assert np.allclose(line.get_ydata(), df["cos_mean"])
 
