@@ -11,6 +11,11 @@ from torch import nn
 
 from atprobe.models import build_model
 
+# One torch thread for every test, whatever OMP_NUM_THREADS says (CI sets none): these small
+# workloads are no faster on two, and on the shared 2-core CI machine two threads contending
+# with another job ran them 3-10x slower (test_train: 120 s on two threads, 31 s on one).
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR10_SUBSET = SHARED_DATA / "cifar-10-subset"
