@@ -323,6 +323,7 @@ def test_eval_parses_fractions(ckpts, tmp_path):
     assert df["alpha"].iloc[0] == pytest.approx(32 / 255, rel=1e-15)  # eps/4
 
 
+@pytest.mark.slow
 def test_eval_trained_vs_true_labels(ckpts, tmp_path):
     noisy, data = ckpts["labels"], ckpts["data"]
     assert (noisy != data.train.true_y).float().mean() > 0.8  # rate 1.0: ~90% of labels change

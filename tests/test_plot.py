@@ -258,6 +258,7 @@ def test_gradcos_is_drawn_at_the_later_epoch(csvs):
     assert np.allclose(line.get_ydata(), df["cos_mean"])
 
 
+@pytest.mark.slow
 def test_pdf_and_svg_are_written_and_reproducible(csvs, tmp_path):
     for suffix, magic in ((".pdf", b"%PDF"), (".svg", b"<?xml")):
         a, b = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"

@@ -263,6 +263,7 @@ def test_stability_of_a_linear_model_matches_the_closed_form(bias):
             assert row["cos_std"] == pytest.approx(cos.std(correction=0).item(), rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_at_initialization_the_pgd_at_gradient_is_less_stable_than_the_clean_one():
     """Fig. 4(a) at small scale: for a fresh MLP, a step of lam = +-0.05 along random
     filter-normalized directions changes the PGD-AT gradient clearly more than the clean one."""

@@ -51,6 +51,7 @@ def test_each_method_learns(tmp_path, method):
     assert ck.epoch == 3 and ck.train_config["method"] == method
 
 
+@pytest.mark.slow
 def test_random_labels_are_stored_and_reproducible(tmp_path):
     cfg = TrainConfig(method="standard", epochs=1, label_noise=1.0, label_seed=7, **FAST)
     a = load_checkpoint(train(cfg, tmp_path / "a", device="cpu") / "final.pt")
@@ -145,6 +146,7 @@ def test_losses_match_direct_formulas():
     torch.testing.assert_close(out.loss, F.cross_entropy(ln, y) + 6.0 * kl + 30 * pen)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(tmp_path):
     cfg = TrainConfig(method="pgd_at", epochs=3, te=True, te_start=0, te_end=2, dropout=0.1, **FAST)
     full = load_checkpoint(train(cfg, tmp_path / "full", device="cpu") / "final.pt")
