@@ -27,9 +27,10 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -255,7 +256,9 @@ def load_checkpoint(
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if version != FORMAT_VERSION:
-            raise AtprobeError(f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})")
+            raise AtprobeError(
+                f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
+            )
         needed = ("arch", "arch_kwargs", "model")
         lacking = [k for k in needed if k not in obj]
         if lacking:
@@ -286,7 +289,8 @@ def load_checkpoint(
     else:
         if arch is None:
             raise AtprobeError(
-                f"{path} is not an atprobe checkpoint: pass --arch NAME (and --num-classes, --dataset) to load it as foreign weights"
+                f"{path} is not an atprobe checkpoint: pass --arch NAME (and --num-classes, --dataset) "
+                "to load it as foreign weights"
             )
         arch = canonical_arch(arch)
         state = _strip_prefixes(_find_state_dict(obj, path))

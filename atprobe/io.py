@@ -12,9 +12,10 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, BinaryIO
 
 import pandas as pd
 

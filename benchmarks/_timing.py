@@ -4,7 +4,7 @@ so this folder is on sys.path)."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

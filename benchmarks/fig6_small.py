@@ -106,7 +106,10 @@ def train_all(args, dataset: str, data_dir: str | None, device) -> dict[str, dic
     for name, (augment, wd, noise) in SETTINGS.items():
         config = TrainConfig(
             arch="cnn-small", dataset=dataset, data_dir=data_dir, method="pgd_at", epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, weight_decay=wd, schedule="cosine", augment=augment, label_noise=noise, train_n=args.train_n, eval_n=100, eval_every=args.epochs, seed=args.seed, threat=ThreatModel(steps=args.train_steps))
+            batch_size=args.batch_size, lr=args.lr, weight_decay=wd, schedule="cosine", augment=augment,
+            label_noise=noise, train_n=args.train_n, eval_n=100, eval_every=args.epochs, seed=args.seed,
+            threat=ThreatModel(steps=args.train_steps),
+        )
         out = Path(args.out) / name
         start = time.perf_counter()
         final = out / "final.pt"

@@ -15,8 +15,8 @@ import argparse
 import statistics
 
 import torch
-from _timing import timed
 import torch.nn.functional as F
+from _timing import timed
 
 from atprobe.attacks import PGDConfig, pgd
 from atprobe.models import build_model

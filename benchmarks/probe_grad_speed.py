@@ -36,7 +36,6 @@ from atprobe.runtime import prepare_model
 from atprobe.threat import ThreatModel
 
 
-
 def reference_probe(model, data, config: stability.StabilityConfig) -> torch.Tensor:
     """Mean distance and cosine per (loss, direction, lam), the plain way (see the docstring)."""
     dirs = directions(model, config.directions, config.seed, config.ignore, norm=config.direction_norm, device="cpu")
@@ -94,10 +93,12 @@ def main() -> None:
     print(f"stability arch={args.arch} params={params:,} n={args.n} lambdas={len(lambdas)} "
           f"directions={args.directions} steps={args.steps} chunk={args.chunk_size} device={name}")
     for loss, seconds in per_loss.items():
-        print(f"  {loss:7s} {seconds:8.2f} s  {points / seconds:8.1f} sample-points/s   reference {reference[loss]:8.2f} s"
+        print(f"  {loss:7s} {seconds:8.2f} s  {points / seconds:8.1f} sample-points/s"
+              f"   reference {reference[loss]:8.2f} s"
               f"  ratio {reference[loss] / seconds:5.2f}  (max |difference| of the means {diff[loss]:.1e})")
     ref_total = sum(reference.values())
-    print(f"  {'all':7s} {total:8.2f} s  {points * len(losses) / total:8.1f} sample-points/s   reference {ref_total:8.2f} s"
+    print(f"  {'all':7s} {total:8.2f} s  {points * len(losses) / total:8.1f} sample-points/s"
+          f"   reference {ref_total:8.2f} s"
           f"  ratio {ref_total / total:5.2f}")
 
 

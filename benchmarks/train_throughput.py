@@ -29,7 +29,6 @@ from atprobe.runtime import make_generator, prepare_model, resolve_device
 from atprobe.train import TrainConfig, training_loss
 
 
-
 def time_steps(config: TrainConfig, model, optimizer, batches, device, generator) -> float:
     """Seconds per optimizer step, median over the batches (after one warm-up step)."""
     times = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 from torch import nn
 
 from atprobe.models import build_model
+
+# One torch thread for every test, whatever OMP_NUM_THREADS says (CI sets none): these small
+# workloads are no faster on two, and on the shared 2-core CI machine two threads contending
+# with another job ran them 3-10x slower (test_train: 120 s on two threads, 31 s on one).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -70,17 +76,45 @@ def tiny_batch():
     return x, y
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """``atprobe demo --quick`` run once per session, in-process through the click group
-    (tests/test_demo.py and tests/test_notebook.py read its outputs): ``(out, result)``."""
+def run_cli(*args, expect: int = 0):
+    """``atprobe ARGS...`` in-process through the click group, with ``sys.argv`` set as a shell
+    would set it (the ``.meta.json`` files record it); returns click's ``Result``.
+
+    Asserts the exit status is ``expect``. A failure must be the user-facing kind: a clean exit
+    (no uncaught exception), nothing on stdout, no traceback, and exactly one ``Error:`` line,
+    the last one on stderr (click's usage errors print their usage lines above it)."""
     from click.testing import CliRunner
 
     from atprobe.cli.main import cli
 
+    argv = [str(a) for a in args]
+    saved = sys.argv
+    sys.argv = ["atprobe", *argv]
+    try:
+        result = CliRunner().invoke(cli, argv, prog_name="atprobe")
+    finally:
+        sys.argv = saved
+    assert result.exit_code == expect, (argv, result.output, result.exception)
+    if expect != 0:
+        assert isinstance(result.exception, SystemExit), (argv, result.exception)
+        assert result.stdout == "" and "Traceback" not in result.output, (argv, result.output)
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("Error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], (argv, result.stderr)
+    return result
+
+
+def cli_error(*args) -> str:
+    """The one ``Error:`` line of ``atprobe ARGS...``, which must exit with status 2."""
+    return run_cli(*args, expect=2).stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``atprobe demo --quick`` run once per session, in-process through the click group
+    (tests/test_demo.py and tests/test_notebook.py read its outputs): ``(out, result)``."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--device", "cpu"], prog_name="atprobe")
-    return out, result
+    return out, run_cli("demo", "--out", out, "--quick", "--device", "cpu")
 
 
 def keyed_start(x, config, seed, ids, restart=0):

@@ -13,10 +13,10 @@ import torch
 
 from atprobe.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(),
-    reason="torch.distributed is not available",
-)
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.slow,  # two training runs in subprocesses, ~25 s
+]
 
 # Uneven shards on purpose: 51 = 26 + 25, and the last batch of 200 is 47 = 24 + 23.
 ARGS = ["--arch", "mlp", "--epochs", "2", "--train-n", "200", "--batch-size", "51", "--eval-n", "64",

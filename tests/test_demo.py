@@ -14,21 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from atprobe.cli.main import cli
 from atprobe.demo import BUDGETS, RUNS, Budget, DemoConfig, budget_for, expected_files, figures, steps
 from atprobe.errors import AtprobeError
 from atprobe.io import meta_path
+from tests.conftest import cli_error
 
 QUICK = BUDGETS["quick"]
 
 
 @pytest.fixture(scope="module")
 def demo(demo_run):
-    out, result = demo_run
-    assert result.exit_code == 0, (result.output, result.exception)
-    return out, result
+    return demo_run  # run_cli checked its exit status
 
 
 def _plan(out: Path):
@@ -50,6 +47,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+@pytest.mark.slow
 def test_progress_one_line_per_step(demo):
     out, result = demo
     plan = _plan(out)
@@ -62,16 +60,28 @@ def test_progress_one_line_per_step(demo):
     assert len(lines) == len(plan) + 2  # the steps' own output is silenced (-q)
 
 
+@pytest.mark.slow
 def test_every_expected_file_exists(demo):
     out, _ = demo
     files = expected_files(DemoConfig(out=out, quick=True, device="cpu"), QUICK)
     missing = [f for f in files if not (out / f).is_file()]
     assert not missing
-    assert len([f for f in files if f.endswith(".csv")]) == 5 + 4 + 17  # curves, gradratio, probes
+    tables = [f for f in files if f.endswith(".csv")]
+    assert {f"runs/{r.name}/curves.csv" for r in RUNS} <= set(tables)
+    for f in tables:  # every table the demo names: a header, rows, and a meta that agrees
+        df = pd.read_csv(out / f)
+        assert len(df.columns) > 1 and len(df) > 0, f
+        assert not any(c.startswith("Unnamed") for c in df.columns), f  # no stray index column
+        meta = json.loads(meta_path(out / f).read_text())
+        assert meta["columns"] == list(df.columns) and meta["rows"] == len(df), f
+    for f in files:  # every image, the report's figures and those a command draws beside its tables
+        if f.endswith(".png"):
+            png_size(out / f)
     written = min((out / f).stat().st_mtime for f in ("report.md", "index.html"))
     assert all((out / f).stat().st_mtime <= written for f in files if f not in ("report.md", "index.html"))
 
 
+@pytest.mark.slow
 def test_csvs_parse_and_meta_records_the_step(demo):
     out, _ = demo
     for step in _plan(out):
@@ -93,6 +103,7 @@ def test_csvs_parse_and_meta_records_the_step(demo):
         assert config["method"] == run.method and config["seed"] == run.seed_offset, run
 
 
+@pytest.mark.slow
 def test_tables_hold_what_the_report_says(demo):
     out, _ = demo
     ev = pd.read_csv(out / "probes" / "eval.csv")
@@ -117,13 +128,20 @@ def test_tables_hold_what_the_report_says(demo):
     assert record["total_seconds"] >= sum(s["seconds"] for s in record["steps"]) - 1
 
 
+@pytest.mark.slow
 def test_figures_are_valid_images(demo):
     out, _ = demo
-    pngs = sorted(out.glob("figures/*.png")) + [out / "probes/hardness/hardest.png", out / "probes/hardness/sorted.png"]
-    assert len(pngs) == 19
-    for png in pngs:
-        w, h = png_size(png)
-        assert 200 <= w <= 3000 and 150 <= h <= 3000, (png, w, h)
+    from atprobe import plot
+
+    for fig in figures():  # every figure the report names, and the tables it is drawn from
+        w, h = png_size(out / fig.file)
+        assert 200 <= w <= 3000 and 150 <= h <= 3000, (fig.file, w, h)
+        assert fig.csvs or fig.made_by, fig.file
+        for csv in fig.csvs:
+            df = pd.read_csv(out / csv)
+            assert len(df) > 0, (fig.file, csv)
+            kind = fig.kind or plot.detect_kind(df)  # raises when the columns match no kind
+            assert set(plot.KINDS[kind].columns) <= set(df.columns), (fig.file, csv, kind)
     # atprobe plot draws (figure inches x dpi) pixels: every figure at the budget's dpi
     w, h = png_size(out / "figures" / "fig4a_stability.png")
     import matplotlib.image
@@ -132,6 +150,7 @@ def test_figures_are_valid_images(demo):
     assert pixels.shape[:2] == (h, w) and pixels.std() > 0.01  # something drawn, not a blank canvas
 
 
+@pytest.mark.slow
 def test_report_shows_every_figure(demo):
     out, _ = demo
     md = (out / "report.md").read_text()
@@ -176,30 +195,17 @@ def test_budgets_and_config():
     assert "--n" not in gpu["eval"] and "--all" in gpu["hardness"] and "--measures" not in gpu["complexity"]
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[-1]
-
-
 def test_bad_options_one_line(tmp_path):
-    runner = CliRunner()
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("x")
-    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(full)], prog_name="atprobe"))
+    line = cli_error("demo", "--out", full)
     assert "already exists and is not an empty folder" in line and (full / "x.txt").read_text() == "x"
     assert len(list(full.iterdir())) == 1
-    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "a"), "--dataset", "mnist"]))
-    assert "mnist" in line
-    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "b"), "--seed", "x"]))
-    assert "seed" in line
-    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "c"), "--device", "tpu"]))
-    assert "tpu" in line
-    line = _one_line_error(runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--dataset", "cifar10",
-                                               "--data-dir", str(tmp_path / "nowhere")]))
+    assert "mnist" in cli_error("demo", "--out", tmp_path / "a", "--dataset", "mnist")
+    assert "seed" in cli_error("demo", "--out", tmp_path / "b", "--seed", "x")
+    assert "tpu" in cli_error("demo", "--out", tmp_path / "c", "--device", "tpu")
+    line = cli_error("demo", "--out", tmp_path / "d", "--dataset", "cifar10", "--data-dir", tmp_path / "nowhere")
     assert "does not exist" in line
 
 
@@ -208,13 +214,12 @@ def test_failing_step_is_named(tmp_path):
     empty = tmp_path / "data"
     empty.mkdir()
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--dataset", "cifar10", "--data-dir", str(empty),
-                                      "--quick", "--device", "cpu"], prog_name="atprobe")
-    line = _one_line_error(result)
+    line = cli_error("demo", "--out", out, "--dataset", "cifar10", "--data-dir", empty, "--quick", "--device", "cpu")
     assert line.startswith("Error: demo step 1/34 'train pgd_at-true' failed: ")
     assert not (out / "report.md").exists() and not (out / "index.html").exists()
 
 
+@pytest.mark.slow
 def test_gradnorm_bars_have_their_std_whiskers(demo):
     """atprobe.plot.gradnorm's bar mode (one epoch per checkpoint) draws a ± std whisker on every
     norm bar (three lines each: the bar and two caps) at the bar's mean, matched to its hue level."""

@@ -7,18 +7,15 @@ import hashlib
 import json
 import math
 import random
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
 from atprobe.attacks import parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from atprobe.cli.main import cli
 from atprobe.data import Split, iterate_batches, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EVAL_COLUMNS, EvalConfig, evaluate
@@ -26,6 +23,7 @@ from atprobe.models import build_model
 from atprobe.runtime import make_generator
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
+from tests.conftest import cli_error, run_cli
 
 CSV_COLUMNS = ["checkpoint", "split", "attack", "norm", "eps", "alpha", "steps", "restarts", "n", "accuracy",
                "loss"]
@@ -252,26 +250,14 @@ def ckpts(tmp_path_factory):
     }
 
 
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
 def _read_csv(path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _ok(result):
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
-def test_eval_writes_csv_and_meta(ckpts, tmp_path, monkeypatch):
+def test_eval_writes_csv_and_meta(ckpts, tmp_path):
     out = tmp_path / "out.csv"
     args = ["eval", ckpts["a"], "--attack", "natural,pgd2", "--n", "64", "-o", out, "--device", "cpu"]
-    _ok(_invoke(*args, monkeypatch=monkeypatch))
+    run_cli(*args)
     df = _read_csv(out)
     assert list(df.columns) == CSV_COLUMNS
     assert list(df["attack"]) == ["natural", "pgd2"]
@@ -305,8 +291,8 @@ def test_eval_writes_csv_and_meta(ckpts, tmp_path, monkeypatch):
 def test_eval_two_checkpoints_and_determinism(ckpts, tmp_path):
     outs = [tmp_path / f"run{i}.csv" for i in range(3)]
     for out, seed in zip(outs, (7, 7, 8)):
-        _ok(_invoke("eval", ckpts["a"], ckpts["b"], "--attack", "natural,fgsm_rs", "--n", "32", "-o", out,
-                    "--device", "cpu", "--seed", seed, "-q"))
+        run_cli("eval", ckpts["a"], ckpts["b"], "--attack", "natural,fgsm_rs", "--n", "32", "-o", out,
+                "--device", "cpu", "--seed", seed, "-q")
     df = _read_csv(outs[0])
     assert list(zip(df["checkpoint"], df["attack"])) == [
         (str(ckpts["a"]), "natural"), (str(ckpts["a"]), "fgsm_rs"),
@@ -324,21 +310,22 @@ def test_eval_two_checkpoints_and_determinism(ckpts, tmp_path):
 
 def test_eval_parses_fractions(ckpts, tmp_path):
     out = tmp_path / "frac.csv"
-    _ok(_invoke("eval", ckpts["a"], "--attack", "pgd1,pgd1x2", "--eps", "8/255", "--alpha", "1/255", "--n", "8",
-                "-o", out, "--device", "cpu"))
+    run_cli("eval", ckpts["a"], "--attack", "pgd1,pgd1x2", "--eps", "8/255", "--alpha", "1/255", "--n", "8",
+            "-o", out, "--device", "cpu")
     df = _read_csv(out)
     assert df["eps"].tolist() == pytest.approx([8 / 255] * 2, rel=1e-15)
     assert df["alpha"].tolist() == pytest.approx([1 / 255] * 2, rel=1e-15)
     assert list(df["restarts"]) == [1, 2]
     out = tmp_path / "l2.csv"
-    _ok(_invoke("eval", ckpts["a"], "--attack", "pgd1", "--norm", "l2", "--eps", "128/255", "--n", "8",
-                "-o", out, "--device", "cpu"))
+    run_cli("eval", ckpts["a"], "--attack", "pgd1", "--norm", "l2", "--eps", "128/255", "--n", "8",
+            "-o", out, "--device", "cpu")
     df = _read_csv(out)
     assert df["norm"].tolist() == ["l2"]
     assert df["eps"].iloc[0] == pytest.approx(128 / 255, rel=1e-15)
     assert df["alpha"].iloc[0] == pytest.approx(32 / 255, rel=1e-15)  # eps/4
 
 
+@pytest.mark.slow
 def test_eval_trained_vs_true_labels(ckpts, tmp_path):
     noisy, data = ckpts["labels"], ckpts["data"]
     assert (noisy != data.train.true_y).float().mean() > 0.8  # rate 1.0: ~90% of labels change
@@ -346,8 +333,8 @@ def test_eval_trained_vs_true_labels(ckpts, tmp_path):
     for split in ("train", "test"):
         for labels in ("trained", "true"):
             out = tmp_path / f"{split}-{labels}.csv"
-            _ok(_invoke("eval", ckpts["noisy"], "--split", split, "--labels", labels, "--attack", "natural",
-                        "--n", "200", "-o", out, "--device", "cpu", "-q"))
+            run_cli("eval", ckpts["noisy"], "--split", split, "--labels", labels, "--attack", "natural",
+                    "--n", "200", "-o", out, "--device", "cpu", "-q")
             results[split, labels] = _read_csv(out).iloc[0]
     assert results["train", "trained"]["loss"] != results["train", "true"]["loss"]
     # the test split is never corrupted: both label modes give the same row
@@ -364,8 +351,8 @@ def test_eval_trained_vs_true_labels(ckpts, tmp_path):
 
     # a validation split carved as the training run did keeps each sample's trained label
     out = tmp_path / "val.csv"
-    _ok(_invoke("eval", ckpts["noisy_val"], "--split", "val", "--attack", "natural", "--n", "50", "-o", out,
-                "--device", "cpu", "-q"))
+    run_cli("eval", ckpts["noisy_val"], "--split", "val", "--attack", "natural", "--n", "50", "-o", out,
+            "--device", "cpu", "-q")
     val = load_dataset("synthetic", val_size=500, val_seed=4).val.subset(slice(0, 50))
     expected = evaluate(model, val.with_labels(noisy[val.index]), config).iloc[0]
     row = _read_csv(out).iloc[0]
@@ -421,23 +408,17 @@ def test_eval_bad_input_is_one_line_exit_2(case, ckpts, tmp_path):
     args, fragment = _bad_inputs(tmp_path, ckpts)[case]
     out_dir = tmp_path / "out"
     device = [] if case.startswith("device") else ["--device", "cpu"]
-    result = _invoke("eval", *args, "-o", out_dir / "e.csv", *device, "-q")
-    assert result.exit_code == 2, (result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    assert fragment in errors[0], errors[0]
-    assert errors[0] in result.stderr.splitlines() and result.stdout == ""
-    assert "Traceback" not in result.output
+    line = cli_error("eval", *args, "-o", out_dir / "e.csv", *device, "-q")
+    assert fragment in line, line
     assert not out_dir.exists()  # nothing written, not even a temp file
 
 
 def test_help_shows_commands_and_examples():
-    top = _ok(_invoke("--help"))
+    top = run_cli("--help")
     assert "Usage: atprobe" in top.output and "eval" in top.output and "train" in top.output
     assert "atprobe COMMAND --help" in " ".join(top.output.split())
-    assert _ok(_invoke("-h")).output == top.output
-    sub = _ok(_invoke("eval", "--help"))
+    assert run_cli("-h").output == top.output
+    sub = run_cli("eval", "--help")
     assert "Usage: atprobe eval" in sub.output and "Examples:" in sub.output
     assert "atprobe eval run/final.pt --attack natural,pgd10 -o eval.csv" in sub.output
     assert "atprobe eval trades_wrn.pt --arch wrn-34-10 --dataset cifar10 --attack pgd50x5 --eps 8/255" in sub.output

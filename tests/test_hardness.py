@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from scipy import stats
 from torch import nn
 
@@ -23,7 +21,6 @@ from atprobe.attacks import PGDConfig
 from atprobe.checkpoint import make_checkpoint, save_checkpoint
 from atprobe.checkpoint import load_checkpoint
 from atprobe.study import expand_checkpoints, model_names
-from atprobe.cli.main import cli
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
@@ -32,7 +29,7 @@ from atprobe import plot
 from atprobe.probes import hardness
 from atprobe.probes.hardness import HardnessConfig
 from atprobe.threat import ThreatModel
-from tests.conftest import tiny_net
+from tests.conftest import run_cli, tiny_net
 
 ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
 
@@ -262,21 +259,9 @@ def ckpts(tmp_path_factory):
     return paths
 
 
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
 def checkpoint_paths(args):
     """The files the one expansion rule (``atprobe.study.expand_checkpoints``) reads."""
     return [c.path for c in expand_checkpoints(args, load_checkpoint)]
-
-
-def _ok(result):
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 def test_checkpoint_paths_and_names(ckpts):
@@ -289,11 +274,11 @@ def test_checkpoint_paths_and_names(ckpts):
         model_names([ckpts["a"], ckpts["a"].parent / ".." / "a" / "model.pt"])
 
 
-def test_hardness_writes_tables_that_match_scipy(ckpts, tmp_path, monkeypatch):
+def test_hardness_writes_tables_that_match_scipy(ckpts, tmp_path):
     out = tmp_path / "out"
     args = ["hardness", ckpts["a"], ckpts["b"], ckpts["noisy"], "--n", "48", "--attack", "pgd2", "--top-k", "10",
             "--gallery-k", "4", "--gallery-size", "500x260", "--out", out, "--device", "cpu", "--seed", "3"]
-    result = _ok(_invoke(*args, monkeypatch=monkeypatch))
+    result = run_cli(*args)
     assert "labels: a/model.pt trained" not in result.output  # no stored labels: true ones
     assert "a/model.pt true" in result.output and "noisy.pt trained" in result.output
 
@@ -347,15 +332,15 @@ def test_hardness_writes_tables_that_match_scipy(ckpts, tmp_path, monkeypatch):
 
     # same seed, same bytes
     again = tmp_path / "again"
-    _ok(_invoke(*args[:-6], "--out", again, "--device", "cpu", "--seed", "3", "-q"))
+    run_cli(*args[:-6], "--out", again, "--device", "cpu", "--seed", "3", "-q")
     assert (again / "per_sample.csv").read_bytes() == (out / "per_sample.csv").read_bytes()
     assert (again / "consistency.csv").read_bytes() == (out / "consistency.csv").read_bytes()
 
 
 def test_a_model_compared_with_itself_has_tau_one(ckpts, tmp_path):
     out = tmp_path / "self"
-    _ok(_invoke("hardness", ckpts["a"], ckpts["a_copy"], "--n", "40", "--attack", "pgd2", "--top-k", "5",
-                "--out", out, "--device", "cpu", "-q"))
+    run_cli("hardness", ckpts["a"], ckpts["a_copy"], "--n", "40", "--attack", "pgd2", "--top-k", "5",
+            "--out", out, "--device", "cpu", "-q")
     con = pd.read_csv(out / "consistency.csv")
     assert len(con) == 1
     row = con.iloc[0]
@@ -374,7 +359,7 @@ def test_a_directory_gives_all_pairs(ckpts, tmp_path):
     for name in ("x.pt", "y.pt", "z.pt", "last.pt"):
         shutil.copyfile(ckpts["a"], folder / name)
     out = tmp_path / "dir"
-    _ok(_invoke("hardness", folder, "--n", "8", "--attack", "fgsm", "--out", out, "--device", "cpu", "-q"))
+    run_cli("hardness", folder, "--n", "8", "--attack", "fgsm", "--out", out, "--device", "cpu", "-q")
     con = pd.read_csv(out / "consistency.csv")
     assert len(con) == 3 and set(con["model_a"]) | set(con["model_b"]) == {"x.pt", "y.pt", "z.pt"}
     assert con["kendall_tau"].tolist() == pytest.approx([1.0] * 3, abs=1e-12)  # copies of one model
@@ -405,18 +390,16 @@ def _bad_cases(c):
 def test_bad_input_is_one_line_exit_2(case, ckpts, tmp_path):
     args, fragment = _bad_cases(ckpts)[case]
     out_dir = tmp_path / "out"
-    result = _invoke(*args, "--out", out_dir, "--device", "cpu", "-q")
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and len(result.output.strip().splitlines()) == 1, result.output
-    assert fragment in errors[0], errors[0]
+    result = run_cli(*args, "--out", out_dir, "--device", "cpu", "-q", expect=2)
+    assert len(result.output.strip().splitlines()) == 1, result.output  # not even a usage line
+    assert fragment in result.output, result.output
     assert not out_dir.exists()
 
 
 def test_dataset_override_passes_the_disagreement(ckpts, tmp_path):
     out = tmp_path / "override"
-    _ok(_invoke("hardness", ckpts["a"], ckpts["cifar"], "--dataset", "synthetic", "--n", "6", "--attack",
-                "natural", "--out", out, "--device", "cpu", "-q"))
+    run_cli("hardness", ckpts["a"], ckpts["cifar"], "--dataset", "synthetic", "--n", "6", "--attack",
+            "natural", "--out", out, "--device", "cpu", "-q")
     assert len(pd.read_csv(out / "consistency.csv")) == 1
 
 
@@ -436,8 +419,8 @@ def test_two_pgd_at_seeds_agree_on_the_hard_samples(tmp_path):
                              schedule="cosine", eval_n=50, eval_attack="pgd1", seed=seed, threat=ThreatModel(steps=2))
         runs.append(train(config, tmp_path / f"seed{seed}", device="cpu") / "final.pt")
     out = tmp_path / "hard"
-    _ok(_invoke("hardness", *runs, "--n", "500", "--attack", "pgd3", "--top-k", "50", "--out", out,
-                "--device", "cpu", "-q"))
+    run_cli("hardness", *runs, "--n", "500", "--attack", "pgd3", "--top-k", "50", "--out", out,
+            "--device", "cpu", "-q")
     row = pd.read_csv(out / "consistency.csv").iloc[0]
     assert (row["model_a"], row["model_b"]) == ("seed0/final.pt", "seed1/final.pt")
     assert row["kendall_tau"] > 0.4, row

@@ -37,6 +37,7 @@ def test_notebook_is_clean():
         assert not any(line.lstrip().startswith(("%", "!")) for line in source.splitlines())
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_demo(demo_run, tmp_path, monkeypatch):
     out, result = demo_run
     assert result.exit_code == 0, (result.output, result.exception)

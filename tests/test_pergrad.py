@@ -395,6 +395,7 @@ def test_ghost_and_direct_norms_agree():
         torch.testing.assert_close(ghost, w.flatten(1).square().sum(1), rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn-10-2", "dense121"])
 def test_hooks_equal_vmap_on_every_architecture(arch):
     torch.manual_seed(0)

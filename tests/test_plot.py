@@ -11,26 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 from atprobe import plot
-from atprobe.cli.main import cli
 from atprobe.errors import AtprobeError
+from tests.conftest import cli_error, run_cli
 
 DPI = 40
 TRAIN = ["train", "--arch", "mlp", "--train-n", "192", "--batch-size", "64", "--eval-n", "48", "--steps", "1",
          "--eval-attack", "pgd2", "--save-every", "1", "--log-grad-ratio", "4", "--device", "cpu", "-q"]
 PROBE = ["--steps", "1", "--device", "cpu", "-q"]
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="atprobe")
-
-
-def _ok(*args):
-    result = _invoke(*args)
-    assert result.exit_code == 0, (args, result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +28,29 @@ def csvs(tmp_path_factory):
     3 epochs; TRADES on true labels, 2 epochs)."""
     root = tmp_path_factory.mktemp("plot")
     pgd, trades = root / "pgd", root / "trades"
-    _ok(*TRAIN, "--method", "pgd_at", "--epochs", "3", "--label-noise", "0.5", "--out", pgd)
-    _ok(*TRAIN, "--method", "trades", "--epochs", "2", "--out", trades)
+    run_cli(*TRAIN, "--method", "pgd_at", "--epochs", "3", "--label-noise", "0.5", "--out", pgd)
+    run_cli(*TRAIN, "--method", "trades", "--epochs", "2", "--out", trades)
     out = {"curves": pgd / "curves.csv", "curves2": trades / "curves.csv",
            "gradratio": pgd / "gradratio.csv", "gradratio2": trades / "gradratio.csv"}
     out["eval"] = root / "eval.csv"
-    _ok("eval", pgd / "final.pt", trades / "final.pt", "--attack", "natural,pgd2,fgsm", "--n", "32",
-        "--device", "cpu", "-q", "-o", out["eval"])
+    run_cli("eval", pgd / "final.pt", trades / "final.pt", "--attack", "natural,pgd2,fgsm", "--n", "32",
+            "--device", "cpu", "-q", "-o", out["eval"])
     out["gradnorm"] = root / "gradnorm.csv"
-    _ok("gradnorm", *(pgd / f"epoch_{e:04d}.pt" for e in (1, 2, 3)), "--n", "12", "--noisy-vs-clean",
-        "--per-sample", *PROBE, "-o", out["gradnorm"])
+    run_cli("gradnorm", *(pgd / f"epoch_{e:04d}.pt" for e in (1, 2, 3)), "--n", "12", "--noisy-vs-clean",
+            "--per-sample", *PROBE, "-o", out["gradnorm"])
     out["gradnorm_samples"] = root / "gradnorm.samples.csv"
     out["gradnorm1"] = root / "gradnorm_one.csv"  # one checkpoint: bars, not lines
-    _ok("gradnorm", trades / "final.pt", "--n", "8", *PROBE, "-o", out["gradnorm1"])
+    run_cli("gradnorm", trades / "final.pt", "--n", "8", *PROBE, "-o", out["gradnorm1"])
     out["stability"] = root / "stability_final.csv"
-    _ok("stability", pgd / "final.pt", "--n", "4", "--losses", "pgd_at,trades,clean", "--lambdas", "-0.05:0.05:5",
-        *PROBE, "-o", out["stability"])
+    run_cli("stability", pgd / "final.pt", "--n", "4", "--losses", "pgd_at,trades,clean", "--lambdas", "-0.05:0.05:5",
+            *PROBE, "-o", out["stability"])
     out["stability2"] = root / "stability_init.csv"  # two directions: averaged
-    _ok("stability", "--init", "mlp", "--n", "4", "--losses", "pgd_at,clean", "--lambdas", "-0.05:0.05:3",
-        "--directions", "2", *PROBE, "-o", out["stability2"])
+    run_cli("stability", "--init", "mlp", "--n", "4", "--losses", "pgd_at,clean", "--lambdas", "-0.05:0.05:3",
+            "--directions", "2", *PROBE, "-o", out["stability2"])
     out["gradcos"] = root / "gradcos.csv"
-    _ok("gradcos", pgd, "--n", "6", *PROBE, "-o", out["gradcos"])
+    run_cli("gradcos", pgd, "--n", "6", *PROBE, "-o", out["gradcos"])
     out["gradcos2"] = root / "gradcos_trades.csv"
-    _ok("gradcos", trades, "--n", "6", "--loss", "trades", *PROBE, "-o", out["gradcos2"])
+    run_cli("gradcos", trades, "--n", "6", "--loss", "trades", *PROBE, "-o", out["gradcos2"])
     out["runs"] = (pgd, trades)
     return out
 
@@ -72,19 +61,19 @@ def more(csvs):
     pgd, trades = csvs["runs"]
     root = pgd.parent
     out = {"complexity": root / "complexity.csv"}
-    _ok("complexity", pgd, trades / "final.pt", "--measures", "spectral,l1,margin,gap", "--margin", "--n", "8",
-        "--steps", "1", "--device", "cpu", "-q", "-o", out["complexity"])
-    _ok("hardness", pgd / "final.pt", trades / "final.pt", pgd / "epoch_0001.pt", "--n", "16", "--attack", "pgd1",
-        "--top-k", "5", "--gallery-k", "2", "--device", "cpu", "-q", "--out", root / "hard")
+    run_cli("complexity", pgd, trades / "final.pt", "--measures", "spectral,l1,margin,gap", "--margin", "--n", "8",
+            "--steps", "1", "--device", "cpu", "-q", "-o", out["complexity"])
+    run_cli("hardness", pgd / "final.pt", trades / "final.pt", pgd / "epoch_0001.pt", "--n", "16", "--attack", "pgd1",
+            "--top-k", "5", "--gallery-k", "2", "--device", "cpu", "-q", "--out", root / "hard")
     out["hardness"], out["hardness_consistency"] = root / "hard" / "per_sample.csv", root / "hard" / "consistency.csv"
-    _ok("curvature", pgd / "final.pt", trades / "final.pt", "--n", "8", "--iterations", "10", "--per-sample",
-        "--device", "cpu", "-q", "-o", root / "curv.csv")
+    run_cli("curvature", pgd / "final.pt", trades / "final.pt", "--n", "8", "--iterations", "10", "--per-sample",
+            "--device", "cpu", "-q", "-o", root / "curv.csv")
     out["curvature"], out["curvature_samples"] = root / "curv.csv", root / "curv.samples.csv"
-    _ok("hessian", pgd / "final.pt", "--n", "8", "--batch-size", "8", "--top-k", "2", "--trace-samples", "4",
-        "--iterations", "20", "--density", "--density-steps", "8", *PROBE, "-o", root / "hess.csv")
+    run_cli("hessian", pgd / "final.pt", "--n", "8", "--batch-size", "8", "--top-k", "2", "--trace-samples", "4",
+            "--iterations", "20", "--density", "--density-steps", "8", *PROBE, "-o", root / "hess.csv")
     out["hessian"], out["hessian_density"] = root / "hess.csv", root / "hess.density.csv"
-    _ok("flatness", pgd / "final.pt", trades / "final.pt", "--n", "6", "--directions", "2", "--lambdas",
-        "-0.2:0.2:5", "--curve", *PROBE, "-o", root / "flat.csv")
+    run_cli("flatness", pgd / "final.pt", trades / "final.pt", "--n", "6", "--directions", "2", "--lambdas",
+            "-0.2:0.2:5", "--curve", *PROBE, "-o", root / "flat.csv")
     out["flatness"], out["flatness_curve"] = root / "flat.csv", root / "flat.curve.csv"
     return out
 
@@ -129,7 +118,7 @@ def test_every_kind_is_recognized_and_drawn_by_the_command(csvs, tmp_path, case)
     for p in paths:
         assert plot.detect_kind(pd.read_csv(p)) == kind
     out = tmp_path / "fig.png"
-    result = _ok("plot", *paths, "-o", out, "--dpi", DPI)
+    result = run_cli("plot", *paths, "-o", out, "--dpi", DPI)
     assert f"wrote {out}" in result.output
     fig = plot.plot(paths, kind=kind)
     _check_png(out, fig)
@@ -147,12 +136,13 @@ MORE = ["complexity", "hardness", "hardness_consistency", "curvature", "curvatur
         "hessian_density", "flatness", "flatness_curve"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MORE)
 def test_the_probe_kinds_are_recognized_and_drawn_by_the_command(more, tmp_path, kind):
     path = more[kind]
     assert plot.detect_kind(pd.read_csv(path)) == kind
     out = tmp_path / "fig.png"
-    _ok("plot", path, "-o", out, "--dpi", DPI)
+    run_cli("plot", path, "-o", out, "--dpi", DPI)
     fig = plot.plot(path)
     _check_png(out, fig)
     visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
@@ -161,6 +151,7 @@ def test_the_probe_kinds_are_recognized_and_drawn_by_the_command(more, tmp_path,
         assert fig._suptitle is not None and fig._suptitle.get_text()
 
 
+@pytest.mark.slow
 def test_complexity_points_are_measure_against_robust_gap(more):
     df = pd.read_csv(more["complexity"])
     fig = plot.complexity(more["complexity"])
@@ -262,21 +253,22 @@ def test_stability_panels_are_distance_and_cosine_per_loss(csvs, name, points):
 def test_gradcos_is_drawn_at_the_later_epoch(csvs):
     df = pd.read_csv(csvs["gradcos"])
     fig = plot.gradcos(csvs["gradcos"])
-    line = next(l for l in fig.axes[0].get_lines() if len(l.get_xdata()) == len(df))
+    line = next(ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == len(df))
     assert line.get_xdata().tolist() == df["epoch_b"].tolist()
     assert np.allclose(line.get_ydata(), df["cos_mean"])
 
 
+@pytest.mark.slow
 def test_pdf_and_svg_are_written_and_reproducible(csvs, tmp_path):
     for suffix, magic in ((".pdf", b"%PDF"), (".svg", b"<?xml")):
         a, b = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"
-        _ok("plot", csvs["gradcos"], "-o", a, "--title", "my title", "-q")
-        _ok("plot", csvs["gradcos"], "-o", b, "--title", "my title", "-q")
+        run_cli("plot", csvs["gradcos"], "-o", a, "--title", "my title", "-q")
+        run_cli("plot", csvs["gradcos"], "-o", b, "--title", "my title", "-q")
         assert a.read_bytes().startswith(magic) and a.read_bytes() == b.read_bytes()
 
 
 def test_list_kinds_prints_the_registry():
-    result = _ok("plot", "--list-kinds")
+    result = run_cli("plot", "--list-kinds")
     for name, kind in plot.KINDS.items():
         assert name in result.output and kind.description in result.output
         assert ", ".join(kind.columns) in result.output
@@ -284,11 +276,8 @@ def test_list_kinds_prints_the_registry():
 
 def _error(tmp_path, *args, fragment):
     out = tmp_path / "fig.png"
-    result = _invoke("plot", *args, "-o", out) if "-o" not in args else _invoke("plot", *args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error:") and fragment in last, result.output
+    last = cli_error("plot", *args, "-o", out) if "-o" not in args else cli_error("plot", *args)
+    assert fragment in last, last
     assert not out.exists() and not list(tmp_path.glob(".fig.png.*"))  # nothing written, no temp left
     return last
 
@@ -327,19 +316,18 @@ def test_bad_files_and_formats_are_one_line_errors(csvs, tmp_path):
     _error(tmp_path, notnum, fragment="'accuracy'")
     _error(tmp_path, csvs["eval"], "-o", tmp_path / "fig.jpg", fragment="end the name with .png, .pdf, .svg")
     assert not (tmp_path / "fig.jpg").exists()
-    result = _invoke("plot", csvs["eval"])
-    assert result.exit_code == 2 and "-o FIG" in result.output
+    assert "-o FIG" in cli_error("plot", csvs["eval"])
     with pytest.raises(AtprobeError, match="format"):
         plot.save_figure(plot.eval_bars(csvs["eval"]), tmp_path / "fig.gif")
 
 
 def test_an_existing_figure_is_replaced_only_by_a_whole_new_one(csvs, tmp_path):
     out = tmp_path / "fig.png"
-    _ok("plot", csvs["eval"], "-o", out, "--dpi", DPI, "-q")
+    run_cli("plot", csvs["eval"], "-o", out, "--dpi", DPI, "-q")
     before = out.read_bytes()
-    assert _invoke("plot", csvs["eval"], "--kind", "stability", "-o", out).exit_code == 2
+    cli_error("plot", csvs["eval"], "--kind", "stability", "-o", out)
     assert out.read_bytes() == before
-    _ok("plot", csvs["eval"], "-o", out, "--dpi", 2 * DPI, "-q")
+    run_cli("plot", csvs["eval"], "-o", out, "--dpi", 2 * DPI, "-q")
     assert _png_size(out) == tuple(round(v) for v in plot.eval_bars(csvs["eval"]).get_size_inches() * 2 * DPI)
 
 

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
 from atprobe.attacks import PGDConfig, pgd
 from atprobe.checkpoint import make_checkpoint, save_checkpoint
-from atprobe.cli.main import cli
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.directions import directions, model_parameters
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.pergrad import per_sample_grad_distance
-from tests.conftest import keyed_start
 from atprobe.probes import gradcos, gradnorm, stability
 from atprobe.threat import ThreatModel
-from tests.conftest import randomize_bn
+from tests.conftest import cli_error, keyed_start, randomize_bn, run_cli
 
 STEPS = 2  # short attacks keep the file fast; the math does not depend on the step count
 
@@ -169,11 +166,52 @@ def test_gradnorm_summary_mean_of_ratios_and_ratio_of_means():
     assert only_clean["group"].unique().tolist() == ["all", "clean"]
 
 
-def test_gradnorm_probe_is_the_summary_of_the_per_sample_table():
-    model, split = _cnn(1), _split(n=4)
-    config = gradnorm.GradNormConfig(chunk_size=3, noisy_vs_clean=True, threat=ThreatModel(steps=1))
-    pd.testing.assert_frame_equal(gradnorm.probe(model, split, config),
-                                  gradnorm.summarize(gradnorm.per_sample(model, split, config), config))
+def test_gradnorm_probe_matches_loop_norms_and_numpy_statistics():
+    """The summary table against an independent computation: each sample's norms from plain
+    backward passes, the statistics from numpy, per group."""
+    model, split = _cnn(1), _split(n=6)
+    beta, seed = 2.0, 5
+    config = gradnorm.GradNormConfig(beta=beta, chunk_size=4, seed=seed, noisy_vs_clean=True, threat=ThreatModel(steps=1))
+    table = gradnorm.probe(model, split, config).set_index(["group", "quantity", "statistic"])
+
+    x, y, ids = _images(split), split.y, split.index.tolist()
+    ce_attack = PGDConfig(steps=1, loss="ce", init="uniform")
+    kl_attack = PGDConfig(steps=1, loss="kl", init="normal")
+    x_ce = pgd(model, x, y, ce_attack, delta_init=keyed_start(x, ce_attack, seed, ids))
+    x_kl = pgd(model, x, None, kl_attack, delta_init=keyed_start(x, kl_attack, seed, ids))
+    model.eval()
+    norms = {q: [] for q in ("grad_ce", "grad_adv_ce", "grad_r", "grad_kl")}
+    for i in range(len(split)):
+        xi, xci, xki, yi = x[i : i + 1], x_ce[i : i + 1], x_kl[i : i + 1], y[i : i + 1]
+
+        def kl(m):
+            log_p, log_q = F.log_softmax(m(xi), 1), F.log_softmax(m(xki), 1)
+            return (log_p.exp() * (log_p - log_q)).sum()
+
+        norms["grad_ce"].append(_loop_norm(model, lambda m: F.cross_entropy(m(xi), yi)))
+        norms["grad_adv_ce"].append(_loop_norm(model, lambda m: F.cross_entropy(m(xci), yi)))
+        norms["grad_r"].append(_loop_norm(model, lambda m: F.cross_entropy(m(xci), yi) - F.cross_entropy(m(xi), yi)))
+        norms["grad_kl"].append(_loop_norm(model, kl))
+    values = {q: np.array(v) for q, v in norms.items()}
+    values["grad_beta_kl"] = beta * values["grad_kl"]
+    values["ratio_r_ce"] = values["grad_r"] / values["grad_ce"]
+    values["ratio_beta_kl_ce"] = values["grad_beta_kl"] / values["grad_ce"]
+
+    noisy = (split.y != split.true_y).numpy()
+    assert noisy.sum() == 2  # both groups have samples
+    expected = {}
+    for group, mask in (("all", np.ones_like(noisy)), ("clean", ~noisy), ("noisy", noisy)):
+        for q, v in values.items():
+            v = v[mask]
+            for statistic, value in (("mean", v.mean()), ("std", v.std()), ("median", np.median(v))):
+                expected[group, q, statistic] = (len(v), value)
+        for q, num, den in (("ratio_r_ce", "grad_r", "grad_ce"), ("ratio_beta_kl_ce", "grad_beta_kl", "grad_ce")):
+            ratio_of_means = values[num][mask].mean() / values[den][mask].mean()
+            expected[group, q, "ratio_of_means"] = (int(mask.sum()), ratio_of_means)
+    assert sorted(table.index) == sorted(expected)
+    for key, (n, value) in expected.items():
+        assert table.loc[key, "n"] == n, key
+        assert table.loc[key, "value"] == pytest.approx(value, rel=1e-9), key
 
 
 # ---------------------------------------------------------------------------- stability
@@ -225,6 +263,7 @@ def test_stability_of_a_linear_model_matches_the_closed_form(bias):
             assert row["cos_std"] == pytest.approx(cos.std(correction=0).item(), rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_at_initialization_the_pgd_at_gradient_is_less_stable_than_the_clean_one():
     """Fig. 4(a) at small scale: for a fresh MLP, a step of lam = +-0.05 along random
     filter-normalized directions changes the PGD-AT gradient clearly more than the clean one."""
@@ -397,28 +436,16 @@ def ckpts(tmp_path_factory):
     }
 
 
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
-def _ok(result):
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
 def _meta(csv_path):
     return json.loads(csv_path.with_name(csv_path.stem + ".meta.json").read_text())
 
 
-def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path, monkeypatch):
+def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path):
     outs = [tmp_path / f"g{i}.csv" for i in range(3)]
     for out, seed in zip(outs, (1, 1, 2)):
         args = ["gradnorm", ckpts["a"], "--n", "6", "--steps", "1", "--noisy-vs-clean", "--per-sample",
                 "--device", "cpu", "--seed", seed, "-q", "-o", out]
-        _ok(_invoke(*args, monkeypatch=monkeypatch))
+        run_cli(*args)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     samples = [o.with_name(o.stem + ".samples.csv") for o in outs]
     assert samples[0].read_bytes() == samples[1].read_bytes()
@@ -445,8 +472,8 @@ def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path, monk
 def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
     outs = [tmp_path / f"s{i}.csv" for i in range(2)]
     for out in outs:
-        _ok(_invoke("stability", "--init", "cnn-small", "--seed", "3", "--n", "4", "--losses", "pgd_at,clean",
-                    "--lambdas=-0.02,0,0.02", "--steps", "1", "--device", "cpu", "-q", "-o", out))
+        run_cli("stability", "--init", "cnn-small", "--seed", "3", "--n", "4", "--losses", "pgd_at,clean",
+                "--lambdas=-0.02,0,0.02", "--steps", "1", "--device", "cpu", "-q", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
     assert list(df.columns) == ["checkpoint", "split", "labels", *stability.COLUMNS]
@@ -458,8 +485,8 @@ def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
     assert meta["config"]["lambdas"] == [-0.02, 0.0, 0.02] and meta["config"]["dataset"] == "synthetic"
 
     out = tmp_path / "ck.csv"
-    _ok(_invoke("stability", ckpts["a"], "--n", "3", "--losses", "clean", "--lambdas", "-0.1:0.1:3",
-                "--directions", "2", "--device", "cpu", "-q", "-o", out))
+    run_cli("stability", ckpts["a"], "--n", "3", "--losses", "clean", "--lambdas", "-0.1:0.1:3",
+            "--directions", "2", "--device", "cpu", "-q", "-o", out)
     df = pd.read_csv(out)
     assert df[["direction", "lam"]].values.tolist() == [[0, -0.1], [0, 0.0], [0, 0.1], [1, -0.1], [1, 0.0], [1, 0.1]]
     assert set(df["checkpoint"]) == {str(ckpts["a"])} and set(df["labels"]) == {"trained"}
@@ -469,7 +496,7 @@ def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
 def test_gradcos_cli_orders_by_epoch(ckpts, tmp_path):
     outs = [tmp_path / f"c{i}.csv" for i in range(2)]
     for out in outs:
-        _ok(_invoke("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--device", "cpu", "-q", "-o", out))
+        run_cli("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--device", "cpu", "-q", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
     assert list(df.columns) == ["pair", "checkpoint_a", "checkpoint_b", "epoch_a", "epoch_b", "split", "labels",
@@ -482,15 +509,15 @@ def test_gradcos_cli_orders_by_epoch(ckpts, tmp_path):
     assert (df["cos_mean"] < 1).all() and (df["loss"] == "pgd_at").all()
 
     out = tmp_path / "run2.csv"
-    _ok(_invoke("gradcos", ckpts["run2"], "--loss", "clean", "--n", "3", "--device", "cpu", "-q", "-o", out))
+    run_cli("gradcos", ckpts["run2"], "--loss", "clean", "--n", "3", "--device", "cpu", "-q", "-o", out)
     df = pd.read_csv(out)
     assert df[["epoch_a", "epoch_b"]].values.tolist() == [[3, 4]]
     assert df["checkpoint_b"].iloc[0].endswith("final.pt")
 
     # explicit files are sorted by epoch too; a checkpoint with itself gives exactly 1
     out = tmp_path / "files.csv"
-    _ok(_invoke("gradcos", ckpts["a"], ckpts["b"], ckpts["a"], "--loss", "clean", "--n", "3", "--device", "cpu",
-                "-q", "-o", out))
+    run_cli("gradcos", ckpts["a"], ckpts["b"], ckpts["a"], "--loss", "clean", "--n", "3", "--device", "cpu",
+            "-q", "-o", out)
     df = pd.read_csv(out)
     assert df[["epoch_a", "epoch_b"]].values.tolist() == [[3, 5], [5, 5]]
     assert df["cos_mean"].iloc[1] == 1.0 and df["dist_mean"].iloc[1] == 0.0
@@ -538,20 +565,16 @@ BAD_CASES = [
 def test_bad_input_is_one_line_exit_2(case, ckpts, tmp_path):
     args, fragment = _bad_cases(ckpts)[case]
     out_dir = tmp_path / "out"
-    result = _invoke(*args, "-o", out_dir / "p.csv", "--device", "cpu", "-q")
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
+    line = cli_error(*args, "-o", out_dir / "p.csv", "--device", "cpu", "-q")
+    assert fragment in line, line
     assert not out_dir.exists()
 
 
 def test_help_lists_the_commands():
-    top = _ok(_invoke("--help")).output
+    top = run_cli("--help").output
     for name in ("gradnorm", "stability", "gradcos"):
         assert name in top
-        sub = _ok(_invoke(name, "--help")).output
+        sub = run_cli(name, "--help").output
         assert f"Usage: atprobe {name}" in sub and "Examples:" in sub
         for option in ("--n", "--split", "--labels", "--seed", "--device", "--batch-size", "--chunk-size",
                        "--quiet", "--output", "--eps"):
