@@ -18,8 +18,8 @@ row and reduce the whole vector at the end, so no reduction order depends on bat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

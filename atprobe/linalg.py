@@ -22,8 +22,8 @@ Float64 operators give float64 results; float32 operators are accumulated in the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -94,6 +94,6 @@ class Starts:
     def keys(self, restart: int = 0) -> Tensor:
         return sample_keys(self.seed, self.ids, *self.stream, restart)
 
-    def rows(self, rows: Tensor | slice) -> "Starts":
+    def rows(self, rows: Tensor | slice) -> Starts:
         """The starts of some rows of the batch (the same keys, so the same draws)."""
         return Starts(self.seed, self.ids[rows], self.stream)

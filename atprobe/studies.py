@@ -11,9 +11,10 @@ and returns its tables with their meta record (docs/probes/ for each table's col
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -21,8 +22,8 @@ import torch
 from atprobe import plot
 from atprobe.attacks import AttackSpec
 from atprobe.errors import AtprobeError
-from atprobe.io import atomic_write_bytes, write_table
 from atprobe.evaluate import EvalConfig, evaluate
+from atprobe.io import atomic_write_bytes, write_table
 from atprobe.models import canonical_arch
 from atprobe.probes import complexity as complexity_probe
 from atprobe.probes import curvature as curvature_probe
@@ -34,8 +35,7 @@ from atprobe.probes import hessian as hessian_probe
 from atprobe.probes import stability as stability_probe
 from atprobe.probes._gradutil import auto_chunk_size
 from atprobe.runtime import prepare_model
-from atprobe.study import (PREFIX, Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint,
-                           prefix)
+from atprobe.study import PREFIX, Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint, prefix
 
 __all__ = [
     "complexity",
@@ -127,7 +127,8 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
         labels = spec.labels
     else:
         if study.models_source.arch is not None:
-            raise AtprobeError("--arch names the architecture of foreign checkpoints; with --init give it as --init ARCH")
+            raise AtprobeError("--arch names the architecture of foreign checkpoints; "
+                               "with --init give it as --init ARCH")
         arch, data = canonical_arch(init_arch), study.dataset
         if study.models_source.num_classes not in (None, data.num_classes):
             raise AtprobeError(f"--num-classes {study.models_source.num_classes} does not match dataset {data.name} "

@@ -23,10 +23,11 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -308,7 +309,7 @@ class Study:
             raise AtprobeError(f"{ckpt.path} changed while the study was running")
         return prepare_model(full.build_model(), device)
 
-    def lazy_models(self, device: torch.device, names: Sequence[str] | None = None) -> "LazyModels":
+    def lazy_models(self, device: torch.device, names: Sequence[str] | None = None) -> LazyModels:
         """name -> model, built on each access (one in memory at a time)."""
         names = list(names) if names is not None else [str(c.path) for c in self.checkpoints]
         return LazyModels(self, dict(zip(names, self.checkpoints)), device)

@@ -14,9 +14,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -31,7 +32,7 @@ from atprobe.data import DATASETS, Batch, Dataset, Split, iterate_batches, load_
 from atprobe.distributed import DistContext, MultiForward, ddp_wrapped, distributed_context
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
-from atprobe.io import write_json, write_table, run_meta
+from atprobe.io import run_meta, write_json, write_table
 from atprobe.models import build_model, canonical_arch
 from atprobe.objectives import attack_loss, full_precision
 from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, set_determinism
@@ -97,7 +98,7 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill the dependent defaults and validate everything (AtprobeError on nonsense)."""
         c = self
         c._check_options()
@@ -174,7 +175,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         # Runs written before the threat model was one field stored its parts flat.
         legacy = {k: d.pop(k) for k in _LEGACY_THREAT_KEYS if k in d}
@@ -384,7 +385,7 @@ class EpochStats:
     lr: float = math.nan  # the learning rate of the epoch's last step
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "EpochStats":
+    def zeros(cls, device: torch.device) -> EpochStats:
         return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device))
 
     def add(self, step: StepOutput, y: Tensor) -> None:
@@ -392,7 +393,7 @@ class EpochStats:
         self.correct += (step.logits.detach().argmax(1) == y).sum()
         self.seen += len(y)
 
-    def summed_over(self, ctx: DistContext) -> "EpochStats":
+    def summed_over(self, ctx: DistContext) -> EpochStats:
         """The global epoch's metrics (this rank's own in one process)."""
         if ctx.world_size == 1:
             return self

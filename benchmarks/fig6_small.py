@@ -35,12 +35,12 @@ import torch
 from scipy import stats
 
 from atprobe.checkpoint import load_checkpoint
-from atprobe.study import DataSource, SampleSpec, Study
 from atprobe.io import run_meta, write_json, write_table
 from atprobe.probes import complexity as cx
 from atprobe.runtime import prepare_model, resolve_device
-from atprobe.train import TrainConfig, train
+from atprobe.study import DataSource, SampleSpec, Study
 from atprobe.threat import ThreatModel
+from atprobe.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-subset"

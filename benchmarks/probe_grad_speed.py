@@ -76,7 +76,8 @@ def main() -> None:
     reference: dict[str, float] = {}
     diff: dict[str, float] = {}
     for loss in losses:
-        config = stability.StabilityConfig(losses=(loss,), lambdas=lambdas, directions=args.directions, chunk_size=args.chunk_size, threat=ThreatModel(steps=args.steps))
+        config = stability.StabilityConfig(losses=(loss,), lambdas=lambdas, directions=args.directions,
+                                           chunk_size=args.chunk_size, threat=ThreatModel(steps=args.steps))
         stability.probe(model, data.subset(slice(0, min(2, args.n))), config)  # warm-up
         reference_probe(model, data.subset(slice(0, min(2, args.n))), config)
         table = stability.probe(model, data, config)

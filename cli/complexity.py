@@ -7,11 +7,10 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli.common import NUMBER, bars, common_options, data_options, finish, foreign_options, threat_options
 from atprobe.probes import complexity
 from atprobe.runtime import set_determinism
 from atprobe.study import DEFAULT_N, Study
-
-from atprobe.cli.common import NUMBER, bars, common_options, data_options, finish, foreign_options, threat_options
 
 EXAMPLES = """
 \b

@@ -6,12 +6,19 @@ import click
 
 from atprobe import studies
 from atprobe.attacks import parse_attack
+from atprobe.cli.common import (
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+    split_list,
+    threat_options,
+)
 from atprobe.evaluate import EvalConfig
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (bars, common_options, data_options, finish, foreign_options, sample_options, split_list,
-                                threat_options)
 
 EXAMPLES = """
 \b

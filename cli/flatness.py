@@ -6,15 +6,21 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.directions import IGNORES
+from atprobe.cli.common import (
+    NUMBER,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+    threat_options,
+)
+from atprobe.directions import IGNORES, parse_lambdas
 from atprobe.directions import NORMS as DIRECTION_NORMS
 from atprobe.probes import flatness
-from atprobe.directions import parse_lambdas
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (NUMBER, bars, common_options, data_options, finish, foreign_options, sample_options,
-                                threat_options)
 
 EXAMPLES = """
 \b

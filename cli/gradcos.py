@@ -6,13 +6,19 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli.common import (
+    attack_options,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+)
 from atprobe.pergrad import OBJECTIVES
 from atprobe.probes import gradcos
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (attack_options, bars, common_options, data_options, finish, foreign_options,
-                                sample_options)
 
 EXAMPLES = """
 \b

@@ -6,12 +6,18 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli.common import (
+    attack_options,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+)
 from atprobe.probes import gradnorm
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (attack_options, bars, common_options, data_options, finish, foreign_options,
-                                sample_options)
 
 EXAMPLES = """
 \b

@@ -7,13 +7,12 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli.common import bars, common_options, data_options, foreign_options, sample_options, threat_options
 from atprobe.errors import AtprobeError
 from atprobe.plot import parse_size
 from atprobe.probes import hardness
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import bars, common_options, data_options, foreign_options, sample_options, threat_options
 
 EXAMPLES = """
 \b

@@ -6,12 +6,19 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli.common import (
+    NUMBER,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+    threat_options,
+)
 from atprobe.probes import hessian
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (NUMBER, bars, common_options, data_options, finish, foreign_options, sample_options,
-                                threat_options)
 
 EXAMPLES = """
 \b

@@ -6,16 +6,22 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.directions import IGNORES
+from atprobe.cli.common import (
+    attack_options,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    sample_options,
+    split_list,
+)
+from atprobe.directions import IGNORES, parse_lambdas
 from atprobe.directions import NORMS as DIRECTION_NORMS
-from atprobe.directions import parse_lambdas
 from atprobe.pergrad import OBJECTIVES
 from atprobe.probes import stability
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
-
-from atprobe.cli.common import (attack_options, bars, common_options, data_options, finish, foreign_options,
-                                sample_options, split_list)
 
 EXAMPLES = """
 \b

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import click
 
-
+from atprobe.cli.common import NUMBER, device_option, threat_options
 from atprobe.data import DATASETS
 from atprobe.train import ATTACK_MODES, METHODS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
-
-from atprobe.cli.common import NUMBER, device_option, threat_options
 
 EXAMPLES = """
 \b

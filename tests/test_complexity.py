@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import randomize_bn, tiny_net
 from torch import nn
 
 from atprobe.attacks import parse_attack, pgd
@@ -25,10 +26,8 @@ from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.foldbn import bn_affine, fold_bn, norm_layers, trace_layers
 from atprobe.models import build_model, weight_layers
 from atprobe.probes import complexity as cx
-from atprobe.threat import ThreatModel
 from atprobe.starts import Starts
-
-from conftest import randomize_bn, tiny_net
+from atprobe.threat import ThreatModel
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +118,7 @@ def test_reshape_method_and_linear_layers(cnn):
     table = cx.layer_table(cnn, config)
     layers = weight_layers(cnn)
     assert table["layer"].tolist() == [name for name, _ in layers]
-    for (name, module), spectral, l1 in zip(layers, table["spectral"], table["l1"]):
+    for (_name, module), spectral, l1 in zip(layers, table["spectral"], table["l1"]):
         w = module.weight.detach()
         assert spectral == pytest.approx(float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), 2)), rel=1e-12)
         assert l1 == pytest.approx(float(w.abs().sum()), rel=1e-12)
@@ -145,7 +144,8 @@ def test_spectral_and_l1_rows_are_the_product_and_sum(cnn):
     product = float(np.prod(table["spectral"].to_numpy()))
     assert rows["product;method=reshape;bn=fold"] == pytest.approx(product, rel=1e-12)
     assert rows["log10;method=reshape;bn=fold"] == pytest.approx(math.log10(product), rel=1e-12)
-    l1 = sum(float((m.weight * _fold_scale(cnn, i)).detach().abs().sum()) for i, (_, m) in enumerate(weight_layers(cnn)))
+    l1 = sum(float((m.weight * _fold_scale(cnn, i)).detach().abs().sum())
+             for i, (_, m) in enumerate(weight_layers(cnn)))
     assert rows["sum;bn=fold"] == pytest.approx(l1, rel=1e-12)
     assert list(df.columns) == cx.COLUMNS and df["reason"].eq("").all() and df["n"].isna().all()
 
@@ -548,8 +548,8 @@ def test_cli_only_norms_needs_no_data(ckpts, tmp_path):
     df = pd.read_csv(out)
     assert df["variant"].tolist() == ["sum;bn=ignore"]
     model = load_checkpoint(ckpts["a"]).build_model()
-    assert df["value"].iloc[0] == pytest.approx(sum(float(m.weight.detach().abs().sum()) for _, m in weight_layers(model)),
-                                                rel=1e-6)
+    assert df["value"].iloc[0] == pytest.approx(
+        sum(float(m.weight.detach().abs().sum()) for _, m in weight_layers(model)), rel=1e-6)
 
 
 def _bad_inputs(root, ckpts):

@@ -20,10 +20,10 @@ from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from tests.conftest import keyed_start
 from atprobe.probes import curvature
 from atprobe.probes.curvature import CurvatureConfig, input_hessian_eigenvalues
 from atprobe.threat import ThreatModel
+from tests.conftest import keyed_start
 
 
 @pytest.fixture(autouse=True)

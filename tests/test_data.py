@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from atprobe import data
-from atprobe.data import batches as data_batches
-from atprobe.data import download as data_download
-from atprobe.data import load as data_load
 from atprobe.data import (
     DATASETS,
     Batch,
@@ -36,6 +33,9 @@ from atprobe.data import (
     symmetric_label_noise,
     validation_split,
 )
+from atprobe.data import batches as data_batches
+from atprobe.data import download as data_download
+from atprobe.data import load as data_load
 from atprobe.errors import AtprobeError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

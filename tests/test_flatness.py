@@ -19,11 +19,10 @@ from atprobe.data import Split
 from atprobe.directions import directions
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from tests.conftest import keyed_start
 from atprobe.probes import flatness
 from atprobe.probes.flatness import FlatnessConfig
 from atprobe.threat import ThreatModel
-from tests.conftest import cli_error, randomize_bn, run_cli
+from tests.conftest import cli_error, keyed_start, randomize_bn, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +134,8 @@ def test_curve_is_seeded_and_deterministic():
     config = FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=1, threat=ThreatModel(steps=2))
     a, b = flatness.probe(model, split, config), flatness.probe(model, split, config)
     pd.testing.assert_frame_equal(a, b)
-    c = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=2, threat=ThreatModel(steps=2)))
+    c = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=2,
+                                                    threat=ThreatModel(steps=2)))
     assert not a["adv_loss"].equals(c["adv_loss"])
     # batch composition does not matter (per-sample starts)
     d = flatness.probe(model, split, FlatnessConfig(lambdas=(-0.2, 0.0, 0.2), directions=1, seed=1,
@@ -182,8 +182,8 @@ def test_complexity_rows_evaluate_only_the_radius_and_agree_with_the_full_curve(
     def counting(n):
         calls.append(n)
 
-    flatness.probe(model, split, FlatnessConfig(lambdas=(-0.4, 0.0, 0.4), directions=2, threat=ThreatModel(steps=1)), progress=type(
-        "P", (), {"update": staticmethod(counting)})())
+    flatness.probe(model, split, FlatnessConfig(lambdas=(-0.4, 0.0, 0.4), directions=2, threat=ThreatModel(steps=1)),
+                   progress=type("P", (), {"update": staticmethod(counting)})())
     assert len(calls) == 1 + 2 * 2  # theta once, then two points per direction
 
 

@@ -17,19 +17,17 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from atprobe import plot
 from atprobe.attacks import PGDConfig
-from atprobe.checkpoint import make_checkpoint, save_checkpoint
-from atprobe.checkpoint import load_checkpoint
-from atprobe.study import expand_checkpoints, model_names
+from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from tests.conftest import keyed_start
-from atprobe import plot
 from atprobe.probes import hardness
 from atprobe.probes.hardness import HardnessConfig
+from atprobe.study import expand_checkpoints, model_names
 from atprobe.threat import ThreatModel
-from tests.conftest import run_cli, tiny_net
+from tests.conftest import keyed_start, run_cli, tiny_net
 
 ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
 
@@ -99,7 +97,7 @@ def test_per_sample_losses_equal_an_independent_loop():
             assert bool(part["adv_correct"].iloc[row]) == correct
     # the attack did something: the adversarial loss is above the clean one everywhere
     with torch.no_grad():
-        clean = F.cross_entropy(models["a"](images), data.y, reduction="none")  # noqa: same images
+        clean = F.cross_entropy(models["a"](images), data.y, reduction="none")  # same images
     assert (df[df["model"] == "a"]["adv_loss"].to_numpy() > clean.numpy()).all()
 
 

@@ -25,10 +25,10 @@ from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from tests.conftest import keyed_start
 from atprobe.probes import hessian
 from atprobe.probes.hessian import HessianConfig, LossHessian
 from atprobe.threat import ThreatModel
+from tests.conftest import keyed_start
 
 
 @pytest.fixture(autouse=True)
@@ -94,11 +94,13 @@ def _hutchinson_sigma(h: torch.Tensor) -> float:
 
 def test_loss_batches_are_the_independently_crafted_adversarial_examples():
     model, split = _mlp(), _split()
-    batches = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="all", seed=3, threat=ThreatModel(steps=STEPS)))
+    batches = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="all", seed=3,
+                                                               threat=ThreatModel(steps=STEPS)))
     assert [len(y) for _, y in batches] == [4, 4, 2]
     x_adv, _ = _adversarial(model, split, seed=3)
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), x_adv, rtol=0, atol=1e-15)
-    one = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="batch", seed=3, threat=ThreatModel(steps=STEPS)))
+    one = hessian.loss_batches(model, split, HessianConfig(batch_size=4, scope="batch", seed=3,
+                                                           threat=ThreatModel(steps=STEPS)))
     assert len(one) == 1 and torch.equal(one[0][1], split.y[:4])
     nat = hessian.loss_batches(model, split, HessianConfig(at="natural", batch_size=10))
     torch.testing.assert_close(nat[0][0], split.x.float().div(255).double(), rtol=0, atol=0)
@@ -192,7 +194,8 @@ def test_scope_all_accumulates_over_batches():
                                rtol=1e-10, atol=1e-13)
 
     # the probe: scope=all in batches of 4 is the same Hessian as one batch of 10 (pyhessian's dataloader mode)
-    common = {"threat": ThreatModel(steps=STEPS), "iterations": 3000, "tol": 1e-13, "trace_samples": 2, "blocks": "module"}
+    common = {"threat": ThreatModel(steps=STEPS), "iterations": 3000, "tol": 1e-13, "trace_samples": 2,
+              "blocks": "module"}
     all_scope = hessian.probe(model, split, HessianConfig(scope="all", batch_size=4, **common))
     batch_scope = hessian.probe(model, split, HessianConfig(scope="batch", batch_size=10, **common))
     pick = all_scope["quantity"] == "eigenvalue"
@@ -290,7 +293,8 @@ def test_parameter_blocks():
 
 def test_complexity_rows():
     model, split = _mlp(), _split()
-    config = HessianConfig(top_k=2, iterations=50, trace_samples=20, blocks="module", density=True, threat=ThreatModel(steps=1))
+    config = HessianConfig(top_k=2, iterations=50, trace_samples=20, blocks="module", density=True,
+                           threat=ThreatModel(steps=1))
     rows = hessian.complexity_rows(model, split, config)
     assert list(rows.columns) == ["measure", "variant", "value", "reason"]
     assert rows["variant"].tolist() == ["top1;at=adv;scope=batch", "top2;at=adv;scope=batch",
@@ -384,7 +388,8 @@ def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, args, fragment):
 
 def test_default_engine_is_atprobe_for_every_row_and_matches_the_dense_hessian():
     model, split = _mlp(), _split()
-    config = HessianConfig(batch_size=10, iterations=3000, tol=1e-13, trace_samples=300, blocks="none", threat=ThreatModel(steps=STEPS))
+    config = HessianConfig(batch_size=10, iterations=3000, tol=1e-13, trace_samples=300, blocks="none",
+                           threat=ThreatModel(steps=STEPS))
     table = hessian.probe(model, split, config)
     assert table["method"].tolist() == ["atprobe", "atprobe"] and table["block"].tolist() == ["all", "all"]
     x, y = _adversarial(model, split, seed=0)

@@ -78,7 +78,7 @@ def test_same_table_whatever_the_batch_size(name, ckpts, tmp_path):
         runs.append(_run(argv, kind, tmp_path / f"c3{suffix}", "--batch-size", "64", "--chunk-size", "3"))
     for other in runs:
         assert len(small) == len(other)
-        for (fa, pa), (fb, pb) in zip(sorted(small.items()), sorted(other.items())):
+        for (fa, pa), (_fb, pb) in zip(sorted(small.items()), sorted(other.items())):
             ta, tb = pd.read_csv(pa), pd.read_csv(pb)
             assert list(ta.columns) == list(tb.columns)
             for col in ta.columns:

@@ -29,7 +29,8 @@ def _dominant(m: np.ndarray) -> float:
 
 
 def test_power_iteration_batched_matches_the_dense_dominant_eigenvalues():
-    spectra = [np.r_[5.0, 2.0, np.linspace(-1, 1, 28)], np.r_[-4.0, np.linspace(-1, 1, 29)], np.r_[3.0, 0.1 * np.ones(29)]]
+    spectra = [np.r_[5.0, 2.0, np.linspace(-1, 1, 28)], np.r_[-4.0, np.linspace(-1, 1, 29)],
+               np.r_[3.0, 0.1 * np.ones(29)]]
     mats = [_symmetric(30, i, s) for i, s in enumerate(spectra)]
     v0 = torch.randn(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     run = linalg.power_iteration(_batched(mats), v0, iterations=1000, tol=1e-14)

@@ -20,12 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from atprobe.errors import AtprobeError
 from atprobe.models import (
     WRN_PATTERN,
+    BasicBlock,
     DenseNet,
     Normalize,
     PreActBlock,
     PreActResNet,
     ResNet,
-    BasicBlock,
     WideResNet,
     build_model,
     canonical_arch,

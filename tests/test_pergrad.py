@@ -23,7 +23,6 @@ from atprobe.pergrad import (
     per_sample_grad_norm_pair,
     per_sample_grad_norms,
     per_sample_grads,
-
 )
 from tests.conftest import keyed_start, randomize_bn
 
@@ -155,7 +154,8 @@ def test_linear_model_matches_the_closed_form(bias):
         return torch.cat(parts, dim=1)
 
     ga, gb = closed_form(a), closed_form(b)
-    torch.testing.assert_close(torch.cat(list(per_sample_grads(model, ce64, x, y, params=b))), gb, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.cat(list(per_sample_grads(model, ce64, x, y, params=b))), gb,
+                               rtol=1e-12, atol=1e-14)
     for loss, tol in [(ce64, 1e-12), (objective("clean"), 1e-5)]:  # objectives.ce: float32 CE
         dist, cos = per_sample_grad_distance(model, loss, x, y, a, b, chunk_size=4)
         torch.testing.assert_close(dist, (ga - gb).norm(dim=1), rtol=tol, atol=0)
@@ -223,7 +223,8 @@ def test_eval_mode_is_used_and_restored(data):
     norms = per_sample_grad_norms(model, ce64, x[:2], y[:2])
     assert all(m.training for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN stats untouched
-    torch.testing.assert_close(norms, loop_grads(copy.deepcopy(model), ce64, x[:2], y[:2]).norm(dim=1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(norms, loop_grads(copy.deepcopy(model), ce64, x[:2], y[:2]).norm(dim=1),
+                               rtol=1e-10, atol=0)
 
 
 def test_a_subset_of_parameters(cnn, data):
@@ -389,7 +390,8 @@ def test_ghost_and_direct_norms_agree():
         if not H._has_weight_matrix(layer) or all(o is None for o in layer_outs):
             continue
         w = H._layer_grads(layer, 4, torch.float64, layer_outs)["weight"]
-        pairs = [H._positions(layer.module, a.double(), g.double(), 4) for a, g, _ in H._calls(layer, torch.float64, layer_outs)]
+        pairs = [H._positions(layer.module, a.double(), g.double(), 4)
+                 for a, g, _ in H._calls(layer, torch.float64, layer_outs)]
         pa, pg = torch.cat([p for p, _ in pairs], 1), torch.cat([q for _, q in pairs], 1)
         ghost = (torch.bmm(pa, pa.transpose(1, 2)) * torch.bmm(pg, pg.transpose(1, 2))).sum((1, 2))
         torch.testing.assert_close(ghost, w.flatten(1).square().sum(1), rtol=1e-10, atol=1e-15)
@@ -437,6 +439,7 @@ def test_distances_to_many_points_equal_the_pairwise_ones(mlp, data):
         ref_dist, ref_cos = per_sample_grad_distance(mlp, obj, x, y, theta, point, chunk_size=3)
         torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=0)
         torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-12)
-    assert torch.equal(many[1][0], torch.zeros(4, dtype=torch.float64)) and torch.equal(many[1][1], torch.ones(4, dtype=torch.float64))
+    assert torch.equal(many[1][0], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(many[1][1], torch.ones(4, dtype=torch.float64))
     with pytest.raises(AtprobeError, match="same order"):
         pergrad.per_sample_grad_distances(mlp, obj, x, y, theta, [{"fc3.weight": mlp.fc3.weight}])

@@ -157,7 +157,8 @@ def test_gradnorm_summary_mean_of_ratios_and_ratio_of_means():
     assert value("all", "ratio_beta_kl_ce", "ratio_of_means")["value"] == pytest.approx(6 * 1.5 / 7.5, rel=1e-15)
     assert value("all", "grad_ce", "mean")["value"] == pytest.approx(1.5)
     # groups: clean = samples 0, 2, 4; noisy = samples 1, 3
-    assert value("noisy", "grad_ce", "mean")["value"] == pytest.approx(1.25) and value("noisy", "grad_ce", "mean")["n"] == 2
+    assert value("noisy", "grad_ce", "mean")["value"] == pytest.approx(1.25)
+    assert value("noisy", "grad_ce", "mean")["n"] == 2
     assert value("noisy", "ratio_r_ce", "mean")["value"] == pytest.approx((0.5 + 2.0) / 2)
     assert value("clean", "ratio_r_ce", "ratio_of_means")["value"] == pytest.approx(1.7 / 5.0)
     # without the flag: one group; an empty group gives no rows
@@ -171,7 +172,8 @@ def test_gradnorm_probe_matches_loop_norms_and_numpy_statistics():
     backward passes, the statistics from numpy, per group."""
     model, split = _cnn(1), _split(n=6)
     beta, seed = 2.0, 5
-    config = gradnorm.GradNormConfig(beta=beta, chunk_size=4, seed=seed, noisy_vs_clean=True, threat=ThreatModel(steps=1))
+    config = gradnorm.GradNormConfig(beta=beta, chunk_size=4, seed=seed, noisy_vs_clean=True,
+                                     threat=ThreatModel(steps=1))
     table = gradnorm.probe(model, split, config).set_index(["group", "quantity", "statistic"])
 
     x, y, ids = _images(split), split.y, split.index.tolist()
@@ -220,7 +222,8 @@ def test_gradnorm_probe_matches_loop_norms_and_numpy_statistics():
 def test_stability_lam_zero_gives_distance_zero_and_cosine_one():
     torch.manual_seed(2)
     model, split = randomize_bn(build_model("cnn-small"), 2).eval(), _split(n=5)  # float32: exact all the same
-    config = stability.StabilityConfig(losses=("pgd_at", "trades", "R", "clean"), lambdas=(-0.1, 0.0, 0.1), chunk_size=3, seed=4, threat=ThreatModel(steps=STEPS))
+    config = stability.StabilityConfig(losses=("pgd_at", "trades", "R", "clean"), lambdas=(-0.1, 0.0, 0.1),
+                                       chunk_size=3, seed=4, threat=ThreatModel(steps=STEPS))
     df = stability.probe(model, split, config)
     assert list(df.columns) == stability.COLUMNS and len(df) == 4 * 3
     assert df[["loss", "direction", "lam"]].values.tolist()[:4] == [
@@ -465,7 +468,8 @@ def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path):
     assert meta["command"][:3] == ["atprobe", "gradnorm", str(ckpts["a"])] and meta["command"][-1] == str(outs[0])
     assert meta["seed"] == 1 and meta["rows"] == len(df) and meta["columns"] == list(df.columns)
     assert len(meta["checkpoints"]) == 1 and len(meta["checkpoints"][0]["sha256"]) == 64
-    assert meta["config"]["n"] == 6 and meta["config"]["threat"]["steps"] == 1 and meta["config"]["noisy_vs_clean"] is True
+    assert meta["config"]["n"] == 6 and meta["config"]["threat"]["steps"] == 1
+    assert meta["config"]["noisy_vs_clean"] is True
     assert _meta(samples[0])["rows"] == 6
 
 

@@ -16,9 +16,9 @@ from atprobe.checkpoint import load_checkpoint
 from atprobe.data import load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
-from atprobe.train import TrainConfig, learning_rate, mix_gamma, te_weight, train, training_loss
-from atprobe.threat import ThreatModel
 from atprobe.starts import Starts
+from atprobe.threat import ThreatModel
+from atprobe.train import TrainConfig, learning_rate, mix_gamma, te_weight, train, training_loss
 from tests.conftest import cli_error
 
 FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, threat=ThreatModel(steps=2),

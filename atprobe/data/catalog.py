@@ -7,7 +7,6 @@ import pathlib
 
 from atprobe.errors import AtprobeError
 
-
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "npz", "synthetic")
 
 

@@ -3,8 +3,8 @@ rebuilds numpy arrays (a foreign or malicious batch file cannot run code)."""
 
 from __future__ import annotations
 
-import pickle
 import pathlib
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +12,6 @@ import numpy as np
 
 from atprobe.data.types import Split, make_split, np_to_tensor
 from atprobe.errors import AtprobeError
-
 
 # Globals a CIFAR pickle may reference: numpy array reconstruction, and _codecs.encode
 # which Python 3 emits for bytes in protocol-2 pickles. Anything else is refused, so a

@@ -21,7 +21,6 @@ from typing import IO, Any
 from atprobe import __version__
 from atprobe.errors import AtprobeError
 
-
 log = logging.getLogger(__name__)
 
 

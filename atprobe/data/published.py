@@ -15,7 +15,6 @@ from atprobe.data.svhn import parse_svhn
 from atprobe.data.types import Split
 from atprobe.errors import AtprobeError
 
-
 #: Published per-channel mean/std of the *train* images in [0, 1].
 _PUBLISHED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),

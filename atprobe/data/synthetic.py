@@ -12,7 +12,6 @@ from atprobe.data.checks import check_int
 from atprobe.data.types import Split, make_split
 from atprobe.errors import AtprobeError
 
-
 # Generator parameters (pixel values in [0, 1]); see docs/data.md for the definition.
 _SYN_SIZE = 32
 _SYN_LOWRES = 5  # prototype detail: a 5x5 random grid upsampled bicubically

@@ -9,7 +9,7 @@ families built from these pieces keep the key layout of their public codebases.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -85,7 +85,7 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean_v).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std_v).view(1, -1, 1, 1), persistent=False)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Normalize":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Normalize:
         # ``.double()`` would otherwise turn float32(0.2471) into a float64 that is
         # off by ~1e-8, breaking exact float64 comparisons against hand-normalized
         # inputs; rebuild from the Python floats in whatever dtype/device fn chose.

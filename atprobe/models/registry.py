@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn as nn
 

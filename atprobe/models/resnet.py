@@ -5,7 +5,7 @@ Keys ``conv1``, ``bn1``, ``layer1..4``, ``linear``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

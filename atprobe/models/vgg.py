@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout
-
 
 _VGG_CFG: dict[str, list[int | str]] = {
     "VGG16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],

@@ -18,8 +18,9 @@ restored afterwards.
 Method (``method=``, :data:`METHODS`). ``hooks`` (:mod:`atprobe.pergrad.hooks`): one
 batched forward/backward per chunk and the per-layer identities ``dl_i/dW = sum_t g_t
 a_t^T`` as batched GEMMs, with ghost norms where cheaper; used by default wherever every
-probed parameter sits in a supported layer. ``vmap`` (:mod:`atprobe.pergrad.vmap`): ``torch.func.vmap(torch.func.grad(l_i))``
-over ``torch.func.functional_call`` with the buffers passed as constants; any layer, given
+probed parameter sits in a supported layer. ``vmap`` (:mod:`atprobe.pergrad.vmap`):
+``torch.func.vmap(torch.func.grad(l_i))`` over ``torch.func.functional_call`` with the
+buffers passed as constants; any layer, given
 no in-place ops on activations. ``benchmarks/pergrad.py`` measures both against the
 loop; see docs/pergrad.md.
 

@@ -5,7 +5,8 @@ for eval mode, memory and the adversarial objectives."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,8 @@ def _check(
         if name not in own:
             raise AtprobeError(f"{name!r} is not a parameter of the model")
         if v.shape != own[name].shape:
-            raise AtprobeError(f"parameter {name!r} has shape {tuple(own[name].shape)}, the point gives {tuple(v.shape)}")
+            raise AtprobeError(f"parameter {name!r} has shape {tuple(own[name].shape)}, "
+                               f"the point gives {tuple(v.shape)}")
     n = x.shape[0]
     if sample_ids is None:
         ids: Sequence[int] = range(n)  # row positions; a range slices without copying
@@ -72,7 +74,7 @@ def _check(
 METHODS = ("auto", "hooks", "vmap")
 
 
-def resolve_method(model: nn.Module, loss_fn: "PerSampleLoss", point: Mapping[str, Tensor], method: str) -> str:
+def resolve_method(model: nn.Module, loss_fn: PerSampleLoss, point: Mapping[str, Tensor], method: str) -> str:
     """``hooks`` or ``vmap`` for ``method`` (one of :data:`METHODS`); ``hooks`` on a model it
     cannot handle is an error saying why."""
     check_choice(method, METHODS, "per-sample gradient method")
@@ -279,8 +281,9 @@ def per_sample_grad_distance(
     reduced norms (absolute error ~ eps (||g_a||/||g_b|| + ||g_b||/||g_a||)), and is 0 when
     either gradient is exactly zero. Adversarial objectives craft ``x'`` separately at
     each point from the same start, so ``params_a == params_b`` gives distance 0 and
-    cosine 1 exactly (given deterministic kernels; see the module docstring). At most two chunks of gradients (one per point) are alive at any
-    time. ``params_a`` and ``params_b`` must name the same parameters. Results are in
+    cosine 1 exactly (given deterministic kernels; see the module docstring). At most two
+    chunks of gradients (one per point) are alive at any time. ``params_a`` and
+    ``params_b`` must name the same parameters. Results are in
     the gradients' dtype, on ``x``'s device.
 
     ``buffers_a``/``buffers_b``: the buffers of each point (see :func:`per_sample_grads`;
@@ -331,7 +334,8 @@ def per_sample_grad_distances(
         rows = slice(start, start + chunk_size)
         chunk_ids = ids[rows]
 
-        def grads_at(point: dict[str, Tensor]) -> dict[str, Tensor]:
+        def grads_at(point: dict[str, Tensor], rows: slice = rows,
+                     chunk_ids: Sequence[int] = chunk_ids) -> dict[str, Tensor]:
             (g,) = _grad_chunks(model, loss_fn, x[rows], y[rows], point, chunk_size, chunk_ids, amp, bufs, method)
             return g
 

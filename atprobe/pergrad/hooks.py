@@ -35,8 +35,8 @@ it; a loss that mixes samples or reorders rows must use ``vmap``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from atprobe.errors import AtprobeError
 
-__all__ = ["BLOCK", "LAYER_KINDS", "LayerKind", "layer_plan", "per_sample_grads_hooks", "per_sample_sq_norms_hooks", "row_sq_norms", "supports"]
+__all__ = ["BLOCK", "LAYER_KINDS", "LayerKind", "layer_plan", "per_sample_grads_hooks", "per_sample_sq_norms_hooks",
+           "row_sq_norms", "supports"]
 
 
 @dataclass
@@ -70,8 +71,8 @@ def layer_plan(model: nn.Module, names: list[str]) -> dict[str, _Layer] | str:
     layer's weight or bias, one shared by two modules)."""
     plan: dict[str, _Layer] = {}
     owners: dict[int, int] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for attr, p in module.named_parameters(recurse=False):
+    for _path, module in model.named_modules(remove_duplicate=False):
+        for _attr, p in module.named_parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     for name in names:
         path, _, attr = name.rpartition(".")

@@ -6,8 +6,9 @@ parameter point being probed (see :mod:`atprobe.pergrad` for how they are differ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,10 @@ class _Prepared(Protocol):
 #: clean CE, the PGD-AT loss, the TRADES loss and the robust gap R = CE(x') - CE(x).
 OBJECTIVES = ("clean", "pgd_at", "trades", "R")
 
+_DEFAULT_THREAT = ThreatModel()
 
-def default_attack(name: str, threat: ThreatModel = ThreatModel()) -> PGDConfig | None:
+
+def default_attack(name: str, threat: ThreatModel = _DEFAULT_THREAT) -> PGDConfig | None:
     """The attack of objective ``name`` under ``threat`` (default: the training attack of
     ``atprobe.train``, L-inf 8/255, step 2/255, 10 steps): CE with the threat model's
     start (uniform) for ``pgd_at`` and ``R``, KL with TRADES' ``0.001 N(0, I)`` start for

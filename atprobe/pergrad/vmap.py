@@ -7,7 +7,7 @@ broadcast, not copied, by ``vmap``)."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap

@@ -55,10 +55,8 @@ from atprobe.plot.core import (
     save_figure,
     short_names,
 )
-from atprobe.plot.training import RATIO_NAMES, grad_ratio, learning_curves
-from atprobe.plot.gradients import GRAD_LEGEND, GRADS, RATIOS, gradcos, gradnorm, gradnorm_samples, stability
 from atprobe.plot.eval import eval_bars
-from atprobe.plot.measures import MEASURE_AXES, complexity
+from atprobe.plot.gradients import GRAD_LEGEND, GRADS, RATIOS, gradcos, gradnorm, gradnorm_samples, stability
 from atprobe.plot.hardness import (
     DEFAULT_DPI,
     GALLERY_COLUMN_PX,
@@ -82,6 +80,8 @@ from atprobe.plot.landscape import (
     hessian_density,
     slq_density,
 )
+from atprobe.plot.measures import MEASURE_AXES, complexity
+from atprobe.plot.training import RATIO_NAMES, grad_ratio, learning_curves
 
 __all__ = [
     "FORMATS", "KINDS", "PALETTE", "PAPER", "TEXT_COLUMNS", "Data", "Kind", "Source",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import numpy as np
 import pandas as pd
@@ -22,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-Source = Union[pd.DataFrame, str, os.PathLike]
-Data = Union[Source, Sequence[Source], Mapping[str, Source]]
+# Runtime type aliases: evaluated at import (the __future__ import postpones annotations only).
+Source = Union[pd.DataFrame, str, os.PathLike]  # noqa: UP007 (runtime alias)
+Data = Union[Source, Sequence[Source], Mapping[str, Source]]  # noqa: UP007 (runtime alias)
 
 PAPER = "Dong et al. 2022"
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
@@ -37,7 +39,7 @@ class Kind(NamedTuple):
     """A kind of CSV: the columns that identify it, its drawing function, one line on it."""
 
     columns: tuple[str, ...]
-    function: Callable[..., "Figure"]
+    function: Callable[..., Figure]
     description: str
 
 
@@ -220,7 +222,7 @@ def load(data: Data, kind: str | None = None) -> tuple[str, pd.DataFrame]:
     return kind, pd.concat(frames, ignore_index=True, sort=False)
 
 
-def plot(data: Data, kind: str | None = None, *, title: str | None = None) -> "Figure":
+def plot(data: Data, kind: str | None = None, *, title: str | None = None) -> Figure:
     """The figure of one or more CSVs of one kind (recognized from the columns unless given)."""
     kind, df = load(data, kind)
     return KINDS[kind].function(df, title=title)
@@ -233,7 +235,7 @@ def _data(data: Data, kind: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- saving
 
 
-def save_figure(fig: "Figure", path: str | os.PathLike, dpi: float = 150) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: float = 150) -> Path:
     """Write ``fig`` atomically; the suffix picks the format (.png, .pdf, .svg). A PNG is
     ``figsize * dpi`` pixels. PDF/SVG carry no date, so the same figure gives the same bytes."""
     from atprobe.io import atomic_write
@@ -273,7 +275,7 @@ def _style():
 
 
 def _figure(ncols: int, figsize: tuple[float, float], nrows: int = 1,
-            width_ratios: Sequence[float] | None = None) -> tuple["Figure", list["Axes"]]:
+            width_ratios: Sequence[float] | None = None) -> tuple[Figure, list[Axes]]:
     """A figure on an Agg canvas (no pyplot, no global backend) with ``nrows x ncols`` axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -284,7 +286,7 @@ def _figure(ncols: int, figsize: tuple[float, float], nrows: int = 1,
     return fig, list(axes.ravel())
 
 
-def _title(fig: "Figure", title: str | None, default: str) -> None:
+def _title(fig: Figure, title: str | None, default: str) -> None:
     """The figure's title, wrapped onto more lines when it would not fit the width."""
     import textwrap
 
@@ -322,7 +324,7 @@ def _palette(order: Sequence, name: str = PALETTE) -> dict:
     return dict(zip(order, sns.color_palette(name, max(len(order), 1))))
 
 
-def _log_if_wide(ax: "Axes", values: Iterable[float], axis: str = "y", decades: float = 1.5) -> bool:
+def _log_if_wide(ax: Axes, values: Iterable[float], axis: str = "y", decades: float = 1.5) -> bool:
     """Log scale when the positive values span more than ``decades`` decades."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if v.size == 0 or (v <= 0).any():
@@ -333,7 +335,7 @@ def _log_if_wide(ax: "Axes", values: Iterable[float], axis: str = "y", decades: 
     return False
 
 
-def _log_ticks(ax: "Axes", axis: str = "y") -> None:
+def _log_ticks(ax: Axes, axis: str = "y") -> None:
     """Plain-number labels on a log axis (0.5, 1, 20 rather than 5x10^-1); over less than
     about a decade the minor ticks (2, 3, 5 x 10^k, or all of them) are labelled too."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -358,7 +360,7 @@ def _log_ticks(ax: "Axes", axis: str = "y") -> None:
     which.set_minor_formatter(FuncFormatter(minor) if span < 1.6 else NullFormatter())
 
 
-def _figure_legend(fig: "Figure", axes: Sequence["Axes"], title: str | None = None) -> None:
+def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str | None = None) -> None:
     """One legend for the figure, right of the panels, from the axes' own legends (merged,
     each label once); the per-axes legends are removed."""
     handles, labels = [], []
@@ -386,7 +388,7 @@ def _figure_legend(fig: "Figure", axes: Sequence["Axes"], title: str | None = No
             fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title=title, frameon=False)
 
 
-def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18, positive: bool = False) -> None:
+def _band(ax: Axes, x, y, err, color, alpha: float = 0.18, positive: bool = False) -> None:
     """``y ± err``; ``positive`` (a log axis): the lower edge at least 5% of ``y``, as the bar
     whiskers of :func:`_bar_errors`, so that a std larger than the mean does not reach 0."""
     x, y, err = (np.asarray(v, dtype=float) for v in (x, y, err))
@@ -396,7 +398,7 @@ def _band(ax: "Axes", x, y, err, color, alpha: float = 0.18, positive: bool = Fa
         ax.fill_between(x[ok], lower[ok], (y + err)[ok], color=color, alpha=alpha, linewidth=0)
 
 
-def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str | None = None,
+def _lines(ax: Axes, df: pd.DataFrame, x: str, y: str, hue: str, *, err: str | None = None,
            style: str | None = None, palette: dict | None = None, style_order: list | None = None,
            legend: bool = True, positive: bool = False) -> None:
     """One line per ``hue`` value (colour) and ``style`` value (dashes and markers), with an
@@ -418,7 +420,7 @@ def _lines(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str, *, err: str |
             _band(ax, g[x], g[y], g[err], palette[key[0] if isinstance(key, tuple) else key], positive=positive)
 
 
-def _epoch_axis(ax: "Axes") -> None:
+def _epoch_axis(ax: Axes) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -449,7 +451,7 @@ def _dirs(paths: pd.Series) -> pd.Series:
     return _short(paths.map(lambda c: str(Path(str(c)).parent)))
 
 
-def _empty(ax: "Axes", what: str) -> None:
+def _empty(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in the table", ha="center", va="center", transform=ax.transAxes,
             color="0.4")
 
@@ -459,7 +461,7 @@ def _named(df: pd.DataFrame, column: str, header: str) -> pd.DataFrame:
     return df.drop(columns=[header], errors="ignore").rename(columns={column: header})
 
 
-def _bars(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str | None, err: str | None = None,
+def _bars(ax: Axes, df: pd.DataFrame, x: str, y: str, hue: str | None, err: str | None = None,
           order: list | None = None) -> None:
     """Grouped bars with optional ± ``err`` whiskers, matched through each bar's position."""
     sns = _sns()
@@ -483,7 +485,7 @@ def _bars(ax: "Axes", df: pd.DataFrame, x: str, y: str, hue: str | None, err: st
                             color="0.2", capsize=3, linewidth=1)
 
 
-def _rotate(ax: "Axes", labels: int) -> None:
+def _rotate(ax: Axes, labels: int) -> None:
     if labels > 4:
         ax.tick_params(axis="x", labelrotation=30)
         for t in ax.get_xticklabels():

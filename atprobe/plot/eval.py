@@ -7,8 +7,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from atprobe.plot.core import (Data, PALETTE, _data, _figure, _figure_legend, _named, _num, _order, _series, _short,
-                               _sns, _style, _title, register)
+from atprobe.plot.core import (
+    PALETTE,
+    Data,
+    _data,
+    _figure,
+    _figure_legend,
+    _named,
+    _num,
+    _order,
+    _series,
+    _short,
+    _sns,
+    _style,
+    _title,
+    register,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -24,7 +38,7 @@ def _eps_text(norm: str, eps: float) -> str:
 
 @register("eval", ("checkpoint", "split", "attack", "n", "accuracy"),
           "atprobe eval: natural and robust accuracy per checkpoint and attack, as grouped bars")
-def eval_bars(data: Data, *, title: str | None = None) -> "Figure":
+def eval_bars(data: Data, *, title: str | None = None) -> Figure:
     """Accuracy per attack (x), one bar per checkpoint (colour), its value printed on it."""
     sns = _sns()
     df = _num(_data(data, "eval"), ["n", "accuracy", "loss", "eps"], "eval")

@@ -11,9 +11,30 @@ import numpy as np
 import pandas as pd
 
 from atprobe.errors import AtprobeError
-from atprobe.plot.core import (Data, PALETTE, PAPER, _data, _dirs, _empty, _epoch_axis, _figure, _figure_legend,
-                               _lines, _log_if_wide, _log_ticks, _named, _num, _order, _palette, _series, _short, _sns,
-                               _style, _title, register)
+from atprobe.plot.core import (
+    PALETTE,
+    PAPER,
+    Data,
+    _data,
+    _dirs,
+    _empty,
+    _epoch_axis,
+    _figure,
+    _figure_legend,
+    _lines,
+    _log_if_wide,
+    _log_ticks,
+    _named,
+    _num,
+    _order,
+    _palette,
+    _series,
+    _short,
+    _sns,
+    _style,
+    _title,
+    register,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -33,7 +54,7 @@ def _epochs_vary(df: pd.DataFrame) -> bool:
 @register("gradnorm", ("checkpoint", "epoch", "group", "quantity", "statistic", "n", "value"),
           "atprobe gradnorm's summary: mean per-sample gradient norms and their ratios per checkpoint, "
           "over epochs for several (Figs. 3, A.9)")
-def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
+def gradnorm(data: Data, *, title: str | None = None) -> Figure:
     """Left: mean per-sample gradient norm of each part of the objectives (± std over samples,
     log scale); right: robust term / clean CE (ratio of the means, as in the paper; a ratio is
     drawn in its robust term's colour). Lines over the checkpoints' epochs when they have several,
@@ -101,7 +122,7 @@ def gradnorm(data: Data, *, title: str | None = None) -> "Figure":
     return fig
 
 
-def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str, levels: list) -> None:
+def _bar_errors(ax: Axes, part: pd.DataFrame, order: list, hue: str, levels: list) -> None:
     """± std whiskers on seaborn's bars: a bar's category from its position on the x axis, its
     hue level from its container's place (seaborn draws one container per level of
     ``hue_order``, in that order; the containers' labels are not the levels)."""
@@ -123,7 +144,7 @@ def _bar_errors(ax: "Axes", part: pd.DataFrame, order: list, hue: str, levels: l
 @register("gradnorm_samples", ("checkpoint", "epoch", "sample", "label", "true_label", "noisy", "grad_ce"),
           "atprobe gradnorm --per-sample's .samples.csv: distribution of the per-sample gradient norms "
           "and ratios (Figs. 3, A.9)")
-def gradnorm_samples(data: Data, *, title: str | None = None) -> "Figure":
+def gradnorm_samples(data: Data, *, title: str | None = None) -> Figure:
     """Box plots (median, quartiles, 1.5 IQR whiskers) of the per-sample gradient norms (left)
     and ratios (right) of each part, log scale; colour = checkpoint (its epoch) and clean vs
     noisy samples when both occur."""
@@ -183,7 +204,7 @@ def gradnorm_samples(data: Data, *, title: str | None = None) -> "Figure":
 @register("stability", ("loss", "direction", "lam", "dist_mean", "dist_std", "cos_mean", "cos_std"),
           "atprobe stability: gradient L2 change and cosine against the step lam along random directions, "
           "per loss (Figs. 4(a), A.8)")
-def stability(data: Data, *, title: str | None = None) -> "Figure":
+def stability(data: Data, *, title: str | None = None) -> Figure:
     """Left: ``||grad J(theta + lam d) - grad J(theta)||``; right: the cosine of the two, against
     lam; colour = loss, dashes = checkpoint/run. Line: mean over samples (and over directions
     when there are several); band: ± the std over samples (averaged over directions)."""
@@ -220,7 +241,7 @@ def stability(data: Data, *, title: str | None = None) -> "Figure":
 
 @register("gradcos", ("pair", "epoch_a", "epoch_b", "loss", "cos_mean", "cos_std", "dist_mean", "dist_std"),
           "atprobe gradcos: cosine and L2 distance between per-sample gradients of successive epochs (Fig. 4(b))")
-def gradcos(data: Data, *, title: str | None = None) -> "Figure":
+def gradcos(data: Data, *, title: str | None = None) -> Figure:
     """Left: mean cosine between the per-sample gradients of epochs t and t+1 (± std over
     samples), against t+1; right: their mean L2 distance. Colour = run (or loss)."""
     df = _num(_data(data, "gradcos"), ["pair", "epoch_a", "epoch_b", "cos_mean", "cos_std", "dist_mean",

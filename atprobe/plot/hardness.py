@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import io
 import re
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from atprobe.errors import AtprobeError
-from atprobe.plot.core import Data, PAPER, _data, _figure, _num, _order, _sns, _style, _title, register
+from atprobe.plot.core import PAPER, Data, _data, _figure, _num, _order, _sns, _style, _title, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register("hardness", ("index", "label", "true_label", "model", "adv_loss", "adv_correct", "rank"),
           "atprobe hardness's per_sample.csv: every model's adversarial loss per sample, sorted by the first "
           "model's (Fig. 7(c))")
-def hardness_sorted(data: Data, *, title: str | None = None) -> "Figure":
+def hardness_sorted(data: Data, *, title: str | None = None) -> Figure:
     """The hardness probe's own Fig. 7(c) drawing (:func:`sorted_loss_figure`):
     the samples sorted by the first model's adversarial loss (a line), the other models' losses
     as points; a log loss axis when the losses span decades. Several CSVs: models are prefixed
@@ -58,7 +59,7 @@ def hardness_sorted(data: Data, *, title: str | None = None) -> "Figure":
 @register("hardness_consistency", ("model_a", "model_b", "n", "kendall_tau", "spearman_rho", "top_k", "top_k_overlap"),
           "atprobe hardness's consistency.csv: how alike models rank the samples by adversarial loss "
           "(Kendall tau, top-k overlap) as heatmaps (Sec. 4.1)")
-def hardness_consistency(data: Data, *, title: str | None = None) -> "Figure":
+def hardness_consistency(data: Data, *, title: str | None = None) -> Figure:
     """Two symmetric heatmaps over the models: Kendall's tau between their per-sample
     adversarial losses, and the overlap of their k hardest samples (1 on the diagonal)."""
     sns = _sns()
@@ -137,7 +138,7 @@ def default_gallery_size(k: int) -> tuple[int, int]:
     return GALLERY_COLUMN_PX * max(int(k), 2), GALLERY_HEIGHT_PX
 
 
-def _new_figure(size: tuple[int, int], dpi: int) -> "Figure":
+def _new_figure(size: tuple[int, int], dpi: int) -> Figure:
     """A matplotlib Figure of exactly ``size`` pixels at ``dpi`` (no pyplot, no global state;
     it renders with the Agg canvas when saved)."""
     from matplotlib.figure import Figure
@@ -148,7 +149,7 @@ def _new_figure(size: tuple[int, int], dpi: int) -> "Figure":
     return Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
 
 
-def png_bytes(fig: "Figure") -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG bytes at its own dpi (its pixel size is ``figsize * dpi``; no tight
     bounding box, so the size is exactly the one asked for)."""
     buf = io.BytesIO()
@@ -156,7 +157,7 @@ def png_bytes(fig: "Figure") -> bytes:
     return buf.getvalue()
 
 
-def _hwc(image: "Tensor | np.ndarray") -> np.ndarray:
+def _hwc(image: Tensor | np.ndarray) -> np.ndarray:
     import torch
 
     a = (image.detach().to("cpu", torch.float32).numpy() if isinstance(image, torch.Tensor)
@@ -168,15 +169,15 @@ def _hwc(image: "Tensor | np.ndarray") -> np.ndarray:
 
 
 def gallery_figure(
-    natural: "Tensor | np.ndarray",
-    adversarial: "Tensor | np.ndarray",
+    natural: Tensor | np.ndarray,
+    adversarial: Tensor | np.ndarray,
     captions: Sequence[str],
     *,
     size: tuple[int, int] | None = None,
     dpi: int = DEFAULT_DPI,
     title: str | None = None,
     row_labels: tuple[str, str] = ("natural", "adversarial"),
-) -> "Figure":
+) -> Figure:
     """A 2 x k grid: natural images (k, C, H, W in [0, 1]) above their adversarial versions,
     each column captioned. ``size`` in pixels (default :func:`default_gallery_size`)."""
     k = len(captions)
@@ -209,15 +210,15 @@ def _class(label: int, class_names: Sequence[str] | None) -> str:
 
 def hardest_gallery(
     top: pd.DataFrame,
-    samples: "Split",
-    adversarial: "Tensor | np.ndarray",
+    samples: Split,
+    adversarial: Tensor | np.ndarray,
     *,
     attack: str,
     class_names: Sequence[str] | None = None,
     size: tuple[int, int] | None = None,
     dpi: int = DEFAULT_DPI,
     model_name: str | None = None,
-) -> "Figure":
+) -> Figure:
     """Fig. C.3: the hardest samples, natural above adversarial.
 
     ``top, samples = atprobe.probes.hardness.hardest_samples(data, per_sample, k)`` (the ``k``
@@ -245,7 +246,7 @@ def sorted_loss_figure(
     size: tuple[int, int] = SORTED_SIZE,
     dpi: int = DEFAULT_DPI,
     log: bool = False,
-) -> "Figure":
+) -> Figure:
     """Fig. 7(c): every model's per-sample adversarial loss over the samples sorted by the
     first model's loss (x = the first model's rank, 1 = hardest). The first model is a
     line, the others are points. ``log``: logarithmic loss axis."""

@@ -11,9 +11,29 @@ import numpy as np
 import pandas as pd
 
 from atprobe.errors import AtprobeError
-from atprobe.plot.core import (Data, PALETTE, PAPER, _bars, _data, _empty, _figure, _figure_legend, _lines,
-                               _log_if_wide, _log_ticks, _named, _num, _order, _rotate, _series, _short, _sns, _style,
-                               _title, register)
+from atprobe.plot.core import (
+    PALETTE,
+    PAPER,
+    Data,
+    _bars,
+    _data,
+    _empty,
+    _figure,
+    _figure_legend,
+    _lines,
+    _log_if_wide,
+    _log_ticks,
+    _named,
+    _num,
+    _order,
+    _rotate,
+    _series,
+    _short,
+    _sns,
+    _style,
+    _title,
+    register,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -22,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register("flatness_curve", ("direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"),
           "atprobe flatness --curve's .curve.csv: adversarial and natural loss and accuracy along random "
           "filter-normalized directions (Fig. 6's flatness; Wu et al. 2020)")
-def flatness_curve(data: Data, *, title: str | None = None) -> "Figure":
+def flatness_curve(data: Data, *, title: str | None = None) -> Figure:
     """Left: loss against the step lam (adversarial solid, natural dashed); right: the
     accuracies. Line: mean over directions; band: ± the std over directions (several)."""
     df = _num(_data(data, "flatness_curve"), ["direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"],
@@ -60,7 +80,7 @@ def flatness_curve(data: Data, *, title: str | None = None) -> "Figure":
 
 @register("flatness", ("loss", "radius", "directions", "n", "at_theta", "at_radius", "increase", "increase_std"),
           "atprobe flatness's summary: mean loss increase at radius r per checkpoint (Fig. 6's flatness)")
-def flatness(data: Data, *, title: str | None = None) -> "Figure":
+def flatness(data: Data, *, title: str | None = None) -> Figure:
     """Bars: the mean increase of the adversarial and natural loss from theta to the points at
     ±r, per checkpoint (± std over directions and signs). Larger = sharper."""
     df = _num(_data(data, "flatness"), ["radius", "directions", "n", "at_theta", "at_radius", "increase",
@@ -90,7 +110,7 @@ def flatness(data: Data, *, title: str | None = None) -> "Figure":
 @register("curvature_samples", ("sample", "label", "eigenvalue", "iterations", "converged"),
           "atprobe curvature --per-sample's .samples.csv: histogram of the per-sample input-Hessian "
           "dominant eigenvalue (Fig. 6's curvature)")
-def curvature_samples(data: Data, *, title: str | None = None) -> "Figure":
+def curvature_samples(data: Data, *, title: str | None = None) -> Figure:
     """Histogram of the dominant input-Hessian eigenvalue per sample, one outline per
     checkpoint (log scale when all are positive and span decades); unconverged samples counted
     in the title."""
@@ -133,7 +153,7 @@ def curvature_samples(data: Data, *, title: str | None = None) -> "Figure":
 
 @register("curvature", ("at", "statistic", "n", "value"),
           "atprobe curvature's summary: mean/median/std of the per-sample input-Hessian eigenvalue per checkpoint")
-def curvature(data: Data, *, title: str | None = None) -> "Figure":
+def curvature(data: Data, *, title: str | None = None) -> Figure:
     """Bars of the summary statistics (mean, median, ...) per checkpoint."""
     df = _num(_data(data, "curvature"), ["n", "value"], "curvature")
     df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
@@ -168,7 +188,7 @@ def curvature(data: Data, *, title: str | None = None) -> "Figure":
 @register("hessian", ("block", "params", "quantity", "k", "value", "method"),
           "atprobe hessian: top eigenvalues and trace of the weight Hessian of the adversarial loss, whole "
           "model and per block (Fig. 6's Hessian)")
-def hessian(data: Data, *, title: str | None = None) -> "Figure":
+def hessian(data: Data, *, title: str | None = None) -> Figure:
     """Left: the top-k eigenvalues per block (``all`` = the whole model); right: the trace per
     block (± its Hutchinson standard error). Colour: k, or the checkpoint when there are several."""
     df = _num(_data(data, "hessian"), ["params", "k", "value", "std_error"], "hessian")
@@ -226,7 +246,7 @@ def slq_density(nodes: np.ndarray, weights: np.ndarray, runs: np.ndarray, grid: 
 @register("hessian_density", ("run", "node", "eigenvalue", "weight"),
           "atprobe hessian --density's .density.csv: eigenvalue density of the weight Hessian (stochastic "
           "Lanczos quadrature, Gaussian-smoothed)")
-def hessian_density(data: Data, *, title: str | None = None) -> "Figure":
+def hessian_density(data: Data, *, title: str | None = None) -> Figure:
     """The spectral density (log scale) from the Lanczos nodes and weights, smoothed with a
     Gaussian of width 1% of the eigenvalue range; one line per checkpoint."""
     df = _num(_data(data, "hessian_density"), ["run", "node", "eigenvalue", "weight"], "hessian_density")

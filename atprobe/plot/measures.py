@@ -9,8 +9,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from atprobe.errors import AtprobeError
-from atprobe.plot.core import (Data, PALETTE, PAPER, _data, _dirs, _figure, _figure_legend, _log_if_wide, _log_ticks,
-                               _named, _num, _order, _palette, _series, _sns, _style, _title, register)
+from atprobe.plot.core import (
+    PALETTE,
+    PAPER,
+    Data,
+    _data,
+    _dirs,
+    _figure,
+    _figure_legend,
+    _log_if_wide,
+    _log_ticks,
+    _named,
+    _num,
+    _order,
+    _palette,
+    _series,
+    _sns,
+    _style,
+    _title,
+    register,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -44,7 +62,7 @@ def _label_kind(noise) -> str:
 @register("complexity", ("checkpoint", "measure", "variant", "value", "reason"),
           "atprobe complexity: each complexity measure against the robust generalization gap, one panel "
           "per measure, marker by label kind (Fig. 6)")
-def complexity(data: Data, *, title: str | None = None) -> "Figure":
+def complexity(data: Data, *, title: str | None = None) -> Figure:
     """One panel per (measure, variant), every checkpoint a point at (robust generalization
     gap, measure), with Kendall's tau between the two over the points. Marker and colour: the
     label kind when the table has a ``label_noise`` column (0 = true, 1 = random labels), else

@@ -6,8 +6,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from atprobe.errors import AtprobeError
-from atprobe.plot.core import (Data, PAPER, _data, _empty, _epoch_axis, _figure, _figure_legend, _lines, _log_if_wide,
-                               _log_ticks, _named, _num, _order, _palette, _series, _style, _title, register)
+from atprobe.plot.core import (
+    PAPER,
+    Data,
+    _data,
+    _empty,
+    _epoch_axis,
+    _figure,
+    _figure_legend,
+    _lines,
+    _log_if_wide,
+    _log_ticks,
+    _named,
+    _num,
+    _order,
+    _palette,
+    _series,
+    _style,
+    _title,
+    register,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -15,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @register("curves", ("epoch", "split", "metric", "value"),
           "atprobe train's curves.csv: natural and robust accuracy, train/test, per epoch (Fig. 2)")
-def learning_curves(data: Data, *, title: str | None = None) -> "Figure":
+def learning_curves(data: Data, *, title: str | None = None) -> Figure:
     """Natural (left) and robust (right) accuracy per epoch; colour = run (or split when
     there is one run), dashes = split (train solid, test dashed)."""
     df = _num(_data(data, "curves"), ["epoch", "value"], "curves")
@@ -59,7 +77,7 @@ RATIO_NAMES = {"pgd_at": "‖∇R‖ / ‖∇CE(x)‖", "fgsm_rs": "‖∇R‖ /
 @register("gradratio", ("iteration", "epoch", "method", "grad_ce", "ratio"),
           "atprobe train --log-grad-ratio's gradratio.csv: gradient norms of the objective's parts and "
           "their ratio per iteration (Fig. 3(b))")
-def grad_ratio(data: Data, *, title: str | None = None) -> "Figure":
+def grad_ratio(data: Data, *, title: str | None = None) -> Figure:
     """Left: L2 norms of the gradients of the objective's parts (log scale); right: the ratio
     robust term / clean CE per training iteration, one line per run."""
     names = {"grad_ce": "‖∇CE(x)‖", "grad_ce_adv": "‖∇CE(x')‖", "grad_r": "‖∇R‖, R = CE(x') − CE(x)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,6 @@ from atprobe.data import Split, iterate_batches
 from atprobe.errors import AtprobeError
 from atprobe.pergrad import Objective, chunk_size_for, default_attack, objective
 from atprobe.threat import ThreatModel
-
 
 #: The columns every measure's ``complexity_rows`` returns (``atprobe complexity``).
 COMPLEXITY_COLUMNS = ["measure", "variant", "value", "reason"]

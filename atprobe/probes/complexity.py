@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -158,7 +159,8 @@ class ComplexityConfig:
 
 def parse_measures(measures: str | Sequence[str]) -> tuple[str, ...]:
     """``"spectral,l1"`` or a sequence -> validated tuple (order kept, repeats dropped)."""
-    items = [m.strip() for m in measures.split(",")] if isinstance(measures, str) else [str(m).strip() for m in measures]
+    items = ([m.strip() for m in measures.split(",")] if isinstance(measures, str)
+             else [str(m).strip() for m in measures])
     items = [m for m in items if m]
     if not items:
         raise AtprobeError(f"--measures: give at least one of {', '.join(MEASURES)}")

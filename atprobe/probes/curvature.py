@@ -39,8 +39,8 @@ mean/median; :func:`complexity_rows` the rows of ``atprobe complexity``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -147,12 +147,14 @@ def input_hessian_eigenvalues(
         xg = x.detach().clone().requires_grad_(True)
         loss = objectives.ce(model(xg), y).sum()  # sum: each sample's gradient keeps its own scale
         (grad,) = torch.autograd.grad(loss, xg, create_graph=True)
+        held = [grad]  # matvec's reference to the gradient graph, cleared below with the del
 
         def matvec(v: Tensor) -> Tensor:  # row i: H_i v_i, one double backward for the batch
-            (hv,) = torch.autograd.grad(grad, xg, grad_outputs=v.view_as(xg), retain_graph=True)
+            (hv,) = torch.autograd.grad(held[0], xg, grad_outputs=v.view_as(xg), retain_graph=True)
             return hv.detach().reshape(b, -1)
 
         run = linalg.lanczos(matvec, _starts(xg, seed, ids).reshape(b, -1), iterations, tol=tol)
+        held.clear()
         del grad, loss
     eig = [linalg.dominant_ritz(a, bt)[0] for a, bt in zip(run.alpha, run.beta)]
     return (torch.tensor(eig, dtype=torch.float64).to(device=x.device, dtype=x.dtype),

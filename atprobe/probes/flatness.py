@@ -30,8 +30,8 @@ adversarial and natural loss and accuracy; :func:`summarize` the mean increase;
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from atprobe import objectives
 from atprobe.attacked import attacked_batches
 from atprobe.data import Split
-from atprobe.directions import (IGNORES, NORMS, ModelAt, directions as draw_directions, model_parameters,
-                                parse_lambdas, perturbed_parameters)
+from atprobe.directions import IGNORES, NORMS, ModelAt, model_parameters, parse_lambdas, perturbed_parameters
+from atprobe.directions import directions as draw_directions
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number
 from atprobe.runtime import module_mode

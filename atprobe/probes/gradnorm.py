@@ -27,9 +27,9 @@ per-sample norms, and :func:`summarize` turns the latter into the former.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch

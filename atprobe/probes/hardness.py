@@ -12,7 +12,8 @@ uses):
 
 Each model is attacked by its own PGD through the attacked-data path of ``atprobe eval``
 (``atprobe.attacked``), from random starts that depend only on ``(seed, sample index)``
-(``atprobe.starts``): every model starts sample ``i`` from the same point. For every unordered pair of models (in the order given) :func:`consistency` reports
+(``atprobe.starts``): every model starts sample ``i`` from the same point. For every
+unordered pair of models (in the order given) :func:`consistency` reports
 Kendall's tau-b and Spearman's rho between the two models' ``adv_loss`` vectors (scipy),
 and the overlap of their ``k`` hardest samples, ``|top_k(a) & top_k(b)| / k``.
 
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,7 @@ class HardnessConfig:
             raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.amp, bool):
             raise AtprobeError(f"amp must be True or False, got {self.amp!r}")
-        self.spec  # parse_attack's (and PGDConfig's) one-line errors
+        self.spec  # noqa: B018 (read to validate: parse_attack's and PGDConfig's one-line errors)
 
     @property
     def spec(self) -> AttackSpec:

@@ -45,8 +45,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,9 +55,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from atprobe import linalg, objectives
+from atprobe.attacked import attack_batch
 from atprobe.data import Split
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.attacked import attack_batch
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number, sample_batches
 from atprobe.runtime import make_generator, module_mode
 
@@ -451,7 +451,7 @@ def pyhessian_top(
         torch.default_generator.manual_seed(int(config.seed))
         if cuda:
             torch.cuda.manual_seed(int(config.seed))
-        trace = hutchinson_samples(lambda: [hess.trace(maxIter=1, tol=0.0)[0]], samples=config.trace_samples,
+        trace = hutchinson_samples(lambda h=hess: [h.trace(maxIter=1, tol=0.0)[0]], samples=config.trace_samples,
                                    tol=config.trace_tol)
         del hess
     return [float(e) for e in eigenvalues], [float(t) for t in trace]

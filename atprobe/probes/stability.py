@@ -19,8 +19,9 @@ initialization.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import pandas as pd
 import torch
 from torch import nn
