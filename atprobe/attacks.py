@@ -118,10 +118,36 @@ def _same_format(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
-def random_start(x: Tensor, config: PGDConfig, starts: Starts, restart: int = 0) -> Tensor:
-    """The initial perturbation of ``config.init`` for restart ``restart``, drawn per sample
-    from ``starts`` (``atprobe.starts``: a function of seed and sample index only) in NCHW
-    order and projected into the feasible set."""
+def _linf_bounds(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-pixel bounds of ``x + delta`` for the L-inf ball and the [0,1] box, computed
+    once per attack: ``clamp(x - eps, 0, 1)`` and ``clamp(x + eps, 0, 1)``."""
+    return (x - eps).clamp_(0.0, 1.0), (x + eps).clamp_(0.0, 1.0)
+
+
+def _project_(delta: Tensor, x: Tensor, norm: str, eps: float, bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``project(delta, x, norm, eps)`` written into ``delta``'s own buffer (which the
+    caller owns), bit for bit the same values; ``bounds`` are ``_linf_bounds(x, eps)``.
+
+    L-inf: ``project`` computes ``clamp(x + clamp(delta, -eps, eps), 0, 1) - x``; this
+    computes ``clamp(x + delta, lo, hi) - x`` with ``lo = clamp(x - eps, 0, 1)``,
+    ``hi = clamp(x + eps, 0, 1)``. The same floats, not merely the same projection: the
+    rounded sum ``d -> fl(x + d)`` is monotone, so it commutes with the clamp to
+    ``[-eps, eps]`` (``fl(x + clamp(d, -eps, eps)) = clamp(fl(x + d), fl(x - eps), fl(x + eps))``),
+    and clamping into ``[a, b]`` then into ``[0, 1]`` is clamping into
+    ``[clamp(a, 0, 1), clamp(b, 0, 1)]`` for any ``a <= b`` (also when the two intervals
+    are disjoint). ``tests/test_attacks.py`` checks it against a frozen copy of the old loop.
+    """
+    if norm == "linf":
+        assert bounds is not None
+        lo, hi = bounds
+        return delta.add_(x).clamp_(lo, hi).sub_(x)
+    scale = (eps / _per_sample_l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta.mul_(scale).add_(x).clamp_(0.0, 1.0).sub_(x)
+
+
+def _start(x: Tensor, config: PGDConfig, starts: Starts, restart: int,
+           bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``random_start`` (see there), its arithmetic done in place on the fresh draws."""
     if config.init == "zero" or config.eps == 0:
         return torch.zeros_like(x)
     keys = starts.keys(restart).to(x.device)
@@ -129,20 +155,33 @@ def random_start(x: Tensor, config: PGDConfig, starts: Starts, restart: int = 0)
         raise ValueError(f"{keys.shape[0]} start keys for a batch of {x.shape[0]}")
     shape = tuple(x.shape[1:])
     if config.init == "normal":
-        delta = 0.001 * keyed_normal(keys, shape, x.dtype)
+        delta = keyed_normal(keys, shape, x.dtype).mul_(0.001)
     elif config.norm == "linf":
-        delta = (keyed_uniform(keys, shape, x.dtype) * 2 - 1) * config.eps
+        delta = keyed_uniform(keys, shape, x.dtype).mul_(2).sub_(1).mul_(config.eps)
     else:
         direction = keyed_normal(keys, shape, x.dtype)
         radius = keyed_uniform(keys ^ 0x5EED, (1,), x.dtype).view(-1, *([1] * (x.dim() - 1))) * config.eps
         delta = direction / _per_sample_l2(direction).clamp_min(1e-12) * radius
-    return project(_same_format(delta, x), x, config.norm, config.eps)
+    return _project_(_same_format(delta, x), x, config.norm, config.eps, bounds)
 
 
-def _ascent_step(delta: Tensor, grad: Tensor, config: PGDConfig) -> Tensor:
+def random_start(x: Tensor, config: PGDConfig, starts: Starts, restart: int = 0) -> Tensor:
+    """The initial perturbation of ``config.init`` for restart ``restart``, drawn per sample
+    from ``starts`` (``atprobe.starts``: a function of seed and sample index only) in NCHW
+    order and projected into the feasible set."""
+    bounds = _linf_bounds(x, config.eps) if config.norm == "linf" else None
+    return _start(x, config, starts, restart, bounds)
+
+
+def _ascent_step_(delta: Tensor, grad: Tensor, config: PGDConfig) -> Tensor:
+    """``delta + alpha * sign(g)`` (L-inf) or ``delta + alpha * g / ||g||_2`` (L2), added
+    into ``delta``'s buffer: the same operations in the same order as the out-of-place
+    formula, so the same floats. ``grad`` is only read (autograd may hand back an
+    expanded or shared tensor)."""
     if config.norm == "linf":
-        return delta + config.alpha * grad.sign()
-    return delta + config.alpha * grad / _per_sample_l2(grad).clamp_min(1e-12)
+        return delta.add_(grad.sign().mul_(config.alpha))
+    step = torch.mul(grad, config.alpha).div_(_per_sample_l2(grad).clamp_min(1e-12))
+    return delta.add_(step)
 
 
 # ---------------------------------------------------------------------------- PGD
@@ -178,6 +217,11 @@ def pgd(
         amp: bf16 autocast on CUDA (ignored on the CPU).
 
     Returns the detached adversarial images, same dtype and memory format as ``x``.
+
+    Per step the perturbation is updated in place (``_ascent_step_``, ``_project_``), so
+    the only new tensors of a step outside the model are its input ``x + delta`` and
+    ``sign(g)`` (eight in the out-of-place formula; on the CPU a fresh 1.5 MB buffer
+    costs more than the arithmetic in it).
     """
     x = x.detach()
     if starts is None:
@@ -190,23 +234,29 @@ def pgd(
                     natural_logits = model(x)
             loss_fn = attack_loss(config.loss, y, natural_logits)
 
+        bounds = _linf_bounds(x, config.eps) if config.norm == "linf" else None
         best_x: Tensor | None = None
         best_loss: Tensor | None = None
         for restart in range(config.restarts):
             if restart == 0 and delta_init is not None:
                 delta = project(delta_init.detach().to(x), x, config.norm, config.eps)
             else:
-                delta = random_start(x, config, starts, restart)
+                delta = _start(x, config, starts, restart, bounds)
+            if delta.stride() != x.stride():  # updated in place from here: give it x's layout
+                delta = torch.empty_like(x).copy_(delta)
             for _ in range(config.steps):
-                delta.requires_grad_(True)
+                # A leaf sharing delta's memory; the graph is freed by autograd.grad before
+                # delta is written in place, and the model sees the non-leaf x + delta, as
+                # ever (so a model that works in place on its input still can).
+                leaf = delta.detach().requires_grad_(True)
                 with autocast(x.device, amp):
-                    logits = model(x + delta)
+                    logits = model(x + leaf)
                 # Sum, not mean: each sample's gradient keeps its own scale (a 1/B factor
                 # underflows in bf16 for large batches and changes nothing for the steps).
                 loss = loss_fn(logits).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
-                delta = project(_ascent_step(delta.detach(), grad, config), x, config.norm, config.eps)
-            x_adv = (x + delta).detach()
+                (grad,) = torch.autograd.grad(loss, leaf)
+                _project_(_ascent_step_(delta, grad, config), x, config.norm, config.eps, bounds)
+            x_adv = x + delta
             if config.restarts == 1:
                 return x_adv
             with torch.no_grad(), autocast(x.device, amp):

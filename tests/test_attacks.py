@@ -217,3 +217,203 @@ def test_pgd_does_not_depend_on_the_batch(tiny_batch):
     for i in range(len(y)):
         one = pgd(model, x[i:i + 1], y[i:i + 1], PGDConfig(steps=3, restarts=2), starts=Starts(1, ids[i:i + 1]))
         torch.testing.assert_close(one, whole[i:i + 1], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- frozen copy
+# ``pgd`` as it was before the in-place step and the precomputed L-inf bounds (issue 14),
+# copied verbatim: the rewrite must give the same floats, not merely the same projection.
+
+
+def _frozen_project(delta, x, norm, eps):
+    from atprobe.attacks import _per_sample_l2
+
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        scale = (eps / _per_sample_l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+        delta = delta * scale
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def _frozen_random_start(x, config, starts, restart=0):
+    from atprobe.attacks import _per_sample_l2, _same_format
+    from atprobe.starts import keyed_normal, keyed_uniform
+
+    if config.init == "zero" or config.eps == 0:
+        return torch.zeros_like(x)
+    keys = starts.keys(restart).to(x.device)
+    shape = tuple(x.shape[1:])
+    if config.init == "normal":
+        delta = 0.001 * keyed_normal(keys, shape, x.dtype)
+    elif config.norm == "linf":
+        delta = (keyed_uniform(keys, shape, x.dtype) * 2 - 1) * config.eps
+    else:
+        direction = keyed_normal(keys, shape, x.dtype)
+        radius = keyed_uniform(keys ^ 0x5EED, (1,), x.dtype).view(-1, *([1] * (x.dim() - 1))) * config.eps
+        delta = direction / _per_sample_l2(direction).clamp_min(1e-12) * radius
+    return _frozen_project(_same_format(delta, x), x, config.norm, config.eps)
+
+
+def _frozen_pgd(model, x, y, config, *, starts=None, loss_fn=None, delta_init=None):
+    from atprobe.attacks import _per_sample_l2
+    from atprobe.objectives import full_precision
+    from atprobe.runtime import frozen_parameters, module_mode
+
+    def ascent(delta, grad):
+        if config.norm == "linf":
+            return delta + config.alpha * grad.sign()
+        return delta + config.alpha * grad / _per_sample_l2(grad).clamp_min(1e-12)
+
+    x = x.detach()
+    starts = starts if starts is not None else Starts(0, torch.arange(x.shape[0]))
+    mode = module_mode(model, False) if config.eval_mode else torch.enable_grad()
+    with mode, frozen_parameters(model):
+        if loss_fn is None:
+            natural = None
+            if config.loss == "kl":
+                with torch.no_grad():
+                    natural = model(x)
+            loss_fn = attack_loss(config.loss, y, natural)
+        best_x = best_loss = None
+        for restart in range(config.restarts):
+            if restart == 0 and delta_init is not None:
+                delta = _frozen_project(delta_init.detach().to(x), x, config.norm, config.eps)
+            else:
+                delta = _frozen_random_start(x, config, starts, restart)
+            for _ in range(config.steps):
+                delta.requires_grad_(True)
+                loss = loss_fn(model(x + delta)).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = _frozen_project(ascent(delta.detach(), grad), x, config.norm, config.eps)
+            x_adv = (x + delta).detach()
+            if config.restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                final = full_precision(loss_fn(model(x_adv)))
+            if best_x is None:
+                best_x, best_loss = x_adv, final
+            else:
+                better = final > best_loss
+                best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best_x)
+                best_loss = torch.maximum(best_loss, final)
+        return best_x
+
+
+def _edgy_images(n, dtype, seed=0, low=0.0, high=1.0):
+    """Images with exact 0s and 1s, pixels within eps of the box and a few exact grey
+    levels, so every branch of the clamps is taken."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.where(x < 0.1, torch.zeros_like(x), x)
+    x = torch.where(x > 0.9, torch.ones_like(x), x)
+    x = torch.where((x > 0.45) & (x < 0.5), torch.full_like(x, 8 / 255), x)
+    x = torch.where((x > 0.5) & (x < 0.55), torch.full_like(x, 1 - 4 / 255), x)
+    return (low + (high - low) * x).to(dtype)
+
+
+_FROZEN_CONFIGS = [
+    dict(norm="linf", eps=8 / 255, alpha=2 / 255, steps=5, loss="ce"),
+    dict(norm="linf", eps=8 / 255, alpha=2 / 255, steps=4, loss="cw", restarts=3),
+    dict(norm="linf", eps=8 / 255, alpha=2 / 255, steps=4, loss="kl", init="normal"),
+    dict(norm="linf", eps=16 / 255, alpha=10 / 255, steps=1, loss="ce"),  # FGSM-RS-like: big step, clamps bite
+    dict(norm="linf", eps=0.3, alpha=0.3, steps=1, loss="ce", init="zero"),  # FGSM
+    dict(norm="linf", eps=8 / 255, alpha=2 / 255, steps=0, loss="ce"),
+    dict(norm="linf", eps=0.0, alpha=2 / 255, steps=2, loss="ce"),
+    dict(norm="l2", eps=0.5, alpha=0.125, steps=5, loss="ce"),
+    dict(norm="l2", eps=0.5, alpha=0.2, steps=4, loss="cw", restarts=2),
+    dict(norm="l2", eps=0.5, alpha=0.125, steps=3, loss="kl", init="normal"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kwargs", _FROZEN_CONFIGS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_pgd_is_bit_identical_to_the_frozen_loop(kwargs, dtype):
+    model = tiny_net(dtype)
+    x = _edgy_images(10, dtype)
+    y = torch.randint(0, 5, (10,), generator=torch.Generator().manual_seed(2))
+    cfg = PGDConfig(**kwargs)
+    starts = Starts(7, torch.arange(30, 40))
+    new = pgd(model, x, y, cfg, starts=starts)
+    old = _frozen_pgd(model, x, y, cfg, starts=starts)
+    assert torch.equal(new, old)
+    assert new.stride() == old.stride() and new.dtype == x.dtype and not new.requires_grad
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_bit_identical_with_delta_init_custom_loss_train_mode(norm, eps):
+    """delta_init (restart 0, then keyed restarts), a custom loss_fn and eval_mode=False
+    through a BatchNorm model (train-mode statistics, running averages updated alike)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),  # noqa: E731
+                                 nn.Linear(4 * 6 * 6, 5)).double()
+    a = make()
+    b = make()
+    b.load_state_dict(a.state_dict())
+    x = _edgy_images(6, torch.float64, seed=3)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    start = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * eps
+    cfg = PGDConfig(norm=norm, eps=eps, alpha=eps / 4, steps=3, restarts=2, eval_mode=False)
+    loss_fn = lambda z: F.cross_entropy(z, y, reduction="none") + 0.5 * z.pow(2).mean(1)  # noqa: E731
+    new = pgd(a.train(), x, y, cfg, starts=_starts(1, 6), loss_fn=loss_fn, delta_init=start)
+    old = _frozen_pgd(b.train(), x, y, cfg, starts=_starts(1, 6), loss_fn=loss_fn, delta_init=start)
+    assert torch.equal(new, old)
+    assert torch.equal(a[1].running_mean, b[1].running_mean) and torch.equal(a[1].running_var, b[1].running_var)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_bit_identical_channels_last_cnn_float32(norm, eps):
+    """cnn-small in channels_last, float32 (the training and benchmark path): the same
+    floats and the same memory format as the frozen loop."""
+    from atprobe.models import build_model
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(build_model("cnn-small")).eval().to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), generator=g)
+    cfg = PGDConfig(norm=norm, eps=eps, alpha=eps / 4, steps=3)
+    new = pgd(model, x, y, cfg, starts=_starts(2, 8))
+    old = _frozen_pgd(model, x, y, cfg, starts=_starts(2, 8))
+    assert torch.equal(new, old)
+    assert new.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_linf_bounds_are_the_nested_clamps_even_off_the_box():
+    """The identity behind the precomputed L-inf bounds, on a million pixels, also for
+    pixels outside [0, 1] (where the ball and the box do not meet) and for steps far
+    outside the ball. Control: clamping x + delta itself (keeping x_adv instead of delta)
+    is the same projection but not the same floats, which is why pgd keeps delta."""
+    from atprobe.attacks import _linf_bounds, _project_
+
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(6)
+        x = torch.cat([_edgy_images(16, dtype, seed=6, low=-0.1, high=1.1).flatten(),
+                       torch.rand(1_000_000, generator=g, dtype=dtype)]).view(-1, 1, 1, 1)
+        eps = 8 / 255
+        d = torch.randn(x.shape, generator=g, dtype=dtype) * 0.05
+        expected = _frozen_project(d, x, "linf", eps)
+        bounds = _linf_bounds(x, eps)
+        assert torch.equal(_project_(d.clone(), x, "linf", eps, bounds), expected)
+        if dtype == torch.float32:  # one sign step from the feasible `expected`
+            step = 2 / 255 * torch.randn(x.shape, generator=g, dtype=dtype).sign()
+            via_delta = x + _frozen_project(expected + step, x, "linf", eps)
+            assert not torch.equal(torch.clamp((x + expected) + step, *bounds), via_delta)
+    x = _edgy_images(16, torch.float32, seed=6, low=-0.1, high=1.1)
+    cfg = PGDConfig(eps=8 / 255)
+    assert torch.equal(random_start(x, cfg, _starts(0, 16)), _frozen_random_start(x, cfg, _starts(0, 16)))
+
+
+def test_pgd_model_may_work_in_place_on_its_input(tiny_batch):
+    """The model still gets the non-leaf x + delta (the leaf is delta), so in-place
+    preprocessing inside a model keeps working, with the same floats as before."""
+    x, y = tiny_batch
+    net = tiny_net()
+
+    class InPlace(nn.Module):
+        def forward(self, t):
+            return net(t.sub_(0.5).mul_(2.0))
+
+    cfg = PGDConfig(steps=3)
+    new = pgd(InPlace(), x, y, cfg, starts=_starts(0, len(y)))
+    assert torch.equal(new, _frozen_pgd(InPlace(), x, y, cfg, starts=_starts(0, len(y))))
