@@ -15,7 +15,6 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -195,7 +194,7 @@ def pgd(
     *,
     starts: Starts | None = None,
     natural_logits: Tensor | None = None,
-    loss_fn: Optional[PerSampleLoss] = None,
+    loss_fn: PerSampleLoss | None = None,
     delta_init: Tensor | None = None,
     amp: bool = True,
 ) -> Tensor:

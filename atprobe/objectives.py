@@ -10,8 +10,7 @@ per-sample values (shape (B,)); callers take the mean for a batch objective.
 from __future__ import annotations
 
 import math
-
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
