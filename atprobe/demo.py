@@ -33,9 +33,9 @@ import html
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -331,7 +331,7 @@ class PlotCall:
         plot.save_figure(fig, out / self.output, dpi=self.dpi)
 
 
-StepCall = Union[TrainCall, ProbeCall, PlotCall]
+StepCall = TrainCall | ProbeCall | PlotCall
 
 
 @dataclass(frozen=True)
