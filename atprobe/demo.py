@@ -6,10 +6,13 @@ PGD-AT seed), runs every probe on them, draws every figure and writes a report
 which figure of Dong et al., *Exploring Memorization in Adversarial Training* (ICLR 2022)
 it mirrors.
 
-Each step is exactly a documented ``atprobe`` command (``atprobe train``, ``eval``,
-``gradnorm``, ..., ``plot``), run in-process through the click group with the output folder
-as working directory, so every CSV's ``.meta.json`` records the very command line that a
-user can re-run inside the output folder to re-make it. No probe logic lives here.
+Each step calls the library function its ``atprobe`` command calls (``atprobe.train.train``,
+one function of ``atprobe.studies`` per probe, ``atprobe.plot`` for the figures) with the
+typed config that command would build, and carries that command line (:attr:`Step.args`)
+for the report and for each CSV's ``.meta.json``, so a user can re-run it inside the output
+folder to re-make the file. Paths are relative to the output folder and read from there
+(``Study(..., root=out)``): the demo never changes the working directory or ``sys.argv``,
+and no probe logic lives here.
 
 From Python::
 
@@ -25,29 +28,51 @@ docs/demo.md lists every step, output and budget.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import html
-import os
-import sys
+import json
+import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
+import torch
+
+from atprobe import studies
+from atprobe.attacks import parse_attack
 from atprobe.data import DATASETS
+from atprobe.directions import parse_lambdas
 from atprobe.errors import AtprobeError
-from atprobe.io import atomic_write_bytes, write_json
+from atprobe.evaluate import EvalConfig
+from atprobe.io import atomic_write_bytes, meta_path, write_json
+from atprobe.probes import complexity as complexity_probe
+from atprobe.probes import curvature as curvature_probe
+from atprobe.probes import flatness as flatness_probe
+from atprobe.probes import gradcos as gradcos_probe
+from atprobe.probes import gradnorm as gradnorm_probe
+from atprobe.probes import hardness as hardness_probe
+from atprobe.probes import hessian as hessian_probe
+from atprobe.probes import stability as stability_probe
+from atprobe.runtime import set_determinism
+from atprobe.study import DataSource, SampleSpec, Study
+from atprobe.threat import ThreatModel
+from atprobe.train import TrainConfig, train
 
 __all__ = [
     "BUDGETS",
     "Budget",
     "DemoConfig",
     "Figure",
+    "PlotCall",
+    "ProbeCall",
     "RUNS",
+    "RUN_BY",
     "Run",
     "Step",
     "StepRecord",
+    "TrainCall",
     "budget_for",
     "expected_files",
     "figures",
@@ -59,6 +84,13 @@ __all__ = [
 PAPER = "Dong et al., Exploring Memorization in Adversarial Training (ICLR 2022)"
 MORE = ("What each probe computes, its options and its CSV columns: `atprobe COMMAND --help` and the "
         "command's page in atprobe's docs/ (docs/probes/COMMAND.md, docs/plot.md for the figures).")
+#: The ``run_by`` key of every ``.meta.json`` the demo writes: its ``command`` is the
+#: equivalent command line, not the process's own (which ran ``atprobe demo``).
+RUN_BY = "atprobe demo"
+#: ``--batch-size`` of the probe commands when not given (cli/common.py). The demo's command
+#: lines leave it out, so their calls pass this value; tests/test_demo.py parses each command
+#: line with the click command and checks that it builds the very same call.
+COMMAND_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -71,8 +103,8 @@ class Budget:
     epochs: int = 3               # every epoch is kept (--save-every 1) for gradcos/gradnorm
     batch_size: int = 64
     steps: int = 2                # PGD steps of training and of every probe's attack
-    alpha: str = "4/255"          # their step size (eps is 8/255 throughout)
-    lr: str = "0.1"
+    alpha: float = 4 / 255        # their step size (eps is 8/255 throughout)
+    lr: float = 0.1
     # constant on the CPU: with a few epochs a decaying rate would make the last epochs' gradients
     # alike for a trivial reason (gradcos near 1); the GPU budget uses the paper's piecewise decay
     schedule: str = "constant"
@@ -80,16 +112,16 @@ class Budget:
     curve_attack: str = "pgd5"    # atprobe train --eval-attack
     grad_ratio_iters: int = 12    # atprobe train --log-grad-ratio (gradratio.csv, Fig. 3(b))
     eval_n: int = 200             # atprobe eval --n (test split; 0 = the whole split)
-    eval_attacks: str = "natural,pgd10"
+    eval_attacks: tuple[str, ...] = ("natural", "pgd10")
     probe_n: int = 32             # gradnorm, stability, gradcos, curvature, hessian, flatness --n
     noisy_n: int = 64             # gradnorm --noisy-vs-clean --n
     complexity_n: int = 64        # complexity --n
     hardness_n: int = 256         # hardness --n (training samples; 0 = --all)
-    # complexity --measures ("" = all): the CPU budgets leave out ``hessian``, which runs at
+    # complexity --measures (() = all): the CPU budgets leave out ``hessian``, which runs at
     # its fixed defaults there (100 power iterations, 100 Hutchinson probes: ~20 s per model on
     # a CPU core); ``atprobe hessian`` still measures the Hessian, with this budget's sizes.
-    complexity_measures: str = "spectral,l1,margin,curvature,flatness,gap"
-    stability_lambdas: str = "-0.05:0.05:5"
+    complexity_measures: tuple[str, ...] = ("spectral", "l1", "margin", "curvature", "flatness", "gap")
+    stability_lambdas: str = "-0.05:0.05:5"   # a --lambdas grid (START:STOP:NUM), atprobe.directions.parse_lambdas
     stability_directions: int = 1
     flatness_lambdas: str = "-0.5:0.5:5"
     flatness_directions: int = 2
@@ -100,21 +132,37 @@ class Budget:
     dpi: int = 100                # figures: (figure inches x dpi) pixels
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-                raise AtprobeError(f"budget {f.name} must be an integer, got {value!r}")
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise AtprobeError(f"budget {name} must be an integer, got {value!r}")
+            if kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value <= 0:
+                    raise AtprobeError(f"budget {name} must be a finite number > 0, got {value!r}")
+                object.__setattr__(self, name, float(value))
+            if kind == "tuple[str, ...]":
+                # a comma-separated string would be iterated letter by letter
+                if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                    raise AtprobeError(f"budget {name} must be a tuple of names, e.g. ('natural', 'pgd10'), "
+                                       f"got {value!r}")
+                object.__setattr__(self, name, tuple(value))
         minimum = {"epochs": 2, "train_n": 0, "grad_ratio_iters": 0, "eval_n": 0, "hardness_n": 0}
-        for f in dataclasses.fields(self):
-            if f.type == "int" and getattr(self, f.name) < minimum.get(f.name, 1):
-                raise AtprobeError(f"budget {f.name} must be >= {minimum.get(f.name, 1)} "
-                                   f"(gradcos needs two epochs), got {getattr(self, f.name)}")
+        for name, kind in kinds.items():
+            if kind == "int" and getattr(self, name) < minimum.get(name, 1):
+                raise AtprobeError(f"budget {name} must be >= {minimum.get(name, 1)} "
+                                   f"(gradcos needs two epochs), got {getattr(self, name)}")
+        if not self.eval_attacks:
+            raise AtprobeError("budget eval_attacks must name at least one attack")
+        for grid in (self.stability_lambdas, self.flatness_lambdas):
+            parse_lambdas(grid)  # a bad grid fails here, not at its probe's step
 
     def describe(self) -> str:
         n = "all" if self.train_n == 0 else f"{self.train_n:,}"
         return (f"{self.arch}, {n} training images, {self.epochs} epochs, batch {self.batch_size}, "
-                f"lr {self.lr} ({self.schedule}), "
-                f"PGD-{self.steps} (eps 8/255, step {self.alpha}) in training and in the probes, "
+                f"lr {_number(self.lr)} ({self.schedule}), "
+                f"PGD-{self.steps} (eps 8/255, step {_pixels(self.alpha)}) in training and in the probes, "
                 f"probes on {self.probe_n} samples")
 
 
@@ -123,7 +171,7 @@ BUDGETS: dict[str, Budget] = {
     # The CI test's size: about a minute on two CPU cores.
     "quick": Budget(
         name="quick", train_n=128, epochs=2, curve_n=64, curve_attack="pgd3", grad_ratio_iters=4, eval_n=64,
-        eval_attacks="natural,pgd5", probe_n=16, noisy_n=32, complexity_n=32, hardness_n=64,
+        eval_attacks=("natural", "pgd5"), probe_n=16, noisy_n=32, complexity_n=32, hardness_n=64,
         stability_lambdas="-0.05:0.05:3", flatness_lambdas="-0.5:0.5:3", curvature_iterations=5,
         hessian_iterations=5, hessian_trace_samples=5, hessian_density_steps=10, dpi=80),
     # The default (the README's main job): synthetic data on a CPU, about 3 minutes on two cores.
@@ -136,12 +184,12 @@ BUDGETS: dict[str, Budget] = {
         hessian_iterations=20, hessian_trace_samples=20, hessian_density_steps=40),
     # A GPU: ResNet-18 on the whole training split, PGD-10 (the paper's attack), 20 epochs.
     "cuda": Budget(
-        name="cuda", arch="resnet18", train_n=0, epochs=20, batch_size=128, steps=10, alpha="2/255", schedule="piecewise",
-        curve_n=1000, curve_attack="pgd10", grad_ratio_iters=200, eval_n=0, eval_attacks="natural,pgd20",
-        probe_n=512, noisy_n=1000, complexity_n=1000, hardness_n=0, stability_lambdas="-0.05:0.05:21",
-        stability_directions=3, flatness_lambdas="-0.5:0.5:11", flatness_directions=5,
-        curvature_iterations=20, hessian_iterations=50, hessian_trace_samples=50, hessian_density_steps=100,
-        complexity_measures=""),
+        name="cuda", arch="resnet18", train_n=0, epochs=20, batch_size=128, steps=10, alpha=2 / 255,
+        schedule="piecewise", curve_n=1000, curve_attack="pgd10", grad_ratio_iters=200, eval_n=0,
+        eval_attacks=("natural", "pgd20"), probe_n=512, noisy_n=1000, complexity_n=1000, hardness_n=0,
+        stability_lambdas="-0.05:0.05:21", stability_directions=3, flatness_lambdas="-0.5:0.5:11",
+        flatness_directions=5, curvature_iterations=20, hessian_iterations=50, hessian_trace_samples=50,
+        hessian_density_steps=100, complexity_measures=()),
 }
 
 
@@ -209,14 +257,95 @@ RUNS: tuple[Run, ...] = (
 )
 
 
+# --------------------------------------------------------------------------- what a step calls
+
+
+def _as_run_by_demo(meta: Mapping[str, Any], command: Sequence[str]) -> dict[str, Any]:
+    """``meta`` recording ``command`` (the step's equivalent command line) and that the demo ran it."""
+    return {**meta, "command": list(command), "run_by": RUN_BY}
+
+
+@dataclass(frozen=True)
+class TrainCall:
+    """``atprobe.train.train(config, OUT / out_dir)``: what ``atprobe train --out out_dir ...`` does."""
+
+    config: TrainConfig
+    out_dir: str
+
+    def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
+        run_dir = train(self.config, out / self.out_dir, device=device)
+        # train() writes its tables' meta itself, with the process's argv (the demo's): record
+        # the step's command instead, like every probe table of the demo.
+        for csv in ("curves.csv", "gradratio.csv"):
+            path = meta_path(run_dir / csv)
+            if path.is_file():
+                write_json(_as_run_by_demo(json.loads(path.read_text()), command), path)
+
+
+@dataclass(frozen=True)
+class ProbeCall:
+    """``atprobe.studies.<function>(Study(checkpoints, data=data, root=OUT), [spec,] config,
+    device, **options)``, its tables written to ``OUT / output``: what the probe's command
+    does (after ``set_determinism(seed)``, as every command does first). ``spec`` is None for
+    ``complexity`` (it takes ``n`` instead); ``hardness`` writes a folder
+    (``studies.write_hardness``)."""
+
+    function: str
+    checkpoints: tuple[str, ...]
+    data: DataSource
+    spec: SampleSpec | None
+    config: Any
+    options: Mapping[str, Any]
+    output: str
+    seed: int
+
+    def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
+        set_determinism(self.seed)
+        study = Study(self.checkpoints, data=self.data, root=out)
+        inputs = (self.config,) if self.spec is None else (self.spec, self.config)
+        result = getattr(studies, self.function)(study, *inputs, device, **self.options)
+        if self.function == "hardness":
+            tables, drawn, _notes = result  # the notes are what the command prints without -q
+            tables.meta = _as_run_by_demo(tables.meta, command)
+            studies.write_hardness(out / self.output, tables, drawn)
+        else:
+            result.meta = _as_run_by_demo(result.meta, command)
+            result.write(out / self.output)
+
+
+@dataclass(frozen=True)
+class PlotCall:
+    """``atprobe.plot.save_figure(atprobe.plot.plot(csvs, kind), OUT / output, dpi)``: what
+    ``atprobe plot CSV... -o output --dpi dpi`` does."""
+
+    csvs: tuple[str, ...]
+    kind: str | None
+    output: str
+    dpi: float
+
+    def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
+        from atprobe import plot
+
+        # the same labels as the command's: plot names each table by its path relative to the
+        # folder they share, so reading them from OUT changes none
+        fig = plot.plot([out / c for c in self.csvs], kind=self.kind)
+        plot.save_figure(fig, out / self.output, dpi=self.dpi)
+
+
+StepCall = TrainCall | ProbeCall | PlotCall
+
+
 @dataclass(frozen=True)
 class Step:
-    """One command of the demo: ``atprobe <args...>``, run with the output folder as the
-    working directory; ``outputs`` are the files it must leave there."""
+    """One step of the demo: ``call`` (a library call with typed configs, paths relative to
+    the output folder), ``args`` the equivalent ``atprobe`` command line (shown in the report,
+    recorded in the meta; running it inside the output folder re-makes the files), and
+    ``outputs`` the files it must leave there."""
 
     name: str
     args: tuple[str, ...]
     what: str
+    call: StepCall
     outputs: tuple[str, ...] = ()
 
     @property
@@ -250,6 +379,18 @@ def _quote(arg: str) -> str:
     return arg if safe else "'" + arg.replace("'", "'\\''") + "'"
 
 
+def _number(value: float) -> str:
+    """A float as a command-line number that parses back to the same float (``0.1``)."""
+    return repr(float(value))
+
+
+def _pixels(value: float) -> str:
+    """A step size in pixel units as the commands take it: ``4/255`` when that is exactly the
+    float (``atprobe.cli.common.NUMBER`` reads fractions), else its decimal."""
+    k = round(value * 255)
+    return f"{k}/255" if k / 255 == value else _number(value)
+
+
 def _final(run: Run) -> str:
     return f"runs/{run.name}/final.pt"
 
@@ -262,99 +403,168 @@ def _run(name: str) -> Run:
     return next(r for r in RUNS if r.name == name)
 
 
+def _table(path: str) -> list[str]:
+    return [path, path[: -len(".csv")] + ".meta.json"]
+
+
 def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
-    """Every command of the demo, in order (paths relative to the output folder)."""
+    """Every step of the demo, in order (paths relative to the output folder); ``device`` is
+    the ``--device`` its command lines show (the calls get the resolved device when run)."""
     b = budget
-    data = ["--dataset", config.dataset] + ([] if config.data_dir is None else ["--data-dir", str(config.data_dir)])
-    data += ["--download"] if config.download else []
-    probe_data = [] if config.data_dir is None else ["--data-dir", str(config.data_dir)]
-    common = ["--device", device, "--seed", str(config.seed), "-q"]
-    attack = ["--steps", str(b.steps), "--alpha", b.alpha]
+    data_dir = None if config.data_dir is None else str(config.data_dir)
+    data_args = ["--dataset", config.dataset] + ([] if data_dir is None else ["--data-dir", data_dir])
+    data_args += ["--download"] if config.download else []
+    probe_data_args = [] if data_dir is None else ["--data-dir", data_dir]
+    # the probes read the dataset the checkpoints record, from --data-dir, never downloading
+    probe_data = DataSource(None, data_dir, False)
+    common_args = ["--device", device, "--seed", str(config.seed), "-q"]
+    attack_args = ["--steps", str(b.steps), "--alpha", _pixels(b.alpha)]
+    threat = ThreatModel(steps=b.steps, alpha=b.alpha)
+    seed = config.seed
     out: list[Step] = []
 
     for run in RUNS:
-        args = ["train", "--out", f"runs/{run.name}", "--arch", b.arch, *data, "--method", run.method,
+        log_ratio = b.grad_ratio_iters if run.seed_offset == 0 else 0
+        train_config = TrainConfig(
+            arch=b.arch, dataset=config.dataset, data_dir=data_dir, download=config.download, method=run.method,
+            epochs=b.epochs, train_n=b.train_n, batch_size=b.batch_size, lr=b.lr, schedule=b.schedule,
+            threat=threat, eval_n=b.curve_n, eval_attack=b.curve_attack, save_every=1,
+            label_noise=1.0 if run.random_labels else 0.0, label_seed=seed if run.random_labels else 0,
+            log_grad_ratio=log_ratio, seed=seed + run.seed_offset)
+        args = ["train", "--out", f"runs/{run.name}", "--arch", b.arch, *data_args, "--method", run.method,
                 "--epochs", str(b.epochs), "--train-n", str(b.train_n), "--batch-size", str(b.batch_size),
-                "--lr", b.lr, "--schedule", b.schedule, *attack, "--eval-n", str(b.curve_n),
+                "--lr", _number(b.lr), "--schedule", b.schedule, *attack_args, "--eval-n", str(b.curve_n),
                 "--eval-attack", b.curve_attack, "--save-every", "1"]
         if run.random_labels:
-            args += ["--label-noise", "1.0", "--label-seed", str(config.seed)]
-        if run.seed_offset == 0 and b.grad_ratio_iters:
-            args += ["--log-grad-ratio", str(b.grad_ratio_iters)]
-        args += ["--device", device, "--seed", str(config.seed + run.seed_offset), "-q"]
+            args += ["--label-noise", "1.0", "--label-seed", str(seed)]
+        if log_ratio:
+            args += ["--log-grad-ratio", str(log_ratio)]
+        args += ["--device", device, "--seed", str(seed + run.seed_offset), "-q"]
         outputs = [f"runs/{run.name}/{f}" for f in ("config.json", "curves.csv", "curves.meta.json", "final.pt")]
         outputs += _epochs(run, b)
-        if run.seed_offset == 0 and b.grad_ratio_iters:
+        if log_ratio:
             outputs += [f"runs/{run.name}/gradratio.csv", f"runs/{run.name}/gradratio.meta.json"]
-        out.append(Step(f"train {run.name}", tuple(args), run.what, tuple(outputs)))
+        out.append(Step(f"train {run.name}", tuple(args), run.what, TrainCall(train_config, f"runs/{run.name}"),
+                        tuple(outputs)))
 
-    def probe(name: str, args: list[str], what: str, outputs: list[str]) -> None:
-        out.append(Step(name, tuple(args + probe_data + common), what, tuple(outputs)))
+    def probe(name: str, args: list[str], what: str, outputs: list[str], function: str,
+              checkpoints: Sequence[str], spec: SampleSpec | None, probe_config: Any, output: str,
+              data: DataSource = probe_data, **options: Any) -> None:
+        call = ProbeCall(function, tuple(checkpoints), data, spec, probe_config, options, output, seed)
+        out.append(Step(name, tuple(args + probe_data_args + common_args), what, call, tuple(outputs)))
 
-    def table(path: str) -> list[str]:
-        return [path, path[: -len(".csv")] + ".meta.json"]
+    def samples(n: int) -> SampleSpec:
+        return SampleSpec(split="train", n=n)  # the first n training samples, trained labels
 
+    batch = {"chunk_size": None, "batch_size": COMMAND_BATCH_SIZE}  # the gradient probes' defaults
     pgd, trades = _run("pgd_at-true"), _run("trades-true")
     pgd_r, trades_r = _run("pgd_at-random"), _run("trades-random")
     seed1 = _run("pgd_at-true-seed1")
-    probe("eval", ["eval", *(_final(r) for r in RUNS), "--attack", b.eval_attacks, "--split", "test",
+    finals = [_final(r) for r in RUNS]
+
+    probe("eval", ["eval", *finals, "--attack", ",".join(b.eval_attacks), "--split", "test",
                    *(["--n", str(b.eval_n)] if b.eval_n else []), "-o", "probes/eval.csv"],
-          "natural and PGD test accuracy of the five models", table("probes/eval.csv"))
+          "natural and PGD test accuracy of the five models", _table("probes/eval.csv"),
+          "evaluation", finals, SampleSpec(split="test", n=b.eval_n or None, default_n=None),
+          EvalConfig(attacks=tuple(parse_attack(a, ThreatModel()) for a in b.eval_attacks),
+                     batch_size=COMMAND_BATCH_SIZE, seed=seed),
+          "probes/eval.csv", threat=ThreatModel(), seed=seed)
+
+    training = [*_epochs(pgd, b), *_epochs(trades, b)]
     probe("gradnorm over training",
-          ["gradnorm", *_epochs(pgd, b), *_epochs(trades, b), "--n", str(b.probe_n), *attack,
-           "-o", "probes/gradnorm_training.csv"],
+          ["gradnorm", *training, "--n", str(b.probe_n), *attack_args, "-o", "probes/gradnorm_training.csv"],
           "per-sample gradient norms of the objectives' parts at every epoch (true labels)",
-          table("probes/gradnorm_training.csv"))
+          _table("probes/gradnorm_training.csv"),
+          "gradnorm", training, samples(b.probe_n), gradnorm_probe.GradNormConfig(threat=threat, seed=seed),
+          "probes/gradnorm_training.csv", **batch, per_sample=False)
     probe("gradnorm noisy-vs-clean",
           ["gradnorm", _final(pgd_r), _final(trades_r), "--noisy-vs-clean", "--per-sample", "--n", str(b.noisy_n),
-           *attack, "-o", "probes/gradnorm_random.csv"],
+           *attack_args, "-o", "probes/gradnorm_random.csv"],
           "gradient norms on random labels, noisy and clean samples apart",
-          table("probes/gradnorm_random.csv") + table("probes/gradnorm_random.samples.csv"))
+          _table("probes/gradnorm_random.csv") + _table("probes/gradnorm_random.samples.csv"),
+          "gradnorm", [_final(pgd_r), _final(trades_r)], samples(b.noisy_n),
+          gradnorm_probe.GradNormConfig(threat=threat, seed=seed, noisy_vs_clean=True),
+          "probes/gradnorm_random.csv", **batch, per_sample=True)
+
+    stability_config = stability_probe.StabilityConfig(
+        lambdas=parse_lambdas(b.stability_lambdas), directions=b.stability_directions, threat=threat, seed=seed)
+    stability_args = [f"--lambdas={b.stability_lambdas}", "--directions", str(b.stability_directions), *attack_args]
     probe("stability at init",
-          ["stability", "--init", b.arch, "--dataset", config.dataset, "--n", str(b.probe_n),
-           f"--lambdas={b.stability_lambdas}", "--directions", str(b.stability_directions), *attack,
+          ["stability", "--init", b.arch, "--dataset", config.dataset, "--n", str(b.probe_n), *stability_args,
            "-o", "probes/stability_init.csv"],
-          "gradient change along random weight directions, fresh initialization",
-          table("probes/stability_init.csv"))
+          "gradient change along random weight directions, fresh initialization", _table("probes/stability_init.csv"),
+          "stability", [], samples(b.probe_n), stability_config, "probes/stability_init.csv",
+          data=dataclasses.replace(probe_data, dataset=config.dataset), init_arch=b.arch, **batch)
     probe("stability trained",
-          ["stability", _final(pgd), "--n", str(b.probe_n), f"--lambdas={b.stability_lambdas}",
-           "--directions", str(b.stability_directions), *attack, "-o", "probes/stability_trained.csv"],
+          ["stability", _final(pgd), "--n", str(b.probe_n), *stability_args, "-o", "probes/stability_trained.csv"],
           "gradient change along random weight directions, trained PGD-AT model",
-          table("probes/stability_trained.csv"))
+          _table("probes/stability_trained.csv"),
+          "stability", [_final(pgd)], samples(b.probe_n), stability_config, "probes/stability_trained.csv",
+          init_arch=None, **batch)
+
     for run, loss in ((pgd, "pgd_at"), (trades, "trades")):
+        output = f"probes/gradcos_{run.method}.csv"
         probe(f"gradcos {run.name}",
-              ["gradcos", f"runs/{run.name}", "--loss", loss, "--n", str(b.probe_n), *attack,
-               "-o", f"probes/gradcos_{run.method}.csv"],
-              f"gradient cosine between successive epochs of {run.name}", table(f"probes/gradcos_{run.method}.csv"))
+              ["gradcos", f"runs/{run.name}", "--loss", loss, "--n", str(b.probe_n), *attack_args, "-o", output],
+              f"gradient cosine between successive epochs of {run.name}", _table(output),
+              "gradcos", [f"runs/{run.name}"], samples(b.probe_n),
+              gradcos_probe.GradCosConfig(loss=loss, threat=threat, seed=seed), output, **batch)
+
     probe("complexity",
-          ["complexity", *(_final(r) for r in RUNS), "--margin", "--n", str(b.complexity_n), *attack,
-           *(["--measures", b.complexity_measures] if b.complexity_measures else []), "-o", "probes/complexity.csv"],
+          ["complexity", *finals, "--margin", "--n", str(b.complexity_n), *attack_args,
+           *(["--measures", ",".join(b.complexity_measures)] if b.complexity_measures else []),
+           "-o", "probes/complexity.csv"],
           "complexity measures and generalization gaps of the five models, true and random labels",
-          table("probes/complexity.csv"))
-    hard_attack = f"pgd{b.steps}"
+          _table("probes/complexity.csv"),
+          "complexity", finals, None,
+          complexity_probe.ComplexityConfig(
+              measures=complexity_probe.parse_measures(b.complexity_measures or complexity_probe.MEASURES),
+              margin=True, threat=threat, batch_size=COMMAND_BATCH_SIZE, seed=seed),
+          "probes/complexity.csv", n=b.complexity_n)
+
+    # hardness attacks with pgdK (the steps in the name), so its threat model keeps the default steps
+    hard_attack, top_k = f"pgd{b.steps}", b.hardness_n // 10 if b.hardness_n else 1000
     probe("hardness",
           ["hardness", _final(pgd), _final(seed1), *(["--n", str(b.hardness_n)] if b.hardness_n else ["--all"]),
-           "--attack", hard_attack, "--alpha", b.alpha, "--top-k", str(b.hardness_n // 10 if b.hardness_n else 1000),
-           "--out", "probes/hardness"],
+           "--attack", hard_attack, "--alpha", _pixels(b.alpha), "--top-k", str(top_k), "--out", "probes/hardness"],
           "per-sample adversarial loss of two PGD-AT seeds and their rank agreement",
-          table("probes/hardness/per_sample.csv") + table("probes/hardness/consistency.csv")
-          + ["probes/hardness/hardest.png", "probes/hardness/sorted.png"])
+          _table("probes/hardness/per_sample.csv") + _table("probes/hardness/consistency.csv")
+          + ["probes/hardness/hardest.png", "probes/hardness/sorted.png"],
+          "hardness", [_final(pgd), _final(seed1)],
+          samples(b.hardness_n) if b.hardness_n else SampleSpec(split="train", default_n=None),
+          hardness_probe.HardnessConfig(attack=hard_attack, threat=ThreatModel(alpha=b.alpha),
+                                        batch_size=COMMAND_BATCH_SIZE, seed=seed, top_k=top_k),
+          "probes/hardness", gallery_k=10, gallery_size=None)
+
     probe("curvature",
           ["curvature", _final(pgd), _final(trades), "--n", str(b.probe_n), "--iterations",
-           str(b.curvature_iterations), "--per-sample", *attack, "-o", "probes/curvature.csv"],
+           str(b.curvature_iterations), "--per-sample", *attack_args, "-o", "probes/curvature.csv"],
           "input-space curvature of the loss per sample",
-          table("probes/curvature.csv") + table("probes/curvature.samples.csv"))
+          _table("probes/curvature.csv") + _table("probes/curvature.samples.csv"),
+          "curvature", [_final(pgd), _final(trades)], samples(b.probe_n),
+          curvature_probe.CurvatureConfig(iterations=b.curvature_iterations, threat=threat,
+                                          batch_size=COMMAND_BATCH_SIZE, seed=seed),
+          "probes/curvature.csv", per_sample=True)
     probe("hessian",
           ["hessian", _final(pgd), "--n", str(b.probe_n), "--batch-size", str(b.probe_n), "--iterations",
            str(b.hessian_iterations), "--trace-samples", str(b.hessian_trace_samples), "--density",
-           "--density-steps", str(b.hessian_density_steps), *attack, "-o", "probes/hessian.csv"],
+           "--density-steps", str(b.hessian_density_steps), *attack_args, "-o", "probes/hessian.csv"],
           "top eigenvalue and trace of the weight Hessian per layer, and its spectrum",
-          table("probes/hessian.csv") + table("probes/hessian.density.csv"))
+          _table("probes/hessian.csv") + _table("probes/hessian.density.csv"),
+          "hessian", [_final(pgd)], samples(b.probe_n),
+          hessian_probe.HessianConfig(batch_size=b.probe_n, iterations=b.hessian_iterations,
+                                      trace_samples=b.hessian_trace_samples, density=True,
+                                      density_steps=b.hessian_density_steps, threat=threat, seed=seed),
+          "probes/hessian.csv")
     probe("flatness",
           ["flatness", _final(pgd), _final(trades), "--n", str(b.probe_n), f"--lambdas={b.flatness_lambdas}",
-           "--directions", str(b.flatness_directions), "--curve", *attack, "-o", "probes/flatness.csv"],
+           "--directions", str(b.flatness_directions), "--curve", *attack_args, "-o", "probes/flatness.csv"],
           "adversarial loss along random weight directions",
-          table("probes/flatness.csv") + table("probes/flatness.curve.csv"))
+          _table("probes/flatness.csv") + _table("probes/flatness.curve.csv"),
+          "flatness", [_final(pgd), _final(trades)], samples(b.probe_n),
+          flatness_probe.FlatnessConfig(lambdas=parse_lambdas(b.flatness_lambdas), directions=b.flatness_directions,
+                                        threat=threat, batch_size=COMMAND_BATCH_SIZE, seed=seed),
+          "probes/flatness.csv", curve=True)
 
     for fig in figures():
         if fig.made_by is not None:
@@ -362,7 +572,8 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
         args = ["plot", *fig.csvs, "-o", fig.file, "--dpi", str(b.dpi), "-q"]
         if fig.kind is not None:
             args[1:1] = ["--kind", fig.kind]
-        out.append(Step(f"plot {Path(fig.file).stem}", tuple(args), fig.title, (fig.file,)))
+        out.append(Step(f"plot {Path(fig.file).stem}", tuple(args), fig.title,
+                        PlotCall(fig.csvs, fig.kind, fig.file, float(b.dpi)), (fig.file,)))
     return out
 
 
@@ -458,35 +669,8 @@ def expected_files(config: DemoConfig, budget: Budget) -> list[str]:
     return sorted(set(files))
 
 
-@contextlib.contextmanager
-def _as_command(cwd: Path, argv: Sequence[str]) -> Iterator[None]:
-    """Run inside ``cwd`` with ``sys.argv`` set to the step's command line, so that its
-    ``.meta.json`` records exactly that command (restored afterwards)."""
-    old_cwd, old_argv = os.getcwd(), sys.argv
-    os.chdir(cwd)
-    sys.argv = list(argv)
-    try:
-        yield
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-
-
-def _run_step(step: Step, out: Path) -> None:
-    import click
-
-    from atprobe.cli.main import cli
-
-    try:
-        with _as_command(out, ["atprobe", *step.args]):
-            cli.main(list(step.args), prog_name="atprobe", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        if exc.exit_code:
-            raise AtprobeError(f"exit status {exc.exit_code}") from None
-    except click.ClickException as exc:
-        raise AtprobeError(exc.format_message()) from None
-    except click.Abort:
-        raise KeyboardInterrupt from None
+def _run_step(step: Step, out: Path, device: torch.device) -> None:
+    step.call.run(out, device, ["atprobe", *step.args])
     missing = [f for f in step.outputs if not (out / f).is_file()]
     if missing:
         raise AtprobeError(f"it did not write {missing[0]}")
@@ -511,7 +695,8 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) 
     if config.data_dir is not None:
         config = dataclasses.replace(config, data_dir=config.data_dir.resolve())
         if not config.data_dir.exists() and not config.download:
-            raise AtprobeError(f"--data-dir {config.data_dir} does not exist (add --download to fetch the dataset there)")
+            raise AtprobeError(f"--data-dir {config.data_dir} does not exist "
+                               "(add --download to fetch the dataset there)")
     if config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
         raise AtprobeError(f"{config.out} already exists and is not an empty folder: give a new --out "
                            "(the demo never overwrites)")
@@ -526,7 +711,7 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) 
         say(f"[{k:>2}/{len(plan)}] {step.name}: {step.what}")
         t0 = time.perf_counter()
         try:
-            _run_step(step, out)
+            _run_step(step, out, device)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one line naming the step, whatever went wrong

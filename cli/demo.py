@@ -39,7 +39,8 @@ def demo_command(out, dataset, data_dir, download, device, seed, quick, quiet) -
     eval, gradnorm, stability, gradcos, complexity, hardness, curvature, hessian and
     flatness on them, every CSV drawn by atprobe plot, and OUT/index.html + OUT/report.md
     showing each figure with what it means and the figure of Dong et al. (ICLR 2022) it
-    mirrors. Each step is the atprobe command the report shows (one progress line each).
+    mirrors. Each step makes the library call of the atprobe command the report shows
+    (one progress line each).
     """
     from atprobe.demo import DemoConfig, run_demo
 

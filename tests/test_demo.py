@@ -1,21 +1,42 @@
 """`atprobe demo`: one run at the CI size (the session fixture ``demo_run`` in conftest),
 every expected file written and readable, each CSV's meta recording its step's command, the
 figures valid PNGs, the report showing every figure; bad options and a failing step give one
-line."""
+line. Each step's command line, parsed and run by its click command with the library calls
+recorded, makes the very call the demo makes (the two cannot drift), and the demo leaves the
+working directory and ``sys.argv`` alone."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import os
 import re
 import struct
+import sys
 import zlib
 from pathlib import Path
 
 import pandas as pd
+from click.testing import CliRunner
 import pytest
 
-from atprobe.demo import BUDGETS, RUNS, Budget, DemoConfig, budget_for, expected_files, figures, steps
+from atprobe.cli.main import cli
+from atprobe.demo import (
+    BUDGETS,
+    RUN_BY,
+    RUNS,
+    Budget,
+    DemoConfig,
+    PlotCall,
+    ProbeCall,
+    TrainCall,
+    budget_for,
+    expected_files,
+    figures,
+    run_demo,
+    steps,
+)
 from atprobe.errors import AtprobeError
 from atprobe.io import meta_path
 from tests.conftest import cli_error
@@ -85,15 +106,14 @@ def test_every_expected_file_exists(demo):
 def test_csvs_parse_and_meta_records_the_step(demo):
     out, _ = demo
     for step in _plan(out):
-        if step.args[0] in ("train", "plot"):
-            continue
         for f in step.outputs:
             if not f.endswith(".csv"):
                 continue
             df = pd.read_csv(out / f)
             assert len(df) > 0, f
             meta = json.loads(meta_path(out / f).read_text())
-            assert meta["command"] == ["atprobe", *step.args], f
+            # the equivalent command line, not the process's argv (the demo's, or pytest's)
+            assert meta["command"] == ["atprobe", *step.args] and meta["run_by"] == RUN_BY, f
             assert meta["rows"] == len(df) and meta["columns"] == list(df.columns), f
     for run in RUNS:
         curves = pd.read_csv(out / "runs" / run.name / "curves.csv")
@@ -108,10 +128,11 @@ def test_tables_hold_what_the_report_says(demo):
     out, _ = demo
     ev = pd.read_csv(out / "probes" / "eval.csv")
     assert set(ev["checkpoint"]) == {f"runs/{r.name}/final.pt" for r in RUNS}
-    assert set(ev["attack"]) == set(QUICK.eval_attacks.split(","))
+    assert set(ev["attack"]) == set(QUICK.eval_attacks)
     assert (ev["n"] == QUICK.eval_n).all() and ev["accuracy"].between(0, 1).all()
     gn = pd.read_csv(out / "probes" / "gradnorm_training.csv")
-    assert sorted(gn["epoch"].unique()) == list(range(1, QUICK.epochs + 1)) and gn["checkpoint"].nunique() == 2 * QUICK.epochs
+    assert sorted(gn["epoch"].unique()) == list(range(1, QUICK.epochs + 1))
+    assert gn["checkpoint"].nunique() == 2 * QUICK.epochs
     noisy = pd.read_csv(out / "probes" / "gradnorm_random.csv")
     assert {"clean", "noisy"} <= set(noisy["group"])
     for method in ("pgd_at", "trades"):
@@ -120,11 +141,11 @@ def test_tables_hold_what_the_report_says(demo):
     cx = pd.read_csv(out / "probes" / "complexity.csv")
     noise = cx.drop_duplicates("checkpoint").set_index("checkpoint")["label_noise"]
     assert noise.to_dict() == {f"runs/{r.name}/final.pt": (1.0 if r.random_labels else 0.0) for r in RUNS}
-    assert set(cx["measure"]) == set(QUICK.complexity_measures.split(","))
+    assert set(cx["measure"]) == set(QUICK.complexity_measures)
     pairs = pd.read_csv(out / "probes" / "hardness" / "consistency.csv")
     assert len(pairs) == 1 and -1 <= pairs["kendall_tau"].iloc[0] <= 1
     record = json.loads((out / "demo.json").read_text())
-    assert record["budget"] == dataclasses.asdict(QUICK) and len(record["steps"]) == 34
+    assert record["budget"] == json.loads(json.dumps(dataclasses.asdict(QUICK))) and len(record["steps"]) == 34
     assert record["total_seconds"] >= sum(s["seconds"] for s in record["steps"]) - 1
 
 
@@ -175,11 +196,19 @@ def test_budgets_and_config():
     assert budget_for("cifar10", "cpu") is BUDGETS["real-cpu"]
     assert budget_for("cifar10", "cuda") is BUDGETS["cuda"] and BUDGETS["cuda"].arch == "resnet18"
     assert budget_for("cifar10", "cuda", quick=True) is QUICK
-    assert "hessian" not in BUDGETS["synthetic-cpu"].complexity_measures and BUDGETS["cuda"].complexity_measures == ""
+    assert "hessian" not in BUDGETS["synthetic-cpu"].complexity_measures and BUDGETS["cuda"].complexity_measures == ()
     with pytest.raises(AtprobeError, match="epochs must be >= 2"):
         Budget(name="x", epochs=1)
     with pytest.raises(AtprobeError, match="integer"):
         Budget(name="x", probe_n=3.5)
+    with pytest.raises(AtprobeError, match="alpha must be a finite number"):
+        Budget(name="x", alpha="4/255")  # typed: a float, no longer a string for click
+    with pytest.raises(AtprobeError, match="tuple of names"):
+        Budget(name="x", eval_attacks="natural,pgd10")
+    with pytest.raises(AtprobeError, match="lambdas"):
+        Budget(name="x", flatness_lambdas="-0.5:0.5")
+    assert Budget(name="x", lr=1).lr == 1.0 and isinstance(Budget(name="x", lr=1).lr, float)
+    assert BUDGETS["cuda"].describe().count("step 2/255") == 1 and "lr 0.1 " in QUICK.describe()
     with pytest.raises(AtprobeError, match="unknown dataset"):
         DemoConfig(dataset="imagenet")
     with pytest.raises(AtprobeError, match="npz needs --data-dir"):
@@ -233,5 +262,122 @@ def test_gradnorm_bars_have_their_std_whiskers(demo):
     ax = fig.axes[0]
     assert len(ax.lines) == 3 * len(wide)  # per whisker: the point and two caps
     drawn = sorted(round(float(line.get_ydata()[0]), 9) for line in ax.lines)
-    expected = sorted(round(v, 9) for m, sd in zip(wide["mean"], wide["std"]) for v in (m, m - min(sd, 0.95 * m), m + sd))
+    expected = sorted(round(v, 9) for m, sd in zip(wide["mean"], wide["std"])
+                      for v in (m, m - min(sd, 0.95 * m), m + sd))
     assert drawn == expected
+
+
+# --------------------------------------------------------------------------- the command lines make the same calls
+
+
+class _Recorded:
+    """What a command's callback handed to the library."""
+
+    def __init__(self):
+        self.calls: dict[str, tuple] = {}
+
+    def hook(self, name: str, result=None):
+        def record(*args, **kwargs):
+            self.calls[name] = (args, kwargs)
+            return result(*args, **kwargs) if callable(result) else result
+        return record
+
+
+class _FakeTables:
+    """Stands for the tables a study function returns: ``write`` records where."""
+
+    def __init__(self, recorded: _Recorded):
+        self.recorded, self.main, self.shown = recorded, pd.DataFrame({"x": [1]}), None
+        self.meta: dict = {}
+
+    def write(self, output):
+        self.recorded.calls["write"] = ((output,), {})
+
+
+def _command_call(step, monkeypatch) -> _Recorded:
+    """Run ``atprobe <step.args>`` through the click group with the library functions it calls
+    replaced by recorders (no checkpoint is read, nothing is trained or written)."""
+    import atprobe.plot
+    from atprobe import studies
+
+    recorded = _Recorded()
+    command = step.args[0]
+    module = importlib.import_module(f"atprobe.cli.{command}")
+    if command == "train":
+        monkeypatch.setattr(module, "train", recorded.hook("train"))
+    elif command == "plot":
+        monkeypatch.setattr(atprobe.plot, "plot", recorded.hook("plot"))
+        monkeypatch.setattr(atprobe.plot, "save_figure", recorded.hook("save_figure"))
+    else:
+        function = step.call.function
+        tables = _FakeTables(recorded)
+        result = (tables, None, []) if function == "hardness" else tables
+        monkeypatch.setattr(module, "Study", recorded.hook("Study", result=lambda *a, **k: "the study"))
+        monkeypatch.setattr(module, "set_determinism", recorded.hook("set_determinism"))
+        monkeypatch.setattr(studies, function, recorded.hook("probe", result=result))
+        monkeypatch.setattr(studies, "write_hardness", recorded.hook("write_hardness"))
+    result = CliRunner().invoke(cli, list(step.args), prog_name="atprobe", catch_exceptions=False)
+    assert result.exit_code == 0, (step.command, result.output)
+    return recorded
+
+
+@pytest.mark.parametrize("config, budget", [
+    (DemoConfig(quick=True, device="cpu"), QUICK),
+    (DemoConfig(seed=3), BUDGETS["cuda"]),  # --all, eval on the whole split, every complexity measure, 2/255
+    (DemoConfig(dataset="cifar10", data_dir="/data/c10", download=True), BUDGETS["real-cpu"]),
+], ids=["quick", "cuda", "real-cpu-data-dir"])
+def test_each_command_line_makes_the_demos_call(config, budget, monkeypatch):
+    """The command line a step shows (report, meta), parsed by its click command, builds the
+    very config and call the demo makes: same defaults, same typed values (4/255, 0.1, grids)."""
+    import torch
+
+    from atprobe.study import ModelSource
+
+    cpu = torch.device("cpu")
+    plan = steps(config, budget, "cpu")
+    assert {type(s.call) for s in plan} == {TrainCall, ProbeCall, PlotCall}
+    for step in plan:
+        call, recorded = step.call, _command_call(step, monkeypatch).calls
+        if isinstance(call, TrainCall):
+            (train_config, out_dir), kwargs = recorded["train"]
+            assert train_config == call.config and out_dir == call.out_dir, step.name
+            assert kwargs["device"] == cpu and not kwargs["resume"], step.name
+        elif isinstance(call, PlotCall):
+            (csvs,), kwargs = recorded["plot"]
+            assert tuple(csvs) == call.csvs and kwargs == {"kind": call.kind, "title": None}, step.name
+            (_, output), kwargs = recorded["save_figure"]
+            assert Path(output) == Path(call.output) and kwargs == {"dpi": call.dpi}, step.name
+        else:
+            (checkpoints, models, data), _ = recorded["Study"]
+            assert tuple(checkpoints) == call.checkpoints, step.name
+            assert models == ModelSource() and data == call.data, step.name
+            assert recorded["set_determinism"][0] == (call.seed,), step.name
+            args, kwargs = recorded["probe"]
+            inputs = (call.config,) if call.spec is None else (call.spec, call.config)
+            assert args == ("the study", *inputs, cpu), step.name
+            assert {k: v for k, v in kwargs.items() if k != "progress"} == dict(call.options), step.name
+            written = recorded["write_hardness" if call.function == "hardness" else "write"][0][0]
+            assert written == call.output, step.name
+
+
+def test_run_demo_leaves_cwd_and_argv_alone(tmp_path, monkeypatch):
+    """Every step is a library call with paths under --out: the working directory, sys.argv
+    and the folder the demo was started from are as they were (a tiny budget, ~20 s)."""
+    started_in = tmp_path / "started_in"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    argv = ["sentinel-program", "--sentinel"]
+    monkeypatch.setattr(sys, "argv", argv)
+    tiny = Budget(name="tiny", train_n=32, epochs=2, batch_size=32, steps=1, curve_n=16, curve_attack="pgd1",
+                  grad_ratio_iters=1, eval_n=16, eval_attacks=("natural",), probe_n=4, noisy_n=8, complexity_n=8,
+                  hardness_n=16, complexity_measures=("spectral", "gap"), stability_lambdas="-0.05:0.05:3",
+                  flatness_lambdas="-0.5:0.5:3", flatness_directions=1, curvature_iterations=2,
+                  hessian_iterations=2, hessian_trace_samples=2, hessian_density_steps=3, dpi=40)
+    out = tmp_path / "out"
+    report = run_demo(DemoConfig(out=out, device="cpu", budget=tiny))
+    assert os.getcwd() == str(started_in) and sys.argv is argv and argv == ["sentinel-program", "--sentinel"]
+    assert list(started_in.iterdir()) == []
+    assert report == out.resolve() / "report.md" and (out / "index.html").is_file()
+    for meta in out.rglob("*.meta.json"):
+        record = json.loads(meta.read_text())
+        assert record["command"][0] == "atprobe" and record["run_by"] == RUN_BY, meta
