@@ -18,8 +18,8 @@ import zlib
 from pathlib import Path
 
 import pandas as pd
-from click.testing import CliRunner
 import pytest
+from click.testing import CliRunner
 
 from atprobe.cli.main import cli
 from atprobe.demo import (
