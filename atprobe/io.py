@@ -7,6 +7,7 @@ checkpoint hashes) so a CSV found months later can be traced and re-made.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -114,3 +115,21 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, An
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (tuples as lists, nested dataclasses as dicts), for
+    the ``config`` record of a ``.meta.json``."""
+    if config is None:
+        return {}
+    if not dataclasses.is_dataclass(config):
+        return dict(config)
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            v = dataclasses.asdict(v)
+        elif isinstance(v, tuple):
+            v = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v]
+        out[f.name] = v
+    return out

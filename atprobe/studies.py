@@ -284,7 +284,7 @@ def complexity(study: Study, config: complexity_probe.ComplexityConfig, device: 
             if bar is not None:
                 bar.update(1)
     table = pd.concat(frames, ignore_index=True)[COMPLEXITY_CSV_COLUMNS]
-    meta = study.meta(complexity_probe.config_record(config), seed=config.seed, threat=config.threat,
+    meta = study.meta(config, seed=config.seed,
                       n_train=None if train is None else len(train), n_test=None if test is None else len(test),
                       labels="trained (train), true (test)", batch_size=config.batch_size, device=str(device))
     return Tables(table, meta)

@@ -36,7 +36,7 @@ from torch import nn
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, load_dataset
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.io import run_meta, write_table
+from atprobe.io import config_record, run_meta, write_table
 from atprobe.runtime import prepare_model
 
 __all__ = [
@@ -347,23 +347,6 @@ class LazyModels(Mapping[str, nn.Module]):
 
 
 # ---------------------------------------------------------------------------- running and writing
-
-
-def config_record(config: Any) -> dict[str, Any]:
-    """A config dataclass as JSON values (tuples as lists, nested dataclasses as dicts)."""
-    if config is None:
-        return {}
-    if not dataclasses.is_dataclass(config):
-        return dict(config)
-    out = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if dataclasses.is_dataclass(v):
-            v = dataclasses.asdict(v)
-        elif isinstance(v, tuple):
-            v = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v]
-        out[f.name] = v
-    return out
 
 
 #: ``probe(model, samples, ckpt, bar) -> {suffix: table}``: "" is the main table; ``bar``

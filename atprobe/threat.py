@@ -2,7 +2,7 @@
 
 Training, evaluation and every probe hold one :class:`ThreatModel` and turn it into the
 attack they run with :meth:`ThreatModel.attack`; the CLI builds it with one decorator
-(``atprobe.cli.options.threat_options``). The dependent defaults live here and only here:
+(``atprobe.cli.common.threat_options``). The dependent defaults live here and only here:
 
 * ``eps``: 8/255 for L-inf, 128/255 (0.5) for L2 (the budgets of Madry et al., TRADES,
   Rice et al. and RobustBench on CIFAR);

@@ -1,11 +1,11 @@
-"""Input-Hessian power iteration: batched over samples vs a per-sample loop, same model,
+"""Input-Hessian Lanczos: batched over samples vs a per-sample loop, same model,
 same samples, same iterations, same process.
 
     python benchmarks/curvature.py                                   # cnn-small, batch 64, CPU
     python benchmarks/curvature.py --arch resnet18 --batch-size 256 --device cuda
 
 Both sides run ``atprobe.probes.curvature.input_hessian_eigenvalues`` with a fixed number
-of power-iteration steps (``tol = 0``: no early stop, so both do exactly the same number of
+of Lanczos steps (``tol = 0``: no early stop, so both do exactly the same number of
 Hessian-vector products): once on the whole batch (one double backward per step gives every
 sample's product, samples do not interact in eval mode) and once per sample (batch of 1),
 with the same per-sample random starts. Prints the median seconds of each, the ratio

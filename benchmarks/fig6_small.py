@@ -35,7 +35,7 @@ import torch
 from scipy import stats
 
 from atprobe.checkpoint import load_checkpoint
-from atprobe.io import run_meta, write_json, write_table
+from atprobe.io import config_record, run_meta, write_json, write_table
 from atprobe.probes import complexity as cx
 from atprobe.runtime import prepare_model, resolve_device
 from atprobe.study import DataSource, SampleSpec, Study
@@ -153,8 +153,8 @@ def measure_all(args, runs: dict, dataset: str, data_dir: str | None, device) ->
         frames.append(df)
         print(f"{name}: measured {timings[name]}", file=sys.stderr, flush=True)
     table = pd.concat(frames, ignore_index=True)
-    meta_config = {"main": cx.config_record(main), "landscape": None if landscape is None else
-                   cx.config_record(landscape), "n": args.n, "landscape_n": args.landscape_n, "dataset": dataset,
+    meta_config = {"main": config_record(main), "landscape": None if landscape is None else
+                   config_record(landscape), "n": args.n, "landscape_n": args.landscape_n, "dataset": dataset,
                    "device": str(device)}
     return table, {"config": meta_config, "timings": timings, "checkpoints": stubs}
 

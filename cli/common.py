@@ -41,9 +41,13 @@ NUMBER = Number()
 
 class Device(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, resolved and checked at parse time
-    (``atprobe.runtime.resolve_device``), so the command receives a ``torch.device``."""
+    (``atprobe.runtime.resolve_device``): the command receives a ``torch.device``, or with
+    ``keep_spec`` the checked spec as written (the demo shows it in its commands)."""
 
     name = "device"
+
+    def __init__(self, keep_spec: bool = False) -> None:
+        self.keep_spec = keep_spec
 
     def convert(self, value: Any, param, ctx):
         import torch
@@ -51,18 +55,21 @@ class Device(click.ParamType):
         if isinstance(value, torch.device):
             return value
         try:
-            return resolve_device(str(value))
+            device = resolve_device(str(value))
         except AtprobeError as exc:
             self.fail(str(exc), param, ctx)
+        return str(value).strip().lower() if self.keep_spec else device
 
 
-DEVICE = Device()
+def device_option(func: Callable | None = None, *, keep_spec: bool = False,
+                  help: str = "Where to compute; auto = first GPU if any, else CPU.") -> Callable:
+    """``--device``: the one declaration of it (see :class:`Device`)."""
 
+    def decorate(f: Callable) -> Callable:
+        return click.option("--device", type=Device(keep_spec), default="auto", show_default=True,
+                            metavar="auto|cpu|cuda[:N]", help=help)(f)
 
-def device_option(func: Callable) -> Callable:
-    """``--device``: the one declaration of it; the command receives a ``torch.device``."""
-    return click.option("--device", type=DEVICE, default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                        help="Where to compute; auto = first GPU if any, else CPU.")(func)
+    return decorate(func) if func is not None else decorate
 
 
 def threat_options(func: Callable | None = None, *, steps_help: str = "PGD steps.") -> Callable:

@@ -34,9 +34,9 @@ Examples:
 @click.option("--at", "at", type=click.Choice(curvature.AT_CHOICES), default="natural", show_default=True,
               help="Take the input Hessian at the natural samples or at their PGD examples.")
 @click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True,
-              help="The most power-iteration steps (Hessian-vector products) per sample.")
+              help="The most Lanczos steps (Hessian-vector products) per sample.")
 @click.option("--tol", type=NUMBER, default=1e-3, show_default=True,
-              help="Stop a sample when its eigenvalue estimate changes by less than tol (relative); 0 = never.")
+              help="Stop a sample when its dominant Ritz pair's residual is below tol (relative); 0 = never.")
 @click.option("--per-sample", is_flag=True, help="Also write one row per sample to OUTPUT's stem + .samples.csv.")
 @sample_options
 @threat_options
@@ -49,7 +49,7 @@ def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, thr
     """Dominant eigenvalue of the input Hessian of the loss, per sample (CHECKPOINTS).
 
     The eigenvalue of largest magnitude (signed) of d^2 CE(f(x), y) / dx^2 at each sample
-    (or its PGD example with --at adv), by batched power iteration on Hessian-vector products
+    (or its PGD example with --at adv), by batched Lanczos on Hessian-vector products
     (Moosavi-Dezfooli et al. 2019). Writes the summary: checkpoint, epoch, split, labels, at,
     statistic (mean, median, std, mean_abs, converged), n, value (docs/probes/curvature.md).
     """

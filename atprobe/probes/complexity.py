@@ -57,7 +57,6 @@ __all__ = [
     "MEASURES",
     "SPECTRAL_METHODS",
     "conv_operator",
-    "config_record",
     "conv_operator_norm",
     "external_module",
     "gap_rows",
@@ -497,16 +496,3 @@ def probe(
 def _margin_row(value: float | None, config: ComplexityConfig, n: int | None) -> dict:
     assert value is not None
     return _row("margin", f"quantile;{margin_variant(config)}", value, n=n)
-
-
-def config_record(config: ComplexityConfig) -> dict:
-    """``config`` as JSON-friendly values (for ``.meta.json``)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if dataclasses.is_dataclass(v):
-            v = {type(v).__name__: dataclasses.asdict(v)}
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[f.name] = v
-    return out
