@@ -130,15 +130,15 @@ def _relative(ckpt: Checkpoint, shown: Path) -> Checkpoint:
 
 
 def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Checkpoint]:
-    """An ``atprobe train`` run directory: its ``epoch_*.pt``, then ``best.pt`` and
-    ``final.pt`` unless they hold an epoch already listed, all in epoch order."""
+    """An ``atprobe train`` run directory: its ``epoch_*.pt``, then ``final.pt`` and
+    ``best.pt`` unless they hold an epoch already listed, all in epoch order."""
     found = []
     for p in sorted(path.glob("epoch_*.pt")):
         m = _EPOCH_FILE.match(p.name)
         if m and p.is_file():
             found.append(stub(load(p)))
     epochs = {c.epoch for c in found}
-    for name in ("best.pt", "final.pt"):
+    for name in ("final.pt", "best.pt"):  # final first: when both hold one epoch, final.pt names it
         p = path / name
         if p.is_file():
             c = stub(load(p))

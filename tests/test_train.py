@@ -197,3 +197,13 @@ def test_resolved_config_rejects_nonsense():
         TrainConfig(method="pgd_at", milestones=(150, 100), epochs=200).resolved()
     with pytest.raises(AtprobeError):
         TrainConfig(method="trades", mix_clean=True).resolved()
+
+
+def test_legacy_config_json_with_flat_threat_keys_loads():
+    """Runs written before the threat model was one field stored norm/eps/alpha/steps flat."""
+    legacy = {**TrainConfig().to_json(), "norm": "l2", "eps": 0.25, "alpha": None, "steps": 3}
+    del legacy["threat"]
+    config = TrainConfig.from_json(legacy).resolved()
+    assert config.threat == ThreatModel(norm="l2", eps=0.25, steps=3)
+    assert config.threat.alpha == 0.25 / 4
+    assert TrainConfig.from_json(config.to_json()) == config
