@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from atprobe.checkpoint import make_checkpoint, save_checkpoint
 from atprobe.models import build_model
 
 # One torch thread for every test, whatever OMP_NUM_THREADS says (CI sets none): these small
@@ -76,6 +77,30 @@ def tiny_batch():
     return x, y
 
 
+ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
+
+
+def save_seeded_checkpoint(path: Path, seed: int = 0, *, arch: str = "cnn-small", classes: int = 10,
+                           dataset: str = "synthetic", random_bn: bool = False, **fields) -> Path:
+    """``build_model(arch)`` after ``torch.manual_seed(seed)`` (with ``randomize_bn(model, seed)``
+    when ``random_bn``), saved to ``path`` (its folder made) as a checkpoint of ``dataset`` with
+    ``ARCH_KWARGS`` but ``classes`` classes; ``fields`` go to ``make_checkpoint``. Returns ``path``."""
+    torch.manual_seed(seed)
+    kwargs = {**ARCH_KWARGS, "num_classes": classes}
+    model = build_model(arch, **kwargs)
+    if random_bn:
+        randomize_bn(model, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(make_checkpoint(model, arch=arch, arch_kwargs=kwargs, dataset=dataset, **fields), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_ckpt(tmp_path_factory) -> Path:
+    """``save_seeded_checkpoint`` of cnn-small (seed 0) at epoch 4, once per session."""
+    return save_seeded_checkpoint(tmp_path_factory.mktemp("cnn_ckpt") / "a.pt", epoch=4)
+
+
 def run_cli(*args, expect: int = 0):
     """``atprobe ARGS...`` in-process through the click group, with ``sys.argv`` set as a shell
     would set it (the ``.meta.json`` files record it); returns click's ``Result``.
@@ -107,6 +132,15 @@ def run_cli(*args, expect: int = 0):
 def cli_error(*args) -> str:
     """The one ``Error:`` line of ``atprobe ARGS...``, which must exit with status 2."""
     return run_cli(*args, expect=2).stderr.strip().splitlines()[-1]
+
+
+def cli_rejects(fragment: str, *args, output: Path) -> None:
+    """``atprobe ARGS... -o OUTPUT`` is a user error (``cli_error``) whose ``Error:`` line names
+    ``fragment``, and writes nothing: not even OUTPUT's folder (absent beforehand) is made."""
+    assert not output.parent.exists(), output
+    line = cli_error(*args, "-o", output)
+    assert fragment in line, line
+    assert not output.parent.exists(), output  # nothing written, not even a temp file
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import randomize_bn, tiny_net
 from torch import nn
 
 from atprobe.attacks import parse_attack, pgd
-from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from atprobe.cli.main import cli
+from atprobe.checkpoint import load_checkpoint
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig, evaluate
@@ -28,6 +25,7 @@ from atprobe.models import build_model, weight_layers
 from atprobe.probes import complexity as cx
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
+from tests.conftest import cli_rejects, randomize_bn, run_cli, save_seeded_checkpoint, tiny_net
 
 
 @pytest.fixture(autouse=True)
@@ -460,17 +458,12 @@ def test_real_dispatch_to_curvature_on_a_tiny_model():
 
 # ------------------------------------------------------------------------- CLI
 
-ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
 CSV_COLUMNS = ["checkpoint", "epoch", "label_noise", "measure", "variant", "value", "reason", "n"]
 FAST = ["--n", "16", "--steps", "1", "--device", "cpu", "-q"]
 
 
 def _save(path, seed: int = 0, epoch: int = 1, **fields):
-    torch.manual_seed(seed)
-    model = randomize_bn(build_model("cnn-small", **ARCH_KWARGS), seed=seed)
-    save_checkpoint(make_checkpoint(model, arch="cnn-small", arch_kwargs=ARCH_KWARGS, dataset="synthetic",
-                                    epoch=epoch, **fields), path)
-    return path
+    return save_seeded_checkpoint(path, seed, random_bn=True, epoch=epoch, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -489,23 +482,11 @@ def ckpts(tmp_path_factory):
             "run": run, "data": synthetic, "labels": noisy}
 
 
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
-def _ok(result):
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
-def test_cli_writes_the_table_of_the_library(ckpts, tmp_path, monkeypatch):
+def test_cli_writes_the_table_of_the_library(ckpts, tmp_path):
     out = tmp_path / "c.csv"
     args = ["complexity", ckpts["a"], ckpts["noisy"], "--measures", "spectral,l1,margin,gap", "--margin",
             "--spectral-method", "reshape", "-o", out, *FAST]
-    _ok(_invoke(*args, monkeypatch=monkeypatch))
+    run_cli(*args)
     df = pd.read_csv(out, keep_default_na=False, na_values=[""])
     assert list(df.columns) == CSV_COLUMNS
     assert df["checkpoint"].unique().tolist() == [str(ckpts["a"]), str(ckpts["noisy"])]
@@ -532,8 +513,8 @@ def test_cli_writes_the_table_of_the_library(ckpts, tmp_path, monkeypatch):
 def test_cli_run_directory_and_determinism(ckpts, tmp_path):
     outs = [tmp_path / f"r{i}.csv" for i in range(2)]
     for out in outs:
-        _ok(_invoke("complexity", ckpts["run"], "--measures", "spectral,margin", "--spectral-method", "reshape",
-                    "--seed", "4", "-o", out, *FAST))
+        run_cli("complexity", ckpts["run"], "--measures", "spectral,margin", "--spectral-method", "reshape",
+                "--seed", "4", "-o", out, *FAST)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
     names = [p.rsplit("/", 1)[-1] for p in df["checkpoint"].unique()]
@@ -543,8 +524,8 @@ def test_cli_run_directory_and_determinism(ckpts, tmp_path):
 
 def test_cli_only_norms_needs_no_data(ckpts, tmp_path):
     out = tmp_path / "n.csv"
-    _ok(_invoke("complexity", ckpts["a"], "--measures", "l1", "--no-fold-bn", "--dataset", "npz",
-                "--data-dir", tmp_path / "nowhere", "-o", out, "--device", "cpu", "-q"))
+    run_cli("complexity", ckpts["a"], "--measures", "l1", "--no-fold-bn", "--dataset", "npz",
+            "--data-dir", tmp_path / "nowhere", "-o", out, "--device", "cpu", "-q")
     df = pd.read_csv(out)
     assert df["variant"].tolist() == ["sum;bn=ignore"]
     model = load_checkpoint(ckpts["a"]).build_model()
@@ -578,16 +559,10 @@ BAD = ["unknown measure", "empty measures", "quantile 0", "quantile 1.5", "quant
 @pytest.mark.parametrize("case", BAD)
 def test_cli_bad_input_is_one_line_exit_2(case, ckpts, tmp_path):
     args, fragment = _bad_inputs(tmp_path, ckpts)[case]
-    out_dir = tmp_path / "out"
-    result = _invoke("complexity", *args, "-o", out_dir / "c.csv", "--device", "cpu", "-q")
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.output
-    assert "Traceback" not in result.output
-    assert not out_dir.exists()
+    cli_rejects(fragment, "complexity", *args, "--device", "cpu", "-q", output=tmp_path / "out" / "c.csv")
 
 
 def test_cli_help():
-    result = _ok(_invoke("complexity", "--help"))
+    result = run_cli("complexity", "--help")
     assert "Usage: atprobe complexity" in result.output and "Examples:" in result.output
-    assert "complexity" in _ok(_invoke("--help")).output
+    assert "complexity" in run_cli("--help").output

@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
 from atprobe.attacks import pgd
-from atprobe.checkpoint import make_checkpoint, save_checkpoint
-from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.probes import curvature
 from atprobe.probes.curvature import CurvatureConfig, input_hessian_eigenvalues
 from atprobe.threat import ThreatModel
-from tests.conftest import keyed_start
+from tests.conftest import cli_rejects, keyed_start, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -188,32 +184,12 @@ def test_config_rejects_nonsense(kwargs, fragment):
 
 # ---------------------------------------------------------------------------- CLI
 
-ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("curv") / "a.pt"
-    torch.manual_seed(0)
-    model = build_model("cnn-small", **ARCH_KWARGS)
-    save_checkpoint(make_checkpoint(model, arch="cnn-small", arch_kwargs=ARCH_KWARGS, dataset="synthetic", epoch=4),
-                    path)
-    return path
-
-
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
-def test_cli_writes_summary_and_samples_and_is_deterministic(ckpt, tmp_path, monkeypatch):
+def test_cli_writes_summary_and_samples_and_is_deterministic(cnn_ckpt, tmp_path):
     outs = [tmp_path / f"c{i}.csv" for i in range(3)]
     for out, seed in zip(outs, (1, 1, 2)):
-        result = _invoke("curvature", ckpt, "--n", "4", "--iterations", "3", "--at", "adv", "--steps", "1",
-                         "--per-sample", "--device", "cpu", "--seed", seed, "-q", "-o", out, monkeypatch=monkeypatch)
-        assert result.exit_code == 0, (result.output, result.exception)
+        run_cli("curvature", cnn_ckpt, "--n", "4", "--iterations", "3", "--at", "adv", "--steps", "1",
+                "--per-sample", "--device", "cpu", "--seed", seed, "-q", "-o", out)
     samples = [o.with_name(o.stem + ".samples.csv") for o in outs]
     assert outs[0].read_bytes() == outs[1].read_bytes() and samples[0].read_bytes() == samples[1].read_bytes()
     assert samples[0].read_bytes() != samples[2].read_bytes()
@@ -239,13 +215,8 @@ def test_cli_writes_summary_and_samples_and_is_deterministic(ckpt, tmp_path, mon
     (["--n", "0"], "--n"),
     (["--n", "100000000"], "larger than the split"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, args, fragment):
-    out_dir = tmp_path / "out"
-    result = _invoke("curvature", ckpt, *args, "--device", "cpu", "-q", "-o", out_dir / "c.csv")
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.output
-    assert "Traceback" not in result.output and not out_dir.exists()
+def test_cli_bad_input_is_one_line_exit_2(cnn_ckpt, tmp_path, args, fragment):
+    cli_rejects(fragment, "curvature", cnn_ckpt, *args, "--device", "cpu", "-q", output=tmp_path / "out" / "c.csv")
 
 
 def test_defaults_converge_on_a_briefly_trained_cnn_small():

@@ -19,17 +19,14 @@ from torch import nn
 
 from atprobe import plot
 from atprobe.attacks import PGDConfig
-from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from atprobe.checkpoint import load_checkpoint
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.errors import AtprobeError
-from atprobe.models import build_model
 from atprobe.probes import hardness
 from atprobe.probes.hardness import HardnessConfig
 from atprobe.study import expand_checkpoints, model_names
 from atprobe.threat import ThreatModel
-from tests.conftest import keyed_start, run_cli, tiny_net
-
-ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
+from tests.conftest import keyed_start, run_cli, save_seeded_checkpoint, tiny_net
 
 
 @pytest.fixture(autouse=True)
@@ -216,13 +213,6 @@ def test_figures_have_the_requested_pixel_size():
 # ------------------------------------------------------------------------- CLI
 
 
-def _save(path, seed: int = 0, classes: int = 10, dataset: str = "synthetic", **fields):
-    torch.manual_seed(seed)
-    kwargs = {**ARCH_KWARGS, "num_classes": classes}
-    model = build_model("cnn-small", **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(make_checkpoint(model, arch="cnn-small", arch_kwargs=kwargs, dataset=dataset, **fields), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +221,13 @@ def ckpts(tmp_path_factory):
     synthetic = load_dataset("synthetic")
     noisy = symmetric_label_noise(synthetic.train.true_y, 0.5, 10, seed=0)
     paths = {
-        "a": _save(root / "runs" / "a" / "model.pt", seed=0),
-        "b": _save(root / "runs" / "b" / "model.pt", seed=1),
-        "noisy": _save(root / "runs" / "noisy.pt", seed=2, labels=noisy,
+        "a": save_seeded_checkpoint(root / "runs" / "a" / "model.pt", seed=0),
+        "b": save_seeded_checkpoint(root / "runs" / "b" / "model.pt", seed=1),
+        "noisy": save_seeded_checkpoint(root / "runs" / "noisy.pt", seed=2, labels=noisy,
                        label_spec={"label_noise": 0.5, "label_seed": 0}),
-        "classes5": _save(root / "other" / "c5.pt", seed=3, classes=5),
-        "cifar": _save(root / "other" / "cifar.pt", seed=4, dataset="cifar10"),
-        "synthetic1": _save(root / "other" / "syn1.pt", seed=5, train_config={"synthetic_seed": 1}),
+        "classes5": save_seeded_checkpoint(root / "other" / "c5.pt", seed=3, classes=5),
+        "cifar": save_seeded_checkpoint(root / "other" / "cifar.pt", seed=4, dataset="cifar10"),
+        "synthetic1": save_seeded_checkpoint(root / "other" / "syn1.pt", seed=5, train_config={"synthetic_seed": 1}),
     }
     copy = root / "copy" / "a" / "model.pt"
     copy.parent.mkdir(parents=True)
@@ -431,8 +421,8 @@ def test_training_run_directory_leaves_out_copies_of_its_epochs(tmp_path):
     a model is never compared with its own copy; a best.pt of another epoch stays."""
     run = tmp_path / "run"
     for name, epoch in (("epoch_0001.pt", 1), ("epoch_0002.pt", 2), ("final.pt", 2), ("best.pt", 1), ("last.pt", 2)):
-        _save(run / name, seed=epoch, epoch=epoch)
+        save_seeded_checkpoint(run / name, seed=epoch, epoch=epoch)
     (run / "config.json").write_text("{}")
     assert [p.name for p in checkpoint_paths([str(run)])] == ["epoch_0001.pt", "epoch_0002.pt"]
-    _save(run / "best.pt", seed=3, epoch=3)
+    save_seeded_checkpoint(run / "best.pt", seed=3, epoch=3)
     assert [p.name for p in checkpoint_paths([str(run)])] == ["epoch_0001.pt", "epoch_0002.pt", "best.pt"]

@@ -7,28 +7,24 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call
 
 from atprobe import linalg
 from atprobe.attacks import pgd
-from atprobe.checkpoint import make_checkpoint, save_checkpoint
-from atprobe.cli.main import cli
 from atprobe.data import Split
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.probes import hessian
 from atprobe.probes.hessian import HessianConfig, LossHessian
 from atprobe.threat import ThreatModel
-from tests.conftest import keyed_start
+from tests.conftest import cli_rejects, keyed_start, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -325,33 +321,13 @@ def test_config_rejects_nonsense(kwargs, fragment):
 
 # ---------------------------------------------------------------------------- CLI
 
-ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hess") / "a.pt"
-    torch.manual_seed(0)
-    model = build_model("cnn-small", **ARCH_KWARGS)
-    save_checkpoint(make_checkpoint(model, arch="cnn-small", arch_kwargs=ARCH_KWARGS, dataset="synthetic", epoch=2),
-                    path)
-    return path
-
-
-def _invoke(*args, monkeypatch=None):
-    args = [str(a) for a in args]
-    if monkeypatch is not None:
-        monkeypatch.setattr(sys, "argv", ["atprobe", *args])
-    return CliRunner().invoke(cli, args, prog_name="atprobe")
-
-
-def test_cli_on_the_cpu_writes_table_density_and_is_deterministic(ckpt, tmp_path, monkeypatch):
+def test_cli_on_the_cpu_writes_table_density_and_is_deterministic(cnn_ckpt, tmp_path):
     outs = [tmp_path / f"h{i}.csv" for i in range(2)]
     for out in outs:
-        result = _invoke("hessian", ckpt, "--n", "4", "--batch-size", "4", "--steps", "1", "--iterations", "3",
-                         "--trace-samples", "3", "--top-k", "2", "--density", "--density-steps", "4",
-                         "--device", "cpu", "--seed", "3", "-q", "-o", out, monkeypatch=monkeypatch)
-        assert result.exit_code == 0, (result.output, result.exception)
+        run_cli("hessian", cnn_ckpt, "--n", "4", "--batch-size", "4", "--steps", "1", "--iterations", "3",
+                "--trace-samples", "3", "--top-k", "2", "--density", "--density-steps", "4",
+                "--device", "cpu", "--seed", "3", "-q", "-o", out)
     dens = [o.with_name(o.stem + ".density.csv") for o in outs]
     assert outs[0].read_bytes() == outs[1].read_bytes() and dens[0].read_bytes() == dens[1].read_bytes()
     df = pd.read_csv(outs[0])
@@ -377,13 +353,8 @@ def test_cli_on_the_cpu_writes_table_density_and_is_deterministic(ckpt, tmp_path
     (["--device", "tpu"], "device"),
     (["--n", "0"], "--n"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, args, fragment):
-    out_dir = tmp_path / "out"
-    result = _invoke("hessian", ckpt, *args, "-q", "-o", out_dir / "h.csv")
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.output
-    assert "Traceback" not in result.output and not out_dir.exists()
+def test_cli_bad_input_is_one_line_exit_2(cnn_ckpt, tmp_path, args, fragment):
+    cli_rejects(fragment, "hessian", cnn_ckpt, *args, "-q", output=tmp_path / "out" / "h.csv")
 
 
 def test_default_engine_is_atprobe_for_every_row_and_matches_the_dense_hessian():

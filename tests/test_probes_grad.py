@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from atprobe.attacks import PGDConfig, pgd
-from atprobe.checkpoint import make_checkpoint, save_checkpoint
 from atprobe.data import Split, load_dataset, symmetric_label_noise
 from atprobe.directions import directions, model_parameters
 from atprobe.errors import AtprobeError
@@ -22,7 +21,7 @@ from atprobe.models import build_model
 from atprobe.pergrad import per_sample_grad_distance
 from atprobe.probes import gradcos, gradnorm, stability
 from atprobe.threat import ThreatModel
-from tests.conftest import cli_error, keyed_start, randomize_bn, run_cli
+from tests.conftest import cli_rejects, keyed_start, randomize_bn, run_cli, save_seeded_checkpoint
 
 STEPS = 2  # short attacks keep the file fast; the math does not depend on the step count
 
@@ -403,14 +402,6 @@ def test_gradcos_rejects_one_model_and_different_architectures():
 
 # ---------------------------------------------------------------------------- CLI
 
-ARCH_KWARGS = {"num_classes": 10, "dropout": 0.0, "mean": None, "std": None}
-
-
-def _save(path, seed: int = 0, arch: str = "cnn-small", **fields):
-    torch.manual_seed(seed)
-    model = build_model(arch, **ARCH_KWARGS)
-    save_checkpoint(make_checkpoint(model, arch=arch, arch_kwargs=ARCH_KWARGS, dataset="synthetic", **fields), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -421,20 +412,20 @@ def ckpts(tmp_path_factory):
     run.mkdir()
     # written out of order; final.pt repeats the last epoch (skipped)
     for seed, epoch in ((2, 10), (0, 1), (1, 2)):
-        _save(run / f"epoch_{epoch:04d}.pt", seed=seed, epoch=epoch, labels=noisy)
-    _save(run / "final.pt", seed=2, epoch=10, labels=noisy)
-    _save(run / "best.pt", seed=0, epoch=1, labels=noisy)
+        save_seeded_checkpoint(run / f"epoch_{epoch:04d}.pt", seed=seed, epoch=epoch, labels=noisy)
+    save_seeded_checkpoint(run / "final.pt", seed=2, epoch=10, labels=noisy)
+    save_seeded_checkpoint(run / "best.pt", seed=0, epoch=1, labels=noisy)
     run2 = root / "run2"
     run2.mkdir()
-    _save(run2 / "epoch_0003.pt", seed=0, epoch=3)
-    _save(run2 / "final.pt", seed=1, epoch=4)  # a new epoch: included
+    save_seeded_checkpoint(run2 / "epoch_0003.pt", seed=0, epoch=3)
+    save_seeded_checkpoint(run2 / "final.pt", seed=1, epoch=4)  # a new epoch: included
     single = root / "single"
     single.mkdir()
-    _save(single / "epoch_0001.pt", seed=0, epoch=1)
+    save_seeded_checkpoint(single / "epoch_0001.pt", seed=0, epoch=1)
     return {
-        "a": _save(root / "a.pt", seed=0, epoch=5, labels=noisy),
-        "b": _save(root / "b.pt", seed=1, epoch=3, labels=noisy),
-        "mlp": _save(root / "mlp.pt", seed=0, arch="mlp", epoch=7),
+        "a": save_seeded_checkpoint(root / "a.pt", seed=0, epoch=5, labels=noisy),
+        "b": save_seeded_checkpoint(root / "b.pt", seed=1, epoch=3, labels=noisy),
+        "mlp": save_seeded_checkpoint(root / "mlp.pt", seed=0, arch="mlp", epoch=7),
         "run": run, "run2": run2, "single": single,
     }
 
@@ -568,10 +559,7 @@ BAD_CASES = [
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_line_exit_2(case, ckpts, tmp_path):
     args, fragment = _bad_cases(ckpts)[case]
-    out_dir = tmp_path / "out"
-    line = cli_error(*args, "-o", out_dir / "p.csv", "--device", "cpu", "-q")
-    assert fragment in line, line
-    assert not out_dir.exists()
+    cli_rejects(fragment, *args, "--device", "cpu", "-q", output=tmp_path / "out" / "p.csv")
 
 
 def test_help_lists_the_commands():

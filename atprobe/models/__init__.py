@@ -30,10 +30,10 @@ gradients, ``functional_call``) that the probes rely on.
 
 Layout: one module per family (``resnet``, ``preact_resnet``, ``wide_resnet``, ``vgg``,
 ``densenet``, ``small`` for cnn-small and mlp); ``layers`` holds what they share
-(input geometry, :class:`BatchNorm2d`, :class:`Normalize`, optional dropout, the
-residual stage builder); ``registry`` maps names to builders (:func:`build_model`,
-:func:`canonical_arch`, :func:`list_architectures`, :func:`weight_layers`). Import
-from ``atprobe.models``: every public name is re-exported here.
+(input geometry, :class:`BatchNorm2d`, :class:`Normalize` and the ``Classifier`` base
+that sets it up, optional dropout, the residual stage builder); ``registry`` maps names
+to builders (:func:`build_model`, :func:`canonical_arch`, :func:`list_architectures`,
+:func:`weight_layers`). Import from ``atprobe.models``: every public name is re-exported here.
 """
 
 from atprobe.models.densenet import Bottleneck, DenseNet, Transition

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, apply_optional, optional_dropout
 
 
 class Bottleneck(nn.Module):
@@ -40,7 +40,7 @@ class Transition(nn.Module):
         return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(Classifier):
     """kuangliu DenseNet for CIFAR: ``conv1``, ``dense1..4``, ``trans1..3``, ``bn``, ``linear``."""
 
     def __init__(
@@ -54,9 +54,7 @@ class DenseNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+        super().__init__(num_classes, mean, std)
         self.growth_rate = growth_rate
 
         num_planes = 2 * growth_rate

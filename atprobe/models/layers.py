@@ -1,5 +1,6 @@
-"""Pieces every architecture shares: input geometry, BatchNorm, input normalization,
-optional dropout and the stage builder of the residual networks.
+"""Pieces every architecture shares: input geometry, BatchNorm, input normalization (and the
+:class:`Classifier` base that sets it up), optional dropout and the stage builder of the
+residual networks.
 
 Nothing here adds ``state_dict`` keys of its own beyond what the layers carry
 (normalization buffers are non-persistent, absent dropout is no module at all), so the
@@ -113,6 +114,26 @@ class Normalize(nn.Module):
         if self.mean.is_meta:  # no data to print for shape-only (meta) models
             return f"channels={self.mean.numel()}, device=meta"
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class Classifier(nn.Module):
+    """The start every architecture shares: ``num_classes`` and the input normalization
+    ``normalize`` (:class:`Normalize` of ``mean``/``std``), registered before any other
+    module so that the module order, and hence a seeded build, is the subclass's own from
+    there on. Subclasses call ``super().__init__(num_classes, mean, std)`` first and run
+    ``self.normalize`` first in ``forward``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        *,
+        num_channels: int = IN_CHANNELS,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.normalize = Normalize(mean, std, num_channels=num_channels)
 
 
 def _channel_values(values: Sequence[float], what: str, num_channels: int) -> list[float]:

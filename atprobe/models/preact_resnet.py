@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout, resnet_stages
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, apply_optional, optional_dropout, resnet_stages
 
 
 class PreActBlock(nn.Module):
@@ -40,7 +40,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(Classifier):
     """Rice et al. PreActResNet: stem conv, four pre-act stages, final ``bn``-relu, ``linear``."""
 
     def __init__(
@@ -53,9 +53,7 @@ class PreActResNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+        super().__init__(num_classes, mean, std)
         self.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=3, stride=1, padding=1, bias=False)
         # Stages in registration order layer1..4: that order fixes keys and seeded init.
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet_stages(block, num_blocks)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout, resnet_stages
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, apply_optional, optional_dropout, resnet_stages
 
 
 class BasicBlock(nn.Module):
@@ -41,7 +41,7 @@ class BasicBlock(nn.Module):
         return F.relu(out)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """kuangliu/pytorch-cifar ResNet: 3x3 stem, four stages, 4x4 average pool, ``linear``."""
 
     def __init__(
@@ -54,9 +54,7 @@ class ResNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+        super().__init__(num_classes, mean, std)
         self.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = BatchNorm2d(64)
         # Stages in registration order layer1..4: that order fixes keys and seeded init.

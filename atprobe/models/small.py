@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atprobe.models.layers import IMAGE_SIZE, IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout
+from atprobe.models.layers import IMAGE_SIZE, IN_CHANNELS, BatchNorm2d, Classifier, apply_optional, optional_dropout
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Classifier):
     """Four 3x3 conv-BN-ReLU layers (32-32-64-64) with 2x2 max-pools, FC 256, classifier.
 
     Layout: conv32 @32x32, pool, conv32 @16x16, pool, conv64, conv64 @8x8, pool,
@@ -31,9 +31,7 @@ class SmallCNN(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std, num_channels=in_channels)
+        super().__init__(num_classes, mean, std, num_channels=in_channels)
 
         def unit(cin: int, cout: int) -> list[nn.Module]:
             # No conv bias: the following BN's shift makes it redundant.
@@ -58,7 +56,7 @@ class SmallCNN(nn.Module):
         return self.classifier(apply_optional(self.dropout, out))
 
 
-class MLP(nn.Module):
+class MLP(Classifier):
     """flatten -> ``fc1`` 3072->512 -> ReLU -> ``fc2`` 512->256 -> ReLU -> ``fc3`` 256->C. No BN."""
 
     def __init__(
@@ -70,9 +68,7 @@ class MLP(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std, num_channels=in_channels)
+        super().__init__(num_classes, mean, std, num_channels=in_channels)
         self.fc1 = nn.Linear(in_channels * IMAGE_SIZE * IMAGE_SIZE, 512)
         self.fc2 = nn.Linear(512, 256)
         self.dropout = optional_dropout(dropout)

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, apply_optional, optional_dropout
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, apply_optional, optional_dropout
 
 _VGG_CFG: dict[str, list[int | str]] = {
     "VGG16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
 }
 
 
-class VGG(nn.Module):
+class VGG(Classifier):
     """kuangliu VGG: ``features`` (conv-bn-relu triples and max-pools) then ``classifier``."""
 
     def __init__(
@@ -26,9 +26,7 @@ class VGG(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+        super().__init__(num_classes, mean, std)
         self.features = self._make_layers(_VGG_CFG[vgg_name])
         self.dropout = optional_dropout(dropout)
         self.classifier = nn.Linear(512, num_classes)

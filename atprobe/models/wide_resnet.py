@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atprobe.errors import AtprobeError
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Normalize, residual_stage
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, residual_stage
 
 
 class WideBasicBlock(nn.Module):
@@ -66,7 +66,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(Classifier):
     """TRADES/MART WideResNet-``depth``-``widen_factor`` for 32x32 inputs.
 
     Keys: ``conv1``, ``block1..3.layer.<i>.*``, ``bn1``, ``fc``. The released TRADES
@@ -85,13 +85,11 @@ class WideResNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise AtprobeError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
         if widen_factor < 1:
             raise AtprobeError(f"WideResNet widen factor must be >= 1, got {widen_factor}")
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+        super().__init__(num_classes, mean, std)
         n_channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         n = (depth - 4) // 6
         self.conv1 = nn.Conv2d(IN_CHANNELS, n_channels[0], kernel_size=3, stride=1, padding=1, bias=False)

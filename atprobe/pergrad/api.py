@@ -40,8 +40,10 @@ def _check(
     params: Mapping[str, Tensor] | None,
     chunk_size: int,
     sample_ids: Tensor | Sequence[int] | None,
-) -> tuple[dict[str, Tensor], Sequence[int]]:
-    """Validate the common arguments; returns the detached point and host-side sample ids."""
+    buffers: Mapping[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], Sequence[int], dict[str, Tensor] | None]:
+    """Validate the common arguments; returns the detached point, the host-side sample ids and
+    the buffers (:func:`_check_buffers`)."""
     if x.dim() < 1 or y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise AtprobeError(f"x and y must have the same number of samples, got {tuple(x.shape)} and {tuple(y.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -64,7 +66,7 @@ def _check(
         ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else [int(i) for i in sample_ids]
         if len(ids) != n:
             raise AtprobeError(f"{len(ids)} sample ids for {n} samples")
-    return point, ids
+    return point, ids, _check_buffers(model, buffers)
 
 
 #: How per-sample gradients are computed: ``hooks`` (per-layer identities on one batched
@@ -208,8 +210,8 @@ def per_sample_grads(
         method: ``auto`` (default), ``hooks`` or ``vmap`` (see :data:`METHODS`); the same
             gradients up to rounding.
     """
-    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
-    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, _check_buffers(model, buffers), method)
+    point, ids, bufs = _check(model, x, y, params, chunk_size, sample_ids, buffers)
+    return _flat_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, bufs, method)
 
 
 def _flat_chunks(
@@ -252,8 +254,7 @@ def per_sample_grad_norms(
 ) -> Tensor:
     """``||g_i||_2`` for every sample, shape (N,), on ``x``'s device (arguments as in
     :func:`per_sample_grads`). One chunk of gradients is alive at a time, never flattened."""
-    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
-    bufs = _check_buffers(model, buffers)
+    point, ids, bufs = _check(model, x, y, params, chunk_size, sample_ids, buffers)
     norms = list(_grad_chunks(model, loss_fn, x, y, point, chunk_size, ids, amp, bufs, method, norms_only=True))
     return torch.cat(norms) if norms else x.new_zeros(0)
 
@@ -291,9 +292,8 @@ def per_sample_grad_distance(
     their BatchNorm running statistics too: pass each one's ``params`` *and* buffers, and
     each point is exactly that model (its loss, its gradient, its adversarial examples).
     """
-    point_a, ids = _check(model, x, y, params_a, chunk_size, sample_ids)
-    point_b, _ = _check(model, x, y, params_b, chunk_size, sample_ids)
-    bufs_a, bufs_b = _check_buffers(model, buffers_a), _check_buffers(model, buffers_b)
+    point_a, ids, bufs_a = _check(model, x, y, params_a, chunk_size, sample_ids, buffers_a)
+    point_b, _, bufs_b = _check(model, x, y, params_b, chunk_size, sample_ids, buffers_b)
     if list(point_a) != list(point_b):
         raise AtprobeError("params_a and params_b must name the same parameters in the same order")
     na, nb, dist = _paired_norms(
@@ -326,8 +326,7 @@ def per_sample_grad_distances(
     on demand instead of holding them all. Two chunks of gradients are alive at a time.
     ``buffers``: the buffers of every point, the reference included (default the model's).
     """
-    ref_point, ids = _check(model, x, y, reference, chunk_size, sample_ids)
-    bufs = _check_buffers(model, buffers)
+    ref_point, ids, bufs = _check(model, x, y, reference, chunk_size, sample_ids, buffers)
     dists: list[list[Tensor]] = [[] for _ in range(len(points))]
     coss: list[list[Tensor]] = [[] for _ in range(len(points))]
     for start in range(0, x.shape[0], chunk_size):
@@ -342,7 +341,7 @@ def per_sample_grad_distances(
         ref = grads_at(ref_point)
         ref_norms = _norms(ref)
         for k in range(len(points)):
-            point, _ = _check(model, x, y, points[k], chunk_size, None)
+            point, _, _ = _check(model, x, y, points[k], chunk_size, None)
             if list(point) != list(ref_point):
                 raise AtprobeError("every point must name the reference's parameters in the same order")
             g = grads_at(point)
@@ -389,8 +388,7 @@ def per_sample_grad_norm_pair(
     two gradients (and one attack) per sample instead of three (and two). At most two chunks
     of gradients are alive at a time. Arguments as in :func:`per_sample_grads`.
     """
-    point, ids = _check(model, x, y, params, chunk_size, sample_ids)
-    bufs = _check_buffers(model, buffers)
+    point, ids, bufs = _check(model, x, y, params, chunk_size, sample_ids, buffers)
     return _paired_norms(
         _grad_chunks(model, loss_a, x, y, point, chunk_size, ids, amp, bufs, method),
         _grad_chunks(model, loss_b, x, y, point, chunk_size, ids, amp, bufs, method),

@@ -490,3 +490,33 @@ def _rotate(ax: Axes, labels: int) -> None:
         ax.tick_params(axis="x", labelrotation=30)
         for t in ax.get_xticklabels():
             t.set_horizontalalignment("right")
+
+
+def _checkpoint_series(df: pd.DataFrame, parts: Sequence[tuple]) -> str:
+    """Label the rows of a per-checkpoint summary, in place: ``df["ck"]``, the short name of
+    the checkpoint (of the source file where the table names none), and ``df["_s"]``, the
+    series of :func:`_series` over ``parts`` (which may use ``"ck"``), or the checkpoint where
+    no part varies. Returns the series' legend header (``""`` then)."""
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
+    header, df["_s"] = _series(df, parts)
+    df["_s"] = df["_s"] if header else df["ck"]
+    return header
+
+
+@contextlib.contextmanager
+def _checkpoint_bars(df: pd.DataFrame, y: str, hue: str, err: str, header: str, title: str | None,
+                     default_title: str):
+    """A one-panel figure of :func:`_bars` of ``y`` per series ``df["_s"]`` (see
+    :func:`_checkpoint_series`), coloured by ``hue`` with ``err`` whiskers, as wide as the
+    series need. Yields ``(fig, ax)`` inside the style for the caller's labels and scales;
+    afterwards turns crowded tick labels, merges the legend and sets the title."""
+    series = df["_s"].nunique()
+    with _style():
+        fig, axes = _figure(1, (min(16.0, max(8.0, 2.5 + 0.9 * series)), 4.4))
+        ax = axes[0]
+        _bars(ax, df, "_s", y, hue, err=err)
+        ax.set_xlabel(header or "checkpoint")
+        yield fig, ax
+        _rotate(ax, series)
+        _figure_legend(fig, axes)
+        _title(fig, title, default_title)

@@ -16,6 +16,8 @@ from atprobe.plot.core import (
     PAPER,
     Data,
     _bars,
+    _checkpoint_bars,
+    _checkpoint_series,
     _data,
     _empty,
     _figure,
@@ -85,25 +87,16 @@ def flatness(data: Data, *, title: str | None = None) -> Figure:
     ±r, per checkpoint (± std over directions and signs). Larger = sharper."""
     df = _num(_data(data, "flatness"), ["radius", "directions", "n", "at_theta", "at_radius", "increase",
                                         "increase_std"], "flatness")
-    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
-    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
-                                    ("labels", "labels")])
-    df["_s"] = df["_s"] if header else df["ck"]
+    header = _checkpoint_series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
+                                     ("labels", "labels")])
     df["inputs"] = df["loss"].astype(str).map({"adv": "adversarial", "nat": "natural"}).fillna(df["loss"])
     radii = sorted(set(df["radius"].dropna()))
-    width = min(16.0, max(8.0, 2.5 + 0.9 * df["_s"].nunique()))
-    with _style():
-        fig, axes = _figure(1, (width, 4.4))
-        ax = axes[0]
-        _bars(ax, df, "_s", "increase", "inputs", err="increase_std")
-        ax.set_xlabel(header or "checkpoint")
+    with _checkpoint_bars(df, "increase", "inputs", "increase_std", header, title,
+                          f"Flatness of the loss landscape (cf. {PAPER}, Fig. 6)") as (fig, ax):
         ax.set_ylabel("mean loss increase at ±r (nats)")
         ax.set_title(f"radius r = {', '.join(f'{r:g}' for r in radii)} (filter-normalized), "
                      f"{int(df['directions'].max())} directions; larger = sharper", fontsize="medium")
         ax.axhline(0, color="0.3", linewidth=0.8)
-        _rotate(ax, df["_s"].nunique())
-        _figure_legend(fig, axes)
-        _title(fig, title, f"Flatness of the loss landscape (cf. {PAPER}, Fig. 6)")
     return fig
 
 
@@ -156,21 +149,15 @@ def curvature_samples(data: Data, *, title: str | None = None) -> Figure:
 def curvature(data: Data, *, title: str | None = None) -> Figure:
     """Bars of the summary statistics (mean, median, ...) per checkpoint."""
     df = _num(_data(data, "curvature"), ["n", "value"], "curvature")
-    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else df["source"]
-    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("split", "split"),
-                                    ("labels", "labels")])
-    df["_s"] = df["_s"] if header else df["ck"]
+    header = _checkpoint_series(df, [("run", "source"), ("checkpoint", "ck"), ("at", "at"), ("split", "split"),
+                                     ("labels", "labels")])
     statistic = df["statistic"].astype(str)
     stats = df[~statistic.isin(["std", "converged"])]  # eigenvalue units only; std as whiskers
     std = df[statistic == "std"].set_index("_s")["value"]
     converged = df[statistic == "converged"].set_index("_s")["value"]
     stats = stats.assign(std=np.where(stats["statistic"] == "mean", stats["_s"].map(std), np.nan))
-    width = min(16.0, max(8.0, 2.5 + 0.9 * stats["_s"].nunique()))
-    with _style():
-        fig, axes = _figure(1, (width, 4.4))
-        ax = axes[0]
-        _bars(ax, stats, "_s", "value", "statistic", err="std")
-        ax.set_xlabel(header or "checkpoint")
+    with _checkpoint_bars(stats, "value", "statistic", "std", header, title,
+                          f"Input-space curvature (cf. {PAPER}, Fig. 6)") as (fig, ax):
         ax.set_ylabel("input-Hessian dominant eigenvalue")
         n = sorted(set(df["n"].dropna().astype(int)))
         note = f"over n = {', '.join(map(str, n))} samples; mean ± std"
@@ -179,9 +166,6 @@ def curvature(data: Data, *, title: str | None = None) -> Figure:
         ax.set_title(note, fontsize="medium")
         _log_if_wide(ax, stats["value"])
         _log_ticks(ax)
-        _rotate(ax, stats["_s"].nunique())
-        _figure_legend(fig, axes)
-        _title(fig, title, f"Input-space curvature (cf. {PAPER}, Fig. 6)")
     return fig
 
 
