@@ -23,12 +23,14 @@ def one(arch: str, chunk: int, loss: str) -> dict:
 
     from atprobe.data import load_dataset
     from atprobe.probes import stability
+    from atprobe.threat import ThreatModel
 
     torch.set_num_threads(2)
     data = load_dataset("synthetic").train.subset(slice(0, chunk))
     model = stability.init_model(arch, 10, seed=0).eval()
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = stability.StabilityConfig(losses=(loss,), lambdas=(0.0, 0.01), steps=2, chunk_size=chunk)
+    config = stability.StabilityConfig(losses=(loss,), lambdas=(0.0, 0.01), threat=ThreatModel(steps=2),
+                                       chunk_size=chunk)
     stability.probe(model, data, config)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in model.parameters())

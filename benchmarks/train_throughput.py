@@ -26,16 +26,18 @@ from _timing import sync
 from atprobe.data import iterate_batches, make_synthetic
 from atprobe.models import build_model
 from atprobe.runtime import make_generator, prepare_model, resolve_device
-from atprobe.train import TrainConfig, training_loss
+from atprobe.threat import ThreatModel
+from atprobe.train import TrainConfig, training_loss, training_starts
 
 
-def time_steps(config: TrainConfig, model, optimizer, batches, device, generator) -> float:
+def time_steps(config: TrainConfig, model, optimizer, batches, device) -> float:
     """Seconds per optimizer step, median over the batches (after one warm-up step)."""
     times = []
     for i, batch in enumerate(batches):
         sync(device)
         start = time.perf_counter()
-        step = training_loss(model, batch.x, batch.y, config, epoch=0, generator=generator, amp=config.amp)
+        step = training_loss(model, batch.x, batch.y, config, epoch=0, amp=config.amp,
+                             starts=training_starts(config, 0, batch.index))
         optimizer.zero_grad(set_to_none=True)
         step.loss.backward()
         optimizer.step()
@@ -65,8 +67,8 @@ def main() -> None:
                                        generator=make_generator(0, device), channels_last=True))
         seconds = {}
         for method in ("standard", "pgd_at"):
-            config = TrainConfig(method=method, steps=args.steps).resolved()
-            seconds[method] = time_steps(config, model, optimizer, batches, device, make_generator(1, device))
+            config = TrainConfig(method=method, threat=ThreatModel(steps=args.steps)).resolved()
+            seconds[method] = time_steps(config, model, optimizer, batches, device)
         ratio = seconds["pgd_at"] / ((args.steps + 1) * seconds["standard"])
         print(f"{arch} batch={args.batch_size} device={name}: "
               f"standard {args.batch_size / seconds['standard']:.1f} img/s, "
