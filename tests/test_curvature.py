@@ -219,6 +219,7 @@ def test_cli_bad_input_is_one_line_exit_2(cnn_ckpt, tmp_path, args, fragment):
     cli_rejects(fragment, "curvature", cnn_ckpt, *args, "--device", "cpu", "-q", output=tmp_path / "out" / "c.csv")
 
 
+@pytest.mark.slow  # trains a model first (~55 s on the CI CPU)
 def test_defaults_converge_on_a_briefly_trained_cnn_small():
     """On a trained model the top eigenvalues of the input Hessian cluster (small eigengap,
     where 20 power steps stopped 2% short): the default Lanczos solve must converge and agree

@@ -360,6 +360,7 @@ def test_each_command_line_makes_the_demos_call(config, budget, monkeypatch):
             assert written == call.output, step.name
 
 
+@pytest.mark.slow  # a whole (tiny) demo run (~25 s)
 def test_run_demo_leaves_cwd_and_argv_alone(tmp_path, monkeypatch):
     """Every step is a library call with paths under --out: the working directory, sys.argv
     and the folder the demo was started from are as they were (a tiny budget, ~20 s)."""
