@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +45,7 @@ from atprobe.data import DATASETS
 from atprobe.directions import parse_lambdas
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig
-from atprobe.io import atomic_write_bytes, meta_path, write_json
+from atprobe.io import atomic_write_bytes, write_json
 from atprobe.probes import complexity as complexity_probe
 from atprobe.probes import curvature as curvature_probe
 from atprobe.probes import flatness as flatness_probe
@@ -273,13 +272,7 @@ class TrainCall:
     out_dir: str
 
     def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
-        run_dir = train(self.config, out / self.out_dir, device=device)
-        # train() writes its tables' meta itself, with the process's argv (the demo's): record
-        # the step's command instead, like every probe table of the demo.
-        for csv in ("curves.csv", "gradratio.csv"):
-            path = meta_path(run_dir / csv)
-            if path.is_file():
-                write_json(_as_run_by_demo(json.loads(path.read_text()), command), path)
+        train(self.config, out / self.out_dir, device=device, meta=_as_run_by_demo({}, command))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -419,8 +419,9 @@ class StepCallback:
     def load(self, out: Path) -> None:
         """Take back what an interrupted run wrote (on resume)."""
 
-    def write(self, out: Path) -> None:
-        """Write what is logged so far (every epoch, before last.pt)."""
+    def write(self, out: Path, meta: Mapping[str, Any]) -> None:
+        """Write what is logged so far (every epoch, before last.pt), with the run's ``meta``
+        fields merged into its table's record."""
 
 
 class GradRatioLog(StepCallback):
@@ -440,10 +441,10 @@ class GradRatioLog(StepCallback):
         if (out / "gradratio.csv").is_file():
             self.rows = pd.read_csv(out / "gradratio.csv").to_dict("records")
 
-    def write(self, out: Path) -> None:
+    def write(self, out: Path, meta: Mapping[str, Any]) -> None:
         if self.rows:
             write_table(pd.DataFrame(self.rows), out / "gradratio.csv",
-                        run_meta(seed=self.config.seed, config=self.config.to_json()))
+                        {**run_meta(seed=self.config.seed, config=self.config.to_json()), **meta})
 
 
 def _arch_kwargs(config: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -503,8 +504,10 @@ class Trainer:
     ``start_run_dir``, then ``run``: per epoch ``epoch`` (the updates), ``log_epoch``,
     ``evaluate_and_select`` and ``save`` (rank 0), and ``final.pt`` at the end."""
 
-    def __init__(self, config: TrainConfig, out: Path, ctx: DistContext, device: torch.device):
+    def __init__(self, config: TrainConfig, out: Path, ctx: DistContext, device: torch.device,
+                 meta: Mapping[str, Any] | None = None):
         config = config.resolved()
+        self.meta = dict(meta or {})  # merged into every table's record (e.g. the command that ran it)
         if config.batch_size < ctx.world_size:
             raise AtprobeError(f"batch size {config.batch_size} is smaller than the {ctx.world_size} processes")
         set_determinism(config.seed)
@@ -668,10 +671,11 @@ class Trainer:
         if c.save_every and epoch % c.save_every == 0:
             save_checkpoint(self._checkpoint(resumable=False), out / f"epoch_{epoch:04d}.pt")
         write_table(pd.DataFrame(self.curves, columns=["epoch", "split", "metric", "value"]), out / "curves.csv",
-                    run_meta(seed=c.seed, config=c.to_json(),
-                             extra={"best_split": self.select_name, "best_epoch": self.state.best_epoch}))
+                    {**run_meta(seed=c.seed, config=c.to_json(),
+                                extra={"best_split": self.select_name, "best_epoch": self.state.best_epoch}),
+                     **self.meta})
         for callback in self.callbacks:
-            callback.write(out)
+            callback.write(out, self.meta)
         # last.pt is written last: once it names an epoch, everything of that epoch is on disk.
         save_checkpoint(self._checkpoint(resumable=True), out / "last.pt")
 
@@ -700,16 +704,19 @@ def train(
     device: str | torch.device = "auto",
     resume: bool = False,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run (or resume) a training and write its run directory; returns the directory.
 
     ``progress(epoch, epochs, metrics)`` is called after each epoch (the CLI prints it).
+    ``meta``: fields merged into the ``.meta.json`` of curves.csv and gradratio.csv (the
+    demo records the equivalent ``command`` this way; default: the process's own argv).
     """
     out = Path(out_dir)
     ctx, device = distributed_context(device)
     if resume:
         config = saved_config(out)  # the run's own config wins
-    trainer = Trainer(config, out, ctx, device)
+    trainer = Trainer(config, out, ctx, device, meta)
     if resume:
         trainer.resume()
     elif ctx.main:
