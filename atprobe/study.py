@@ -147,7 +147,7 @@ def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Check
                 epochs.add(c.epoch)
     if any(c.epoch is None for c in found):
         return found
-    return sorted(found, key=lambda c: int(c.epoch))  # stable: epoch files before copies named later
+    return sorted(found, key=lambda c: int(c.epoch))  # stable: ties keep the order above
 
 
 def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path], Checkpoint],
@@ -156,10 +156,10 @@ def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path],
     of every command.
 
     * a file is itself;
-    * an ``atprobe train`` run directory (it has ``config.json`` or ``epoch_*.pt`` files) stands for its
-      ``epoch_*.pt`` checkpoints, and ``best.pt`` and ``final.pt`` unless they hold an epoch
-      already listed (they are copies then), all ordered by epoch; ``last.pt`` (the resume
-      copy of the newest epoch) never;
+    * an ``atprobe train`` run directory (it has ``config.json`` or ``epoch_*.pt`` files)
+      stands for its ``epoch_*.pt`` checkpoints, and ``final.pt`` and ``best.pt`` unless they
+      hold an epoch already listed (they are copies then), all ordered by epoch; ``last.pt``
+      (the resume copy of the newest epoch) never;
     * any other directory stands for its ``*.pt`` files by name, ``last.pt`` left out.
 
     ``root``: relative arguments are read from there (and keep their relative names in the
