@@ -31,8 +31,22 @@ def mix_gamma(config: TrainConfig, epoch: int) -> float:
     return objectives.gaussian_rampup(epoch, 0, config.mix_epochs)
 
 
+def te_epoch(epoch: int) -> int:
+    """The official TE code's number of the 0-based training epoch ``epoch``: it counts from 1
+    (its ramp and its ensemble start compare that number with ``--te-start``/``--te-end``)."""
+    return int(epoch) + 1
+
+
+def te_active(config: TrainConfig, epoch: int) -> bool:
+    """Whether TE runs in the 0-based epoch ``epoch``: from epoch number ``te_start`` on."""
+    return bool(config.te) and te_epoch(epoch) >= config.te_start
+
+
 def te_weight(config: TrainConfig, epoch: int) -> float:
-    """w of Eq. 7 in epoch ``epoch``: te_weight * Gaussian ramp between te_start and te_end."""
+    """w of Eq. 7 in the 0-based epoch ``epoch``: te_weight * Gaussian ramp of its number
+    ``epoch + 1`` between te_start and te_end (the official ``sigmoid_rampup``)."""
     if not config.te:
         return 0.0
-    return config.te_weight * objectives.gaussian_rampup(epoch, config.te_start, config.te_end)
+    if config.te_weight is None:
+        raise ValueError("te_weight is resolved from the number of classes (TrainConfig.resolved)")
+    return config.te_weight * objectives.gaussian_rampup(te_epoch(epoch), config.te_start, config.te_end)

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from atprobe import objectives
 from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from atprobe.data import DATASETS, Batch, Dataset, Split, iterate_batches, load_dataset
+from atprobe.data import DATASETS, NUM_CLASSES, Batch, Dataset, Split, iterate_batches, load_dataset
 from atprobe.distributed import DistContext, MultiForward, ddp_wrapped, distributed_context
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
@@ -36,7 +36,7 @@ from atprobe.io import run_meta, write_json, write_table
 from atprobe.models import build_model, canonical_arch
 from atprobe.objectives import attack_loss, full_precision
 from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, set_determinism
-from atprobe.schedules import learning_rate, mix_gamma, te_weight
+from atprobe.schedules import learning_rate, mix_gamma, te_active, te_weight
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
 
@@ -82,7 +82,7 @@ class TrainConfig:
     mix_ramp: str = "linear"
     te: bool = False
     te_eta: float = 0.9
-    te_weight: float = 30.0
+    te_weight: float | None = None  # default TE_REG_WEIGHT / classes: the official 300 * mean over classes
     te_start: int | None = None  # default 45% of epochs (90 of 200)
     te_end: int | None = None  # default 75% of epochs (150 of 200)
     te_trades_input: str = "natural"
@@ -98,8 +98,12 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
 
-    def resolved(self) -> TrainConfig:
-        """Fill the dependent defaults and validate everything (AtprobeError on nonsense)."""
+    def resolved(self, num_classes: int | None = None) -> TrainConfig:
+        """Fill the dependent defaults and validate everything (AtprobeError on nonsense).
+
+        ``te_weight`` defaults to ``TE_REG_WEIGHT / C`` for ``C`` classes (``num_classes``, or the
+        dataset's known count; an npz dataset's is known once it is read, so the trainer
+        resolves it again then)."""
         c = self
         c._check_options()
         milestones = c.milestones if c.milestones is not None else (c.epochs // 2, (3 * c.epochs) // 4)
@@ -112,6 +116,9 @@ class TrainConfig:
         mix_epochs = c.mix_epochs if c.mix_epochs is not None else c.epochs // 2
         if mix_epochs < 0:
             raise AtprobeError(f"mix-epochs must be >= 0, got {mix_epochs}")
+        te_weight = c.te_weight
+        if te_weight is None and (num_classes or NUM_CLASSES.get(c.dataset)):
+            te_weight = TE_REG_WEIGHT / (num_classes or NUM_CLASSES[c.dataset])
         out = replace(
             c,
             arch=canonical_arch(c.arch),
@@ -119,6 +126,7 @@ class TrainConfig:
             te_start=int(te_start),
             te_end=int(te_end),
             mix_epochs=int(mix_epochs),
+            te_weight=None if te_weight is None else float(te_weight),
         )
         parse_attack(out.eval_attack, out.threat)
         return out
@@ -140,6 +148,8 @@ class TrainConfig:
             raise AtprobeError(f"batch size must be >= 1, got {c.batch_size}")
         for name in ("lr", "weight_decay", "beta", "te_weight"):
             value = getattr(c, name)
+            if value is None and name == "te_weight":
+                continue  # resolved from the number of classes
             if not (math.isfinite(value) and value >= 0):
                 raise AtprobeError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not 0 <= c.momentum < 1:
@@ -191,6 +201,11 @@ class TrainConfig:
 
 
 _LEGACY_THREAT_KEYS = ("norm", "eps", "alpha", "steps")
+
+#: The official TE code's ``reg_weight``: its penalty is ``300 * mse(softmax, target)``, a mean
+#: over the C classes, i.e. ``300 / C`` times the per-sample sum (30 on CIFAR-10, the paper's
+#: Eq. 7 value; 3 on CIFAR-100).
+TE_REG_WEIGHT = 300.0
 
 # ---------------------------------------------------------------------------- one step
 
@@ -270,7 +285,10 @@ def _training_attack(attacker: nn.Module, x: Tensor, y: Tensor, config: TrainCon
         inner = attack_loss("ce", y)
     loss_fn = inner
     if w > 0:
-        loss_fn = lambda z: inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
+        # With TE the official attack maximizes beta * KL + w * penalty (TRADES) or CE + w * penalty:
+        # the KL's weight matters once another term is added.
+        scale = config.beta if config.method == "trades" else 1.0
+        loss_fn = lambda z: scale * inner(z) + w * objectives.te_penalty(z, te_target)  # noqa: E731
     return pgd(attacker, x, y, attack, starts=starts, loss_fn=loss_fn, amp=amp)
 
 
@@ -513,6 +531,8 @@ class Trainer:
         set_determinism(config.seed)
         self.config, self.out, self.ctx, self.device = config, out, ctx, device
         self.data = load_training_data(config)
+        if config.te_weight is None:  # an npz dataset's class count is known only now
+            config = self.config = config.resolved(self.data.num_classes)
         train_split = _trained_split(config, self.data)  # checked before anything is written
         self.labels = _trained_labels(self.data)
         self.model = prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
@@ -616,7 +636,10 @@ class Trainer:
         ctx, n_global = self.ctx, len(batch)
         rows = ctx.rows(n_global)
         x, y = batch.x[rows], batch.y[rows]
-        te_target = self._te_targets(batch, x, rows) if self.state.ensemble is not None else None
+        # The ensemble accumulates from the ramp's first epoch on, as in the official code (its
+        # first target is then the prediction itself); before it TE adds nothing.
+        active = self.state.ensemble is not None and te_active(self.config, epoch)
+        te_target = self._te_targets(batch, x, rows) if active else None
         step = training_loss(self.forward_model, x, y, self.config, epoch=epoch,
                              starts=training_starts(self.config, epoch, batch.index[rows]),
                              te_target=te_target, amp=self.config.amp, attack_model=self.attack_model)

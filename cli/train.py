@@ -56,9 +56,11 @@ D = TrainConfig()
 @click.option("--mix-ramp", type=click.Choice(RAMPS), default=D.mix_ramp, show_default=True)
 @click.option("--te", is_flag=True, help="Temporal ensembling (Eq. 7) on pgd_at or trades.")
 @click.option("--te-eta", type=NUMBER, default=D.te_eta, show_default=True, help="Ensemble momentum.")
-@click.option("--te-weight", type=NUMBER, default=D.te_weight, show_default=True,
-              help="Weight of the per-sample squared L2 distance at full ramp.")
-@click.option("--te-start", type=int, default=None, help="Ramp start epoch (default 45% of epochs).")
+@click.option("--te-weight", type=NUMBER, default=None,
+              help="Weight of the per-sample squared L2 distance at full ramp (default 300/classes, the "
+                   "official code's 300 * mean over classes: 30 on CIFAR-10, 3 on CIFAR-100).")
+@click.option("--te-start", type=int, default=None,
+              help="Epoch number (counting from 1) where the ramp and the ensemble start (default 45% of epochs).")
 @click.option("--te-end", type=int, default=None, help="Ramp end epoch (default 75% of epochs).")
 @click.option("--te-trades-input", type=click.Choice(TE_TRADES_INPUTS), default=D.te_trades_input,
               show_default=True, help="TRADES+TE: outer TE term on the natural or adversarial prediction.")

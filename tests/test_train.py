@@ -74,7 +74,9 @@ def test_ramps_and_schedules_by_hand():
     assert objectives.gaussian_rampup(150, 90, 150) == 1.0
     cfg = TrainConfig(method="pgd_at", te=True).resolved()
     assert (cfg.te_start, cfg.te_end, cfg.milestones) == (90, 150, (100, 150))
-    assert te_weight(cfg, 120) == pytest.approx(30 * math.exp(-1.25))
+    # the official code numbers epochs from 1: the 0-based epoch 119 is its epoch 120
+    assert te_weight(cfg, 119) == pytest.approx(30 * math.exp(-1.25))
+    assert te_weight(cfg, 88) == 0.0 and te_weight(cfg, 89) == pytest.approx(30 * math.exp(-5))
     assert learning_rate(cfg, 99.9) == pytest.approx(0.1)
     assert learning_rate(cfg, 100) == pytest.approx(0.01)
     assert learning_rate(cfg, 160) == pytest.approx(0.001)
@@ -207,3 +209,45 @@ def test_legacy_config_json_with_flat_threat_keys_loads():
     assert config.threat == ThreatModel(norm="l2", eps=0.25, steps=3)
     assert config.threat.alpha == 0.25 / 4
     assert TrainConfig.from_json(config.to_json()) == config
+
+
+def test_te_weight_default_is_the_official_300_over_classes():
+    """The official penalty is 300 * mse(...) (a mean over C classes): 300 / C on the
+    per-sample sum, 30 on CIFAR-10 and 3 on CIFAR-100; an explicit weight wins."""
+    assert TrainConfig(te=True, dataset="cifar10").resolved().te_weight == 30.0
+    assert TrainConfig(te=True, dataset="cifar100").resolved().te_weight == 3.0
+    assert TrainConfig(te=True, dataset="npz").resolved().te_weight is None  # known once read
+    assert TrainConfig(te=True, dataset="npz").resolved(num_classes=20).te_weight == 15.0
+    assert TrainConfig(te=True, dataset="cifar100", te_weight=30.0).resolved().te_weight == 30.0
+
+
+def test_trades_te_attack_maximizes_beta_kl_plus_the_weighted_penalty():
+    """The official TRADES+TE attack: beta * KL(f(x) || f(x')) + w * ||softmax f(x') - p_hat||^2."""
+    model, x, y = _fixed_batch()
+    cfg = TrainConfig(method="trades", beta=6.0, te=True, epochs=10, te_start=0, te_end=0,
+                      threat=ThreatModel(steps=3)).resolved()
+    target = F.softmax(torch.randn(8, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64), 1)
+    starts = Starts(1, torch.arange(8))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        log_p = F.log_softmax(reference.eval()(x), 1)
+
+    def objective(z):
+        kl = (log_p.exp() * (log_p - F.log_softmax(z, 1))).sum(1)
+        return 6.0 * kl + 30.0 * (F.softmax(z, 1) - target).pow(2).sum(1)
+
+    expected = pgd(reference, x, y, cfg.attack_config(), starts=starts, loss_fn=objective)
+    out = training_loss(model, x, y, cfg, epoch=5, starts=starts, te_target=target)
+    torch.testing.assert_close(out.x_adv, expected)
+
+
+def test_te_ensemble_starts_at_the_ramp(tmp_path):
+    """Before epoch number te_start the ensemble is not accumulated (the official code's
+    ``epoch >= es``), so its first target is the prediction itself."""
+    out = tmp_path / "run"
+    train(TrainConfig(**FAST, method="pgd_at", te=True, epochs=1, te_start=2, te_end=3), out, device="cpu")
+    ensemble = load_checkpoint(out / "last.pt").raw["extra"]["te_ensemble"]
+    assert torch.count_nonzero(ensemble) == 0
+    train(TrainConfig(**FAST, method="pgd_at", te=True, epochs=1, te_start=1, te_end=3), tmp_path / "b",
+          device="cpu")
+    assert torch.count_nonzero(load_checkpoint(tmp_path / "b" / "last.pt").raw["extra"]["te_ensemble"]) > 0

@@ -29,7 +29,7 @@ See ``docs/data.md`` for the definitions (file layouts, synthetic data, noise).
 """
 
 from atprobe.data.batches import iterate_batches, random_crop_flip
-from atprobe.data.catalog import DATASETS, default_data_dir
+from atprobe.data.catalog import DATASETS, NUM_CLASSES, default_data_dir
 from atprobe.data.download import Resource, fetch_url
 from atprobe.data.labels import symmetric_label_noise, validation_split
 from atprobe.data.load import load_dataset
@@ -39,6 +39,7 @@ from atprobe.data.types import Batch, Dataset, Split
 
 __all__ = [
     "DATASETS",
+    "NUM_CLASSES",
     "SOURCES",
     "Batch",
     "Dataset",

@@ -8,6 +8,8 @@ import pathlib
 from atprobe.errors import AtprobeError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "npz", "synthetic")
+#: Classes of the datasets whose class count is known before reading them (npz: read off its labels).
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
 
 
 def default_data_dir() -> pathlib.Path:
