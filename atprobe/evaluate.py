@@ -24,13 +24,14 @@ class EvalConfig:
     attacks: parsed attack specs (``atprobe.attacks.parse_attack`` against a threat model).
     batch_size: samples per forward/attack batch (does not change the result).
     seed: keys each sample's random starts with its index (the same for every attack).
-    amp: bf16 autocast on CUDA.
+    amp: bf16 autocast on CUDA (off by default: the paper's numbers are float32, and bf16
+        logits can flip a prediction near the decision boundary).
     """
 
     attacks: tuple[AttackSpec, ...]
     batch_size: int = 256
     seed: int = 0
-    amp: bool = True
+    amp: bool = False
 
     def __post_init__(self) -> None:
         if not self.attacks:

@@ -78,7 +78,7 @@ def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
     tables = per_checkpoint(study, spec, probe, device, columns=("checkpoint", "split"), name="eval",
                             units=lambda m, s: len(s) * len(config.attacks), progress=progress)
     n = len(study.base(spec))
-    meta = study.meta({"attacks": [a.name for a in config.attacks]}, seed=seed, threat=threat,
+    meta = study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
                       **_fields(spec, study, n, config.batch_size, device))
     return Tables(tables[""], meta)
 

@@ -563,7 +563,9 @@ class Trainer:
             self.eval_sets["val"] = data.val.subset(slice(0, min(n, len(data.val)))).to(self.device)
         self.select_name = "val" if data.val is not None else "test"  # best.pt's split
         robust, natural = parse_attack(c.eval_attack, c.threat), parse_attack("natural")
-        self.eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, c.batch_size), seed=c.seed)
+        # float32 whatever --amp says: the curves and best.pt's selection are the paper's numbers
+        self.eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, c.batch_size), seed=c.seed,
+                                      amp=False)
 
     def start_run_dir(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

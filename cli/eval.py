@@ -37,11 +37,13 @@ Examples:
                    "CW margin), optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts.")
 @sample_options(split="test", default_n=None)
 @threat_options(steps_help="PGD steps of the attacks named without a count (pgd, cw).")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="bf16 autocast on CUDA (faster; the paper's numbers are float32, the default).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="eval.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def eval_command(checkpoints, attacks, samples, threat, output, data, models, device, batch_size, seed,
+def eval_command(checkpoints, attacks, samples, threat, amp, output, data, models, device, batch_size, seed,
                  quiet) -> None:
     """Accuracy of CHECKPOINTS under natural and adversarial inputs.
 
@@ -50,7 +52,7 @@ def eval_command(checkpoints, attacks, samples, threat, output, data, models, de
     """
     set_determinism(seed)
     specs = tuple(parse_attack(a, threat) for a in split_list(attacks, "--attack"))
-    config = EvalConfig(attacks=specs, batch_size=batch_size, seed=seed)
+    config = EvalConfig(attacks=specs, batch_size=batch_size, seed=seed, amp=amp)
     study = Study(checkpoints, models, data)
     finish(studies.evaluation(study, samples, config, device, threat=threat, seed=seed, progress=bars(quiet)),
            output, quiet)

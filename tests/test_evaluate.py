@@ -413,3 +413,19 @@ def test_help_shows_commands_and_examples():
     for option in ("--attack", "--split", "--n", "--labels", "--norm", "--eps", "--alpha", "--output", "--dataset",
                    "--data-dir", "--arch", "--num-classes", "--normalize", "--device", "--batch-size", "--seed"):
         assert option in sub.output, option
+
+
+def test_evaluation_is_float32_unless_asked(ckpts, tmp_path):
+    """The paper's numbers are float32: eval, and training's curves and best.pt selection, run
+    without autocast by default; `eval --amp` turns bf16 on (on CUDA) and says so in the meta."""
+    from atprobe.distributed import DistContext
+    from atprobe.train import TrainConfig, Trainer
+
+    assert EvalConfig(attacks=(parse_attack("natural"),)).amp is False
+    for flag, expected in ((), False), (("--amp",), True):
+        out = tmp_path / f"e{len(flag)}.csv"
+        run_cli("eval", ckpts["a"], "--n", "4", "--attack", "natural", *flag, "-o", out, "--device", "cpu", "-q")
+        assert json.loads(out.with_name(out.stem + ".meta.json").read_text())["config"]["amp"] is expected
+    trainer = Trainer(TrainConfig(amp=True, train_n=64, batch_size=32, eval_n=16), tmp_path / "run", DistContext(),
+                      torch.device("cpu"))
+    assert trainer.config.amp is True and trainer.eval_config.amp is False
