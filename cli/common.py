@@ -192,12 +192,6 @@ def attack_options(func: Callable) -> Callable:
     return wrapper
 
 
-def output_option(default: str) -> Callable:
-    """``--output/-o``: the main table (extra tables go beside it)."""
-    return click.option("--output", "-o", type=click.Path(dir_okay=False), default=default, show_default=True,
-                        help="The CSV to write (a .meta.json goes beside it).")
-
-
 def bars(quiet: bool) -> Callable[[int, str], tqdm]:
     """The progress factory of ``atprobe.study``: a bar per call (silent when ``quiet``)."""
     return lambda total, desc: progress(total, desc, quiet)
