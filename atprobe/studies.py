@@ -35,7 +35,7 @@ from atprobe.probes import hessian as hessian_probe
 from atprobe.probes import stability as stability_probe
 from atprobe.probes._gradutil import auto_chunk_size
 from atprobe.runtime import prepare_model
-from atprobe.study import PREFIX, Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint, prefix
+from atprobe.study import Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint, prefix
 
 __all__ = [
     "complexity",
@@ -56,13 +56,9 @@ def _chunk(model: torch.nn.Module, chunk_size: int | None, batch_size: int, copi
     return chunk_size if chunk_size is not None else auto_chunk_size(model, batch_size, copies)
 
 
-def _fields(spec: SampleSpec | None, study: Study, n: int | None, batch_size: int | None,
-            device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if spec is not None:
-        out.update(split=spec.split, n=n, labels=spec.labels)
-    out.update(batch_size=batch_size, device=str(device))
-    return out
+def _fields(spec: SampleSpec, n: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The sample choice and run fields of a table's meta record."""
+    return {"split": spec.split, "n": n, "labels": spec.labels, "batch_size": batch_size, "device": str(device)}
 
 
 # ---------------------------------------------------------------------------- eval
@@ -79,7 +75,7 @@ def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
                             units=lambda m, s: len(s) * len(config.attacks), progress=progress)
     n = len(study.base(spec))
     meta = study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
-                      **_fields(spec, study, n, config.batch_size, device))
+                      **_fields(spec, n, config.batch_size, device))
     return Tables(tables[""], meta)
 
 
@@ -105,7 +101,7 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
     tables = per_checkpoint(study, spec, probe, device, name="gradnorm", units=lambda m, s: 4 * len(s),
                             progress=progress)
     meta = study.meta(config, seed=config.seed, chunk_size=chunks,
-                      **_fields(spec, study, len(study.base(spec)), batch_size, device))
+                      **_fields(spec, len(study.base(spec)), batch_size, device))
     summary = tables[""]
     shown = summary[(summary["group"] == "all") & (summary["statistic"].isin(["mean", "ratio_of_means"]))]
     extra = {".samples": tables[".samples"]} if per_sample else {}
@@ -144,9 +140,7 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
     with progress(total, f"stability {name}") as bar:
         table = stability_probe.probe(model, samples, config, progress=bar)
     table = prefix(table, {"checkpoint": name, "split": spec.split, "labels": labels})
-    meta = study.meta(config, seed=config.seed, extra=extra, **_fields(spec, study, len(samples), batch_size, device))
-    if init_arch is not None:
-        meta["config"]["dataset"] = study.dataset.name
+    meta = study.meta(config, seed=config.seed, extra=extra, **_fields(spec, len(samples), batch_size, device))
     return Tables(table, meta)
 
 
@@ -179,7 +173,7 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
                                     epochs=[s.epoch for s in stubs], progress=bar)
     table.insert(5, "labels", spec.labels)
     table.insert(5, "split", spec.split)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(samples), batch_size, device))
+    meta = study.meta(config, seed=config.seed, **_fields(spec, len(samples), batch_size, device))
     return Tables(table, meta)
 
 
@@ -199,7 +193,7 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
         return out
 
     tables = per_checkpoint(study, spec, probe, device, name="curvature", progress=progress)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+    meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))
     main = tables[""]
     return Tables(main, meta, {k: v for k, v in tables.items() if k})
@@ -223,7 +217,7 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
         return 1 + len(hessian_probe.parameter_blocks(model, config.blocks))
 
     tables = per_checkpoint(study, spec, probe, device, name="hessian", units=units, progress=progress)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+    meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))
     main = tables[""]
     shown = main[["checkpoint", "block", "quantity", "k", "value", "iterations", "method"]]
@@ -243,7 +237,7 @@ def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConf
     points = 1 + config.directions * sum(1 for v in config.lambdas if v != 0)
     tables = per_checkpoint(study, spec, probe, device, name="flatness", units=lambda m, s: points * len(s),
                             progress=progress)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, study, len(study.base(spec)), config.batch_size,
+    meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))
     return Tables(tables[""], meta, {k: v for k, v in tables.items() if k})
 
@@ -384,5 +378,3 @@ def _check_same_data(stubs: Sequence, dataset: str, split: str) -> list[str]:
                      f"{stubs[0].path}'s")
     return notes
 
-
-_ = PREFIX  # re-exported for callers that prefix their own tables

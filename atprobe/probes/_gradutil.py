@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -26,7 +27,8 @@ COMPLEXITY_COLUMNS = ["measure", "variant", "value", "reason"]
 
 
 def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (numpy's too, as tables hand them out), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def is_number(v) -> bool:

@@ -68,10 +68,6 @@ CONSISTENCY_COLUMNS = ["model_a", "model_b", "n", "kendall_tau", "kendall_p", "s
                        "top_k", "top_k_overlap"]
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 @dataclass(frozen=True)
 class HardnessConfig:
     """What ``hardness`` measures.
@@ -261,7 +257,7 @@ def consistency(per_sample: pd.DataFrame, top_k: int = 100) -> pd.DataFrame:
     """
     from scipy import stats  # local: scipy.stats import is slow
 
-    if not _is_int(top_k) or top_k < 1:
+    if not is_int(top_k) or top_k < 1:
         raise AtprobeError(f"top-k must be an integer >= 1, got {top_k!r}")
     parts = _by_model(per_sample)
     names = list(parts)
@@ -303,7 +299,7 @@ def probe(
 def hardest(per_sample: pd.DataFrame, k: int) -> pd.DataFrame:
     """The ``k`` hardest samples by mean rank over the models (smallest mean first; ties in
     sample order), columns ``index, label, true_label, mean_rank`` (labels of the first model)."""
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise AtprobeError(f"k must be an integer >= 1, got {k!r}")
     parts = _by_model(per_sample)
     names = list(parts)
