@@ -152,7 +152,7 @@ def noise_gap(data: Data, *, title: str | None = None) -> Figure:
             ax.set_title(f"{accuracy} accuracy ({metric})" if accuracy == "robust" else "natural accuracy")
             ax.set_xlabel("label-noise rate (fraction of training labels replaced)")
             ax.set_ylabel("generalization gap = train − test accuracy")
-            ax.axhline(0, color="0.6", linewidth=0.8)
+            ax.axhline(0, color="0.6", linewidth=0.8, gid="zero")
         _figure_legend(fig, axes)
         _title(fig, title, f"Generalization gap at the end of training vs label noise (cf. {PAPER}, Fig. 2(c))")
     return fig
