@@ -97,7 +97,7 @@ def _check_columns(df: pd.DataFrame, kind: str, name: str) -> None:
 
 #: Columns read as text whatever they hold (``true`` is a label mode, not a boolean).
 TEXT_COLUMNS = ("source", "checkpoint", "checkpoint_a", "checkpoint_b", "split", "labels", "group", "method",
-                "loss", "attack", "norm", "model", "model_a", "model_b", "measure", "variant", "reason", "run",
+                "loss", "attack", "norm", "model", "model_a", "model_b", "measure", "variant", "reason",
                 "dataset", "arch", "train_norm", "eval_attack")
 
 
