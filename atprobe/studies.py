@@ -109,7 +109,9 @@ def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: tor
     as ``atprobe eval`` evaluates them (same samples, same keyed starts)."""
     runs = runs_layout.check_runs(runs)
     study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource())
-    _check_same_data(study.checkpoints, study.dataset_name, spec.split)
+    if _check_same_data(study.checkpoints, study.dataset_name, spec.split):
+        raise AtprobeError(f"the runs carved different validation splits: their {spec.split} samples differ "
+                           "(use --split test)")
     evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)
     main = runs_layout.best_final(evaluated, runs, study.checkpoints)
     selection = {run: {"eval_attack": c.eval_attack, "eval_n": c.eval_n, "split": "val" if c.val_size else "test"}

@@ -35,7 +35,6 @@ def table_command(runs, samples, threat, config, output, data, device, batch_siz
     fields, the attack's budget, n, best, final, diff = best - final, best_epoch,
     final_epoch (accuracies are fractions in [0, 1]).
     """
-    runs = runs_layout.check_runs(runs)
     runs_layout.check_output(output, runs)
     set_determinism(seed)
     finish(studies.table(runs, samples, config, device, data=data, threat=threat, seed=seed, progress=bars(quiet)),

@@ -26,12 +26,12 @@ TRAIN = ["train", "--arch", "mlp", "--train-n", "192", "--batch-size", "64", "--
 ATTACKS = ["--attack", "natural,pgd2,cw2", "--n", "64", "--device", "cpu", "-q"]
 
 
-def _made_run(path, *, method, noise, eps, curves):
+def _made_run(path, *, method, noise, eps, curves, val_size=0):
     """A run directory without training: seeded mlp checkpoints as best.pt (epoch 1) and
     final.pt (epoch 3), the config of ``method``/``noise``/``eps``, and ``curves`` as
     ``{(epoch, split, metric): value}``."""
     config = TrainConfig(arch="mlp", method=method, label_noise=noise, epochs=3, threat=ThreatModel(eps=eps),
-                         eval_attack="pgd2", eval_n=32)
+                         eval_attack="pgd2", eval_n=32, val_size=val_size)
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config.to_json()))
     save_seeded_checkpoint(path / "best.pt", 1, arch="mlp", epoch=1, train_config=config.to_json())
@@ -92,6 +92,13 @@ def test_made_runs_gaps_and_eps_curves_are_the_known_numbers(made, tmp_path):
         run_cli("plot", *made, "--kind", kind, "-o", out, "-q")
         assert out.stat().st_size > 0
     assert "would replace an input" in cli_error("table", made[0], "-o", made[0] / "best.pt")
+
+
+def test_table_refuses_runs_whose_samples_differ(made, tmp_path):
+    carved = _made_run(tmp_path / "v", method="pgd_at", noise=0.0, eps=8 / 255, curves=_curves(1, 1, 1, 1),
+                       val_size=100)
+    cli_rejects("different validation splits", "table", made[0], carved, "--split", "val", "--device", "cpu",
+                output=tmp_path / "new" / "t.csv")
 
 
 @pytest.fixture(scope="module")

@@ -175,7 +175,7 @@ def robust_test_curves(data: Data) -> pd.DataFrame:
         raise AtprobeError(f"{missing[0]}: no robust test accuracy in its curves")
     out = pd.DataFrame({"source": part["source"], "method": part["_method"], "train_norm": norm[keep],
                         "train_eps": part["train_eps"], "eval_attack": part["eval_attack"],
-                        "budget": [_eps_text(n, e) for n, e in zip(norm[keep], part["train_eps"])],
+                        "budget": [_eps_text(n, e) or f"{n} ε=0" for n, e in zip(norm[keep], part["train_eps"])],
                         "epoch": part["epoch"].astype(int), "accuracy": part["value"]})
     return out.sort_values(["train_eps", "source", "epoch"], kind="stable").reset_index(drop=True)
 
