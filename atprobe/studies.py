@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from atprobe import plot
+from atprobe import runs as runs_layout
 from atprobe.attacks import AttackSpec
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig, evaluate
@@ -35,7 +36,18 @@ from atprobe.probes import hessian as hessian_probe
 from atprobe.probes import stability as stability_probe
 from atprobe.probes._gradutil import auto_chunk_size
 from atprobe.runtime import prepare_model
-from atprobe.study import Progress, SampleSpec, Study, Tables, model_names, no_progress, per_checkpoint, prefix
+from atprobe.study import (
+    DataSource,
+    ModelSource,
+    Progress,
+    SampleSpec,
+    Study,
+    Tables,
+    model_names,
+    no_progress,
+    per_checkpoint,
+    prefix,
+)
 
 __all__ = [
     "complexity",
@@ -47,6 +59,7 @@ __all__ = [
     "hardness",
     "hessian",
     "stability",
+    "table",
     "write_hardness",
 ]
 
@@ -68,15 +81,44 @@ def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
                seed: int = 0, progress: Progress = no_progress) -> Tables:
     """``atprobe eval``: one row per (checkpoint, attack); columns checkpoint, split, then
     ``atprobe.evaluate.EVAL_COLUMNS``."""
+    table = _evaluated(study, spec, config, device, ("checkpoint", "split"), "eval", progress)
+    return Tables(table, _eval_meta(study, spec, config, device, threat, seed))
+
+
+def _evaluated(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, columns: Sequence[str],
+               name: str, progress: Progress) -> pd.DataFrame:
+    """``evaluate`` on every checkpoint of the study, rows prefixed with ``columns``."""
     def probe(model, samples, ckpt, bar):
         return {"": evaluate(model, samples, config, progress=bar)}
 
-    tables = per_checkpoint(study, spec, probe, device, columns=("checkpoint", "split"), name="eval",
-                            units=lambda m, s: len(s) * len(config.attacks), progress=progress)
-    n = len(study.base(spec))
-    meta = study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
-                      **_fields(spec, n, config.batch_size, device))
-    return Tables(tables[""], meta)
+    return per_checkpoint(study, spec, probe, device, columns=columns, name=name,
+                          units=lambda m, s: len(s) * len(config.attacks), progress=progress)[""]
+
+
+def _eval_meta(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, threat, seed: int,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
+                      extra=extra, **_fields(spec, len(study.base(spec)), config.batch_size, device))
+
+
+def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: torch.device, *,
+          data: DataSource | None = None, threat=None, seed: int = 0, progress: Progress = no_progress) -> Tables:
+    """``atprobe table``: Table 1 of the paper, one row per (run, attack) with the accuracy of
+    each run's ``best.pt`` and ``final.pt`` and their difference (``atprobe.runs.best_final``).
+    The run directories are checked before anything is read; the checkpoints are evaluated
+    as ``atprobe eval`` evaluates them (same samples, same keyed starts)."""
+    runs = runs_layout.check_runs(runs)
+    study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource())
+    if _check_same_data(study.checkpoints, study.dataset_name, spec.split):
+        raise AtprobeError(f"the runs carved different validation splits: their {spec.split} samples differ "
+                           "(use --split test)")
+    evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)
+    main = runs_layout.best_final(evaluated, runs, study.checkpoints)
+    selection = {run: {"eval_attack": c.eval_attack, "eval_n": c.eval_n, "split": "val" if c.val_size else "test"}
+                 for run, c in ((run, runs_layout.run_config(run)) for run in runs)}
+    meta = _eval_meta(study, spec, config, device, threat, seed, {"runs": list(runs), "best_selected_by": selection})
+    shown = main[["run", "attack", "best", "final", "diff", "best_epoch", "final_epoch"]]
+    return Tables(main, meta, main_name="table", shown=shown)
 
 
 # ---------------------------------------------------------------------------- gradient probes

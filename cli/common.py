@@ -176,6 +176,38 @@ def sample_options(func: Callable | None = None, *, split: str = "train", defaul
     return decorate(func) if func is not None else decorate
 
 
+#: The help of ``--attack`` in the commands that evaluate accuracy (names: ``atprobe.attacks.parse_attack``).
+ATTACK_HELP = ("Comma-separated: natural, fgsm, fgsm_rs, pgdK (K steps on CE), cwK (K steps on the CW margin), "
+               "optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts.")
+
+
+def eval_options(func: Callable | None = None, *, attacks: str = "natural,pgd10") -> Callable:
+    """The options of a command that evaluates accuracy: ``--attack`` (default ``attacks``),
+    the samples (``sample_options``: the test split, all of it), the threat model
+    (``threat_options``) and ``--amp``. Passes ``samples``, ``threat`` and ``config``, an
+    ``atprobe.evaluate.EvalConfig`` of the attacks parsed against the threat model with
+    ``--batch-size`` and ``--seed`` (``common_options``, declared below this decorator)."""
+
+    def decorate(f: Callable) -> Callable:
+        @click.option("--attack", "attacks", default=attacks, show_default=True, help=ATTACK_HELP)
+        @sample_options(split="test", default_n=None)
+        @threat_options(steps_help="PGD steps of the attacks named without a count (pgd, cw).")
+        @click.option("--amp/--no-amp", default=False, show_default=True,
+                      help="bf16 autocast on CUDA (faster; the paper's numbers are float32, the default).")
+        @functools.wraps(f)
+        def wrapper(*args, attacks, threat, amp, batch_size, seed, **kwargs):
+            from atprobe.attacks import parse_attack
+            from atprobe.evaluate import EvalConfig
+
+            specs = tuple(parse_attack(a, threat) for a in split_list(attacks, "--attack"))
+            config = EvalConfig(attacks=specs, batch_size=batch_size, seed=seed, amp=amp)
+            return f(*args, threat=threat, config=config, batch_size=batch_size, seed=seed, **kwargs)
+
+        return wrapper
+
+    return decorate(func) if func is not None else decorate
+
+
 def attack_options(func: Callable) -> Callable:
     """The gradient probes' attack options: the threat model (``threat_options``), TRADES'
     ``--beta`` and the per-sample-gradient ``--chunk-size``."""

@@ -5,18 +5,7 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.attacks import parse_attack
-from atprobe.cli.common import (
-    bars,
-    common_options,
-    data_options,
-    finish,
-    foreign_options,
-    sample_options,
-    split_list,
-    threat_options,
-)
-from atprobe.evaluate import EvalConfig
+from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, foreign_options
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
 
@@ -32,18 +21,12 @@ Examples:
 
 @click.command("eval", epilog=EXAMPLES)
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option("--attack", "attacks", default="natural,pgd10", show_default=True,
-              help="Comma-separated: natural, fgsm, fgsm_rs, pgdK (K steps on CE), cwK (K steps on the "
-                   "CW margin), optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts.")
-@sample_options(split="test", default_n=None)
-@threat_options(steps_help="PGD steps of the attacks named without a count (pgd, cw).")
-@click.option("--amp/--no-amp", default=False, show_default=True,
-              help="bf16 autocast on CUDA (faster; the paper's numbers are float32, the default).")
+@eval_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="eval.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def eval_command(checkpoints, attacks, samples, threat, amp, output, data, models, device, batch_size, seed,
+def eval_command(checkpoints, samples, threat, config, output, data, models, device, batch_size, seed,
                  quiet) -> None:
     """Accuracy of CHECKPOINTS under natural and adversarial inputs.
 
@@ -51,8 +34,6 @@ def eval_command(checkpoints, attacks, samples, threat, amp, output, data, model
     eps, alpha, steps, restarts, n, accuracy, loss.
     """
     set_determinism(seed)
-    specs = tuple(parse_attack(a, threat) for a in split_list(attacks, "--attack"))
-    config = EvalConfig(attacks=specs, batch_size=batch_size, seed=seed, amp=amp)
     study = Study(checkpoints, models, data)
     finish(studies.evaluation(study, samples, config, device, threat=threat, seed=seed, progress=bars(quiet)),
            output, quiet)

@@ -61,11 +61,12 @@ def _register() -> None:
     from atprobe.cli.hessian import hessian_command
     from atprobe.cli.plot import plot_command
     from atprobe.cli.stability import stability_command
+    from atprobe.cli.table import table_command
     from atprobe.cli.train import train_command
 
     for command in (train_command, eval_command, gradnorm_command, stability_command, gradcos_command,
                     hardness_command, complexity_command, curvature_command, hessian_command, flatness_command,
-                    plot_command, demo_command):
+                    table_command, plot_command, demo_command):
         cli.add_command(command)
 
 

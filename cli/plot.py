@@ -15,6 +15,9 @@ Examples:
   atprobe plot runs/pgd/curves.csv runs/trades/curves.csv -o fig2.pdf --title "PGD-AT vs TRADES"
   atprobe plot stability_init.csv stability_final.csv -o stability.svg     # drawn together
   atprobe plot gradnorm.samples.csv --kind gradnorm_samples -o norms.png --dpi 200
+  atprobe plot table1.csv -o table1.png                                     # Table 1's bars
+  atprobe plot runs/pgd_n0 runs/pgd_n2 runs/trades_n0 --kind noise_gap -o fig2c.png
+  atprobe plot runs/pgd_eps2 runs/pgd_eps8 --kind eps_curves -o fig7b.png
   atprobe plot --list-kinds
 """
 
@@ -31,7 +34,7 @@ def _list_kinds() -> str:
 
 
 @click.command("plot", epilog=EXAMPLES)
-@click.argument("csvs", nargs=-1, type=click.Path(dir_okay=False), metavar="CSV [CSV...]")
+@click.argument("csvs", nargs=-1, type=click.Path(), metavar="CSV|RUN_DIR [...]")
 @click.option("--kind", default=None, metavar="KIND",
               help="Kind of the CSVs (default: recognized from their columns); see --list-kinds.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, metavar="FIG",
@@ -42,17 +45,19 @@ def _list_kinds() -> str:
 @click.option("--list-kinds", is_flag=True, help="List the kinds of CSV and the columns they need, then exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No 'wrote ...' line.")
 def plot_command(csvs, kind, output, dpi, title, list_kinds, quiet) -> None:
-    """Draw one or more CSVs written by atprobe as a figure.
+    """Draw one or more CSVs written by atprobe (or run directories) as a figure.
 
     The kind of table (curves, eval, gradnorm, stability, ...) is recognized from the
     columns; several CSVs of one kind are drawn together, told apart by their file
-    names. The figure is written atomically: on an error nothing is written.
+    names. A run directory is its curves.csv with its config's fields (drawn as
+    curves, or --kind noise_gap / eps_curves). The figure is written atomically: on
+    an error nothing is written.
     """
     if list_kinds:
         click.echo(_list_kinds())
         return
     if not csvs:
-        raise click.UsageError("give one or more CSV files (or --list-kinds)")
+        raise click.UsageError("give one or more CSV files or run directories (or --list-kinds)")
     if output is None:
         raise click.UsageError("give the figure file with -o FIG (.png, .pdf or .svg)")
     from atprobe import plot

@@ -31,7 +31,9 @@ Layout (one module per family of figures; everything public is importable from
   probe's own figures (:func:`sorted_loss_figure`, :func:`gallery_figure`,
   :func:`hardest_gallery`, :func:`png_bytes`);
 * :mod:`atprobe.plot.landscape`: ``flatness_curve``, ``flatness``, ``curvature_samples``,
-  ``curvature``, ``hessian``, ``hessian_density``.
+  ``curvature``, ``hessian``, ``hessian_density``;
+* :mod:`atprobe.plot.runs`: ``table`` (Table 1's bars), and from run directories
+  ``noise_gap`` (Fig. 2(c)) and ``eps_curves`` (Figs. 7(b), C.1), named with ``--kind``.
 
 Only this package draws: the probes compute tables (and, for the gallery, images) and hand
 them over. The family modules are imported below in the order their kinds are listed
@@ -81,6 +83,15 @@ from atprobe.plot.landscape import (
     slq_density,
 )
 from atprobe.plot.measures import MEASURE_AXES, complexity
+from atprobe.plot.runs import (
+    METHOD_NAMES,
+    eps_curves,
+    generalization_gaps,
+    method_label,
+    noise_gap,
+    robust_test_curves,
+    table_bars,
+)
 from atprobe.plot.training import RATIO_NAMES, grad_ratio, learning_curves
 
 __all__ = [
@@ -94,4 +105,6 @@ __all__ = [
     "DEFAULT_DPI", "GALLERY_COLUMN_PX", "GALLERY_HEIGHT_PX", "SORTED_SIZE", "default_gallery_size", "gallery_figure",
     "hardest_gallery", "parse_size", "png_bytes", "sorted_loss_figure",
     "curvature", "curvature_samples", "flatness", "flatness_curve", "hessian", "hessian_density", "slq_density",
+    "METHOD_NAMES", "eps_curves", "generalization_gaps", "method_label", "noise_gap", "robust_test_curves",
+    "table_bars",
 ]

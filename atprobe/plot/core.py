@@ -36,21 +36,24 @@ PALETTE = "colorblind"
 
 
 class Kind(NamedTuple):
-    """A kind of CSV: the columns that identify it, its drawing function, one line on it."""
+    """A kind of CSV: the columns that identify it, its drawing function, one line on it;
+    ``auto`` False: never recognized from the columns, only named (``--kind``), for a
+    second figure of a table that another kind draws by default."""
 
     columns: tuple[str, ...]
     function: Callable[..., Figure]
     description: str
+    auto: bool = True
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def register(name: str, columns: Iterable[str], description: str) -> Callable:
+def register(name: str, columns: Iterable[str], description: str, *, auto: bool = True) -> Callable:
     """Decorator adding a drawing function ``f(data, *, title=None) -> Figure`` to ``KINDS``."""
 
     def deco(function: Callable) -> Callable:
-        KINDS[name] = Kind(tuple(columns), function, description)
+        KINDS[name] = Kind(tuple(columns), function, description, auto)
         return function
 
     return deco
@@ -62,7 +65,7 @@ def _kind_names() -> str:
 
 def _matching(columns: Iterable[str]) -> list[str]:
     have = set(map(str, columns))
-    found = [name for name, kind in KINDS.items() if set(kind.columns) <= have]
+    found = [name for name, kind in KINDS.items() if kind.auto and set(kind.columns) <= have]
     # the most specific kinds: drop a match whose columns are a strict subset of another's
     return [a for a in found if not any(set(KINDS[a].columns) < set(KINDS[b].columns) for b in found)]
 
@@ -94,14 +97,21 @@ def _check_columns(df: pd.DataFrame, kind: str, name: str) -> None:
 
 #: Columns read as text whatever they hold (``true`` is a label mode, not a boolean).
 TEXT_COLUMNS = ("source", "checkpoint", "checkpoint_a", "checkpoint_b", "split", "labels", "group", "method",
-                "loss", "attack", "norm", "model", "model_a", "model_b", "measure", "variant", "reason")
+                "loss", "attack", "norm", "model", "model_a", "model_b", "measure", "variant", "reason",
+                "dataset", "arch", "train_norm", "eval_attack")
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """The table at ``path``; an ``atprobe train`` run directory is its ``curves.csv`` with the
+    run's config fields as columns (``atprobe.runs.run_curves``)."""
     if not path.exists():
         raise AtprobeError(f"no such file: {path}")
     if path.is_dir():
-        raise AtprobeError(f"{path} is a directory, not a CSV file")
+        if not (path / "config.json").is_file():
+            raise AtprobeError(f"{path} is a directory, not a CSV file (nor a run directory with config.json)")
+        from atprobe.runs import run_curves
+
+        return run_curves(path)
     try:
         df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
