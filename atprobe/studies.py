@@ -21,8 +21,9 @@ import torch
 
 from atprobe import plot
 from atprobe.attacks import AttackSpec
+from atprobe.autoattack import AutoAttackConfig
 from atprobe.errors import AtprobeError
-from atprobe.evaluate import EvalConfig, evaluate
+from atprobe.evaluate import EvalConfig, evaluate_samples
 from atprobe.io import atomic_write_bytes, write_table
 from atprobe.models import canonical_arch
 from atprobe.probes import complexity as complexity_probe
@@ -65,18 +66,24 @@ def _fields(spec: SampleSpec, n: int, batch_size: int, device: torch.device) -> 
 
 
 def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, *, threat=None,
-               seed: int = 0, progress: Progress = no_progress) -> Tables:
+               seed: int = 0, per_sample: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe eval``: one row per (checkpoint, attack); columns checkpoint, split, then
-    ``atprobe.evaluate.EVAL_COLUMNS``."""
+    ``atprobe.evaluate.EVAL_COLUMNS``; with ``per_sample`` also ``.samples``, one row per
+    (checkpoint, attack, sample): checkpoint, split, then ``atprobe.evaluate.SAMPLE_COLUMNS``."""
     def probe(model, samples, ckpt, bar):
-        return {"": evaluate(model, samples, config, progress=bar)}
+        summary, rows = evaluate_samples(model, samples, config, progress=bar, per_sample=per_sample)
+        return {"": summary, ".samples": rows} if per_sample else {"": summary}
 
     tables = per_checkpoint(study, spec, probe, device, columns=("checkpoint", "split"), name="eval",
                             units=lambda m, s: len(s) * len(config.attacks), progress=progress)
     n = len(study.base(spec))
-    meta = study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
-                      **_fields(spec, n, config.batch_size, device))
-    return Tables(tables[""], meta)
+    packages = {a.config.package_version for a in config.attacks if isinstance(a.config, AutoAttackConfig)}
+    extra = {"autoattack": {"package": "pyautoattack", "version": packages.pop()}} if packages else {}
+    meta = study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp, **extra}, seed=seed,
+                      threat=threat, **_fields(spec, n, config.batch_size, device))
+    if not per_sample:
+        return Tables(tables[""], meta)
+    return Tables(tables[""], meta, {".samples": tables[".samples"]}, names={".samples": "per-sample"})
 
 
 # ---------------------------------------------------------------------------- gradient probes
