@@ -123,6 +123,27 @@ def test_per_sample_rows_match_a_plain_loop_for_natural_and_pgd(undefended):
     assert evaluate_samples(model, split, _config("natural"), per_sample=False)[1] is None
 
 
+def test_per_sample_pgd_flags_do_not_depend_on_batch_size(undefended):
+    model, split = undefended
+    a = evaluate_samples(model, split, _config("natural", "pgd10", batch_size=7))[1]
+    b = evaluate_samples(model, split, _config("natural", "pgd10", batch_size=60))[1]
+    assert a[["attack", "index", "label", "prediction", "robust"]].equals(b[["attack", "index", "label", "prediction",
+                                                                           "robust"]])
+    assert a["loss"].to_numpy() == pytest.approx(b["loss"].to_numpy(), rel=1e-6, abs=1e-9)
+
+
+def test_cli_per_sample_without_autoattack(cnn_ckpt, tmp_path):
+    out = tmp_path / "ev.csv"
+    run_cli("eval", cnn_ckpt, "--attack", "natural,pgd2", "--per-sample", "--n", "10", "--device", "cpu", "-q",
+            "-o", out)
+    summary, samples = pd.read_csv(out), pd.read_csv(tmp_path / "ev.samples.csv")
+    assert list(samples.columns) == ["checkpoint", "split", *SAMPLE_COLUMNS] and len(samples) == 2 * 10
+    assert (samples["checkpoint"] == str(cnn_ckpt)).all() and (samples["split"] == "test").all()
+    _check_flags_agree(summary, samples, 10)
+    run_cli("eval", cnn_ckpt, "--attack", "natural", "--n", "10", "--device", "cpu", "-q", "-o", tmp_path / "b.csv")
+    assert not (tmp_path / "b.samples.csv").exists()  # only when asked
+
+
 # ------------------------------------------------------------------------- with the package
 
 
