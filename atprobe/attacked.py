@@ -14,6 +14,8 @@ of ``batch_size`` and of which other samples share its batch, up to the floating
 rounding of batched kernels (CPU GEMM and convolution kernels block over the batch, so a
 logit can differ in its last bit between batch sizes). Consumers store per-sample values by
 row and reduce the whole vector at the end, so no reduction order depends on batching either.
+The exception is AutoAttack (``atprobe.autoattack``): the package draws its random starts for
+a batch as a whole, so its examples can change with ``batch_size`` (docs/attacks.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from atprobe import autoattack
 from atprobe.attacks import PGDConfig, pgd
 from atprobe.data import Split, iterate_batches
 from atprobe.errors import AtprobeError
@@ -68,14 +71,23 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def attack_batch(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, attack: PGDConfig | None, *, seed: int = 0,
+Attack = PGDConfig | autoattack.AutoAttackConfig | None
+
+
+def attack_batch(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, attack: Attack, *, seed: int = 0,
                  amp: bool = True, stream: tuple[int, ...] = ()) -> Tensor:
     """``x`` attacked by ``attack`` against ``model`` (a module or an
     ``atprobe.directions.ModelAt``), each sample from its own start keyed by
     ``(seed, ids[i], *stream)``: the same sample starts from the same point whatever its
-    batch and whatever the parameters. ``x`` itself when ``attack`` is None."""
+    batch and whatever the parameters. ``x`` itself when ``attack`` is None.
+
+    An ``AutoAttackConfig`` runs AutoAttack on the batch (``atprobe.autoattack.perturb``),
+    seeded by ``seed`` alone, in float32 whatever ``amp``: its starts are drawn for the
+    batch as a whole, so its examples are not keyed per sample."""
     if attack is None:
         return x
+    if isinstance(attack, autoattack.AutoAttackConfig):
+        return autoattack.perturb(model, x, y, attack, seed=seed)
     ids = torch.as_tensor(ids, dtype=torch.int64).to(x.device)
     return pgd(model, x, y, attack, starts=Starts(seed, ids, stream), amp=amp)
 
@@ -83,7 +95,7 @@ def attack_batch(model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, attack: PG
 def attacked_batches(
     model: nn.Module,
     split: Split,
-    attack: PGDConfig | None,
+    attack: Attack,
     *,
     seed: int = 0,
     batch_size: int = 256,
@@ -93,8 +105,9 @@ def attacked_batches(
     exact_logits: bool = False,
     progress=None,
 ) -> Iterator[AttackedBatch]:
-    """Attack ``split`` with ``attack`` (None: no attack, ``x_adv is x``) against ``model``
-    in eval mode, batch after batch in split order.
+    """Attack ``split`` with ``attack`` (None: no attack, ``x_adv is x``; a ``PGDConfig`` or
+    an ``atprobe.autoattack.AutoAttackConfig``) against ``model`` in eval mode, batch after
+    batch in split order.
 
     seed, stream: key each sample's random starts with its index (``atprobe.starts.Starts``).
     amp: bf16 autocast on CUDA for the attack and the logits (a no-op on the CPU).

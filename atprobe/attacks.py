@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from atprobe.autoattack import NAMES as AUTOATTACK_NAMES
+from atprobe.autoattack import AutoAttackConfig, autoattack_config
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.objectives import ATTACK_LOSSES as LOSSES
 from atprobe.objectives import PerSampleLoss, attack_loss, full_precision
@@ -277,10 +279,24 @@ _ATTACK_NAME = re.compile(r"^(?P<kind>pgd|cw)(?P<steps>\d+)?(?:x(?P<restarts>\d+
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """A named evaluation attack: ``natural`` or a PGD configuration."""
+    """A named evaluation attack: ``natural``, a PGD configuration or an AutoAttack run
+    (``atprobe.autoattack``, through the optional extra)."""
 
     name: str
-    config: PGDConfig | None  # None = natural (no attack)
+    config: PGDConfig | AutoAttackConfig | None  # None = natural (no attack)
+
+    @property
+    def norm(self) -> str:
+        return "none" if self.config is None else self.config.norm
+
+    @property
+    def eps(self) -> float:
+        return 0.0 if self.config is None else self.config.eps
+
+    @property
+    def alpha(self) -> float:
+        """The PGD step; 0 for ``natural`` and AutoAttack (no fixed step)."""
+        return 0.0 if self.config is None else self.config.alpha
 
     @property
     def steps(self) -> int:
@@ -296,10 +312,17 @@ def parse_attack(name: str, threat: ThreatModel = ThreatModel()) -> AttackSpec:
     ``pgd``/``cw`` (PGD on CE / on the CW margin with the threat model's steps and
     restarts), ``pgdK``/``cwK`` (K steps) with an optional ``xR`` for R restarts
     (``pgd50x10``). Norm, eps, step size and start are the threat model's.
+
+    AutoAttack (``atprobe.autoattack.NAMES``, the optional extra ``pyautoattack``): ``aa``
+    (standard version), ``aa-plus``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, in the
+    threat model's norm and eps (its alpha, steps, restarts and start do not apply); without
+    the extra these are a one-line error saying how to install it.
     """
     name = name.strip().lower()
     if name == "natural":
         return AttackSpec(name, None)
+    if name in AUTOATTACK_NAMES:
+        return AttackSpec(name, autoattack_config(name, threat.norm, threat.eps))
     if name == "fgsm":
         return AttackSpec(name, fgsm_config(threat))
     if name == "fgsm_rs":
@@ -307,7 +330,8 @@ def parse_attack(name: str, threat: ThreatModel = ThreatModel()) -> AttackSpec:
     match = _ATTACK_NAME.match(name)
     if not match:
         raise AtprobeError(
-            f"unknown attack {name!r}: use natural, fgsm, fgsm_rs, pgd[K] or cw[K] (e.g. pgd10, cw100, pgd50x5)"
+            f"unknown attack {name!r}: use natural, fgsm, fgsm_rs, pgd[K] or cw[K] (e.g. pgd10, cw100, pgd50x5), "
+            f"or AutoAttack's {', '.join(AUTOATTACK_NAMES)}"
         )
     steps = threat.steps if match["steps"] is None else int(match["steps"])
     restarts = threat.restarts if match["restarts"] is None else int(match["restarts"])
@@ -323,4 +347,6 @@ def with_config(spec: AttackSpec, **changes) -> AttackSpec:
     """A copy of ``spec`` with some PGD fields changed (e.g. ``eval_mode``)."""
     if spec.config is None:
         return spec
+    if not isinstance(spec.config, PGDConfig):
+        raise AtprobeError(f"attack {spec.name!r} is not PGD: it has no PGD fields to change")
     return AttackSpec(spec.name, replace(spec.config, **changes))

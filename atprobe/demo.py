@@ -461,7 +461,7 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
           "evaluation", finals, SampleSpec(split="test", n=b.eval_n or None, default_n=None),
           EvalConfig(attacks=tuple(parse_attack(a, ThreatModel()) for a in b.eval_attacks),
                      batch_size=COMMAND_BATCH_SIZE, seed=seed),
-          "probes/eval.csv", threat=ThreatModel(), seed=seed)
+          "probes/eval.csv", threat=ThreatModel(), seed=seed, per_sample=False)
 
     training = [*_epochs(pgd, b), *_epochs(trades, b)]
     probe("gradnorm over training",

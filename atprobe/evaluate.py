@@ -15,6 +15,7 @@ from atprobe.errors import AtprobeError
 from atprobe.objectives import ce
 
 EVAL_COLUMNS = ["attack", "norm", "eps", "alpha", "steps", "restarts", "n", "accuracy", "loss"]
+SAMPLE_COLUMNS = ["attack", "index", "label", "prediction", "robust", "loss"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class EvalConfig:
     """What ``evaluate`` measures.
 
     attacks: parsed attack specs (``atprobe.attacks.parse_attack`` against a threat model).
-    batch_size: samples per forward/attack batch (does not change the result).
+    batch_size: samples per forward/attack batch (does not change the result, except for
+        AutoAttack, whose random starts are drawn per batch: docs/attacks.md).
     seed: keys each sample's random starts with its index (the same for every attack).
     amp: bf16 autocast on CUDA (off by default: the paper's numbers are float32, and bf16
         logits can flip a prediction near the decision boundary).
@@ -50,30 +52,39 @@ def evaluate(model: nn.Module, split: Split, config: EvalConfig, progress=None) 
     and reduced once per attack, so neither the batch size nor the summation order changes
     the result; the only host syncs are one per attack, at the end.
     """
+    return evaluate_samples(model, split, config, progress, per_sample=False)[0]
+
+
+def evaluate_samples(model: nn.Module, split: Split, config: EvalConfig, progress=None, *,
+                     per_sample: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``(summary, samples)``: ``evaluate``'s table and, with ``per_sample``, one row per
+    (attack, sample) with columns ``SAMPLE_COLUMNS`` (attacks in order, samples in split
+    order): the sample's dataset index (``Split.index``), the label scored (``split.y``),
+    the predicted class at the (attacked) input, ``robust`` (prediction == label) and the
+    CE there. Both come from the same per-sample vectors, so per attack the mean of
+    ``robust`` is ``accuracy`` and the mean of ``loss`` is ``loss``."""
     device, _ = model_device_dtype(model)
     n = len(split)
     if n == 0:
         raise AtprobeError("the evaluation split is empty")
-    rows = []
+    rows, samples = [], []
+    labels = split.y.to(device)
     for spec in config.attacks:
-        correct = torch.zeros(n, dtype=torch.bool, device=device)
+        predictions = torch.zeros(n, dtype=torch.int64, device=device)
         losses = torch.zeros(n, dtype=torch.float64, device=device)
         for b in attacked_batches(model, split, spec.config, seed=config.seed, batch_size=config.batch_size,
                                   amp=config.amp, progress=progress):
-            correct[b.rows] = b.logits.argmax(1) == b.y
+            predictions[b.rows] = b.logits.argmax(1)
             losses[b.rows] = ce(b.logits, b.y).double()
-        c = spec.config
-        rows.append(
-            {
-                "attack": spec.name,
-                "norm": "none" if c is None else c.norm,
-                "eps": 0.0 if c is None else c.eps,
-                "alpha": 0.0 if c is None else c.alpha,
-                "steps": spec.steps,
-                "restarts": spec.restarts,
-                "n": n,
-                "accuracy": correct.sum().item() / n,
-                "loss": losses.sum().item() / n,
-            }
-        )
-    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+        correct = predictions == labels
+        rows.append({"attack": spec.name, "norm": spec.norm, "eps": spec.eps, "alpha": spec.alpha,
+                     "steps": spec.steps, "restarts": spec.restarts, "n": n,
+                     "accuracy": correct.sum().item() / n, "loss": losses.sum().item() / n})
+        if per_sample:
+            samples.append(pd.DataFrame({
+                "attack": spec.name, "index": split.index.cpu().numpy(), "label": labels.cpu().numpy(),
+                "prediction": predictions.cpu().numpy(), "robust": correct.cpu().numpy(),
+                "loss": losses.cpu().numpy(),
+            }, columns=SAMPLE_COLUMNS))
+    summary = pd.DataFrame(rows, columns=EVAL_COLUMNS)
+    return summary, (pd.concat(samples, ignore_index=True) if per_sample else None)

@@ -22,8 +22,9 @@ import torch
 from atprobe import plot
 from atprobe import runs as runs_layout
 from atprobe.attacks import AttackSpec
+from atprobe.autoattack import AutoAttackConfig
 from atprobe.errors import AtprobeError
-from atprobe.evaluate import EvalConfig, evaluate
+from atprobe.evaluate import EvalConfig, evaluate_samples
 from atprobe.io import atomic_write_bytes, write_table
 from atprobe.models import canonical_arch
 from atprobe.probes import complexity as complexity_probe
@@ -78,27 +79,35 @@ def _fields(spec: SampleSpec, n: int, batch_size: int, device: torch.device) -> 
 
 
 def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, *, threat=None,
-               seed: int = 0, progress: Progress = no_progress) -> Tables:
+               seed: int = 0, per_sample: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe eval``: one row per (checkpoint, attack); columns checkpoint, split, then
-    ``atprobe.evaluate.EVAL_COLUMNS``."""
-    table = _evaluated(study, spec, config, device, ("checkpoint", "split"), "eval", progress)
-    return Tables(table, _eval_meta(study, spec, config, device, threat, seed))
+    ``atprobe.evaluate.EVAL_COLUMNS``; with ``per_sample`` also ``.samples``, one row per
+    (checkpoint, attack, sample): checkpoint, split, then ``atprobe.evaluate.SAMPLE_COLUMNS``."""
+    tables = _evaluated(study, spec, config, device, ("checkpoint", "split"), "eval", progress, per_sample)
+    meta = _eval_meta(study, spec, config, device, threat, seed)
+    if not per_sample:
+        return Tables(tables[""], meta)
+    return Tables(tables[""], meta, {".samples": tables[".samples"]}, names={".samples": "per-sample"})
 
 
 def _evaluated(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, columns: Sequence[str],
-               name: str, progress: Progress) -> pd.DataFrame:
-    """``evaluate`` on every checkpoint of the study, rows prefixed with ``columns``."""
+               name: str, progress: Progress, per_sample: bool = False) -> dict[str, pd.DataFrame]:
+    """``evaluate_samples`` on every checkpoint of the study, rows prefixed with ``columns``:
+    the summary under ``""`` and, with ``per_sample``, the per-sample rows under ``".samples"``."""
     def probe(model, samples, ckpt, bar):
-        return {"": evaluate(model, samples, config, progress=bar)}
+        summary, rows = evaluate_samples(model, samples, config, progress=bar, per_sample=per_sample)
+        return {"": summary, ".samples": rows} if per_sample else {"": summary}
 
     return per_checkpoint(study, spec, probe, device, columns=columns, name=name,
-                          units=lambda m, s: len(s) * len(config.attacks), progress=progress)[""]
+                          units=lambda m, s: len(s) * len(config.attacks), progress=progress)
 
 
 def _eval_meta(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, threat, seed: int,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp}, seed=seed, threat=threat,
-                      extra=extra, **_fields(spec, len(study.base(spec)), config.batch_size, device))
+    packages = {a.config.package_version for a in config.attacks if isinstance(a.config, AutoAttackConfig)}
+    autoattack = {"autoattack": {"package": "pyautoattack", "version": packages.pop()}} if packages else {}
+    return study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp, **autoattack}, seed=seed,
+                      threat=threat, extra=extra, **_fields(spec, len(study.base(spec)), config.batch_size, device))
 
 
 def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: torch.device, *,
@@ -112,7 +121,7 @@ def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: tor
     if _check_same_data(study.checkpoints, study.dataset_name, spec.split):
         raise AtprobeError(f"the runs carved different validation splits: their {spec.split} samples differ "
                            "(use --split test)")
-    evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)
+    evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)[""]
     main = runs_layout.best_final(evaluated, runs, study.checkpoints)
     selection = {run: {"eval_attack": c.eval_attack, "eval_n": c.eval_n, "split": "val" if c.val_size else "test"}
                  for run, c in ((run, runs_layout.run_config(run)) for run in runs)}

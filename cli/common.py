@@ -178,7 +178,8 @@ def sample_options(func: Callable | None = None, *, split: str = "train", defaul
 
 #: The help of ``--attack`` in the commands that evaluate accuracy (names: ``atprobe.attacks.parse_attack``).
 ATTACK_HELP = ("Comma-separated: natural, fgsm, fgsm_rs, pgdK (K steps on CE), cwK (K steps on the CW margin), "
-               "optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts.")
+               "optional xR for R restarts (pgd50x5); pgd, cw: --steps/--restarts; AutoAttack (pip install "
+               "'atprobe[autoattack]'): aa, aa-plus, apgd-ce, apgd-t, fab-t, square.")
 
 
 def eval_options(func: Callable | None = None, *, attacks: str = "natural,pgd10") -> Callable:

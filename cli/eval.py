@@ -16,24 +16,30 @@ Examples:
   atprobe eval a.pt b.pt --attack natural,pgd20,cw100 --split test --n 1000
   atprobe eval trades_wrn.pt --arch wrn-34-10 --dataset cifar10 --attack pgd50x5 --eps 8/255
   atprobe eval model.pt --norm l2 --eps 128/255 --attack pgd20
+  atprobe eval run/final.pt --attack natural,pgd10,aa --per-sample -o ev.csv   # also ev.samples.csv
 """
 
 
 @click.command("eval", epilog=EXAMPLES)
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @eval_options
+@click.option("--per-sample", is_flag=True,
+              help="Also write one row per (checkpoint, attack, sample) with its robust flag to OUTPUT's stem "
+                   "+ .samples.csv.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="eval.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def eval_command(checkpoints, samples, threat, config, output, data, models, device, batch_size, seed,
+def eval_command(checkpoints, per_sample, samples, threat, config, output, data, models, device, batch_size, seed,
                  quiet) -> None:
     """Accuracy of CHECKPOINTS under natural and adversarial inputs.
 
     Writes one row per (checkpoint, split, attack): checkpoint, split, attack, norm,
-    eps, alpha, steps, restarts, n, accuracy, loss.
+    eps, alpha, steps, restarts, n, accuracy, loss; with --per-sample also one row per
+    sample: checkpoint, split, attack, index, label, prediction, robust, loss.
     """
     set_determinism(seed)
     study = Study(checkpoints, models, data)
-    finish(studies.evaluation(study, samples, config, device, threat=threat, seed=seed, progress=bars(quiet)),
-           output, quiet)
+    tables = studies.evaluation(study, samples, config, device, threat=threat, seed=seed, per_sample=per_sample,
+                                progress=bars(quiet))
+    finish(tables, output, quiet)
