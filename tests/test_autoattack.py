@@ -262,3 +262,25 @@ def test_cli_eval_with_autoattack_and_per_sample(cnn_ckpt, tmp_path):
     assert meta["table"] == "per-sample" and meta["config"]["autoattack"] == {"package": "pyautoattack",
                                                                              "version": "0.2.0"}
     assert json.loads((tmp_path / "ev.meta.json").read_text())["table"] == "main"
+
+
+def test_table_takes_autoattack_names_as_eval_does(tmp_path):
+    """``atprobe table`` parses --attack as ``eval`` does: its apgd-ce column is eval's of best.pt/final.pt."""
+    pytest.importorskip("pyautoattack")
+    from atprobe.train import TrainConfig
+    from tests.conftest import save_seeded_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(arch="cnn-small", epochs=2).to_json()
+    (run / "config.json").write_text(json.dumps(config))
+    save_seeded_checkpoint(run / "best.pt", 1, arch="cnn-small", epoch=1, train_config=config)
+    save_seeded_checkpoint(run / "final.pt", 2, arch="cnn-small", epoch=2, train_config=config)
+    args = ["--attack", "natural,apgd-ce", "--n", "8", "--batch-size", "8", "--device", "cpu", "-q"]
+    run_cli("table", run, *args, "-o", tmp_path / "t.csv")
+    run_cli("eval", run / "best.pt", run / "final.pt", *args, "-o", tmp_path / "e.csv")
+    table = pd.read_csv(tmp_path / "t.csv").set_index("attack")
+    ev = pd.read_csv(tmp_path / "e.csv").set_index(["checkpoint", "attack"])["accuracy"]
+    assert table.loc["apgd-ce", "steps"] == 100
+    for role in ("best", "final"):
+        assert table[role].to_dict() == {a: ev[(str(run / f"{role}.pt"), a)] for a in ("natural", "apgd-ce")}
