@@ -139,3 +139,11 @@ def test_cli_preset_with_overrides_records_the_preset(tmp_path):
     line = cli_error("train", "--preset", "table1-cifar10-pgdte", "--out", tmp_path / "bad")
     assert "unknown preset" in line and "table1-cifar10-pgd-te" in line
     assert not (tmp_path / "bad").exists()
+
+
+def test_docs_table_every_preset():
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "presets.md").read_text()
+    missing = [name for name in PRESETS if f"| `{name}` |" not in text]
+    assert not missing, missing
