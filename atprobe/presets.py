@@ -142,8 +142,8 @@ def _table_a1(registry: dict[str, Preset]) -> None:
               "aug-wd": {"augment": True, "weight_decay": 2e-4}, "wd-dropout": {"weight_decay": 2e-4, "dropout": 0.2}}
     for labels, rate in LABELS.items():
         for combo, values in combos.items():
-            what = combo.replace("aug", "crop+flip").replace("wd", "weight decay 2e-4").replace(
-                "dropout", "dropout 0.2").replace("-", " + ") if combo != "none" else "no explicit regularizer"
+            names = {"aug": "crop + flip", "wd": "weight decay 2e-4", "dropout": "dropout 0.2"}
+            what = ", ".join(names[k] for k in combo.split("-")) if combo != "none" else "no explicit regularizer"
             _add(registry, f"tableA1-{labels}-{combo}", f"TRADES on {labels} labels, {what}",
                  f"App. A.1.3, Table A.1; {SEC31_SOURCE}, --data-augmentation, --wd, --drop-rate",
                  _merge(SEC31, {"method": "trades", "label_noise": rate}, values), SEC31_NOTE)

@@ -48,7 +48,7 @@ def _given(ctx: click.Context) -> set[str]:
               help="A training setting of the paper by name (docs/presets.md); options given explicitly override it.")
 @click.option("--list-presets", is_flag=True, is_eager=True, expose_value=False, callback=_list_presets,
               help="Print every preset (name, source, key fields) and exit.")
-@click.option("--init-from", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
               help="Start from this checkpoint's weights (same architecture; fresh optimizer, epoch 0).")
 @click.option("--arch", default=D.arch, show_default=True, help="Architecture (see docs/models.md).")
 @click.option("--dataset", type=click.Choice(DATASETS), default=D.dataset, show_default=True)
