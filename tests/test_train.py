@@ -326,6 +326,7 @@ def test_init_from_starts_from_the_source_weights(tmp_path):
     run = train(config, tmp_path / "run2", device="cpu")
     extra = load_checkpoint(run / "final.pt").raw["extra"]
     assert (extra["init_sha256"], extra["init_epoch"]) == (file_sha256(source), 7)
+    assert load_checkpoint(run / "last.pt").raw["extra"]["init_sha256"] == file_sha256(source)  # what resume reads
     meta = json.loads((run / "curves.meta.json").read_text())
     assert meta["init_sha256"] == file_sha256(source) and meta["init_from"] == str(source.resolve())
     assert json.loads((run / "config.json").read_text())["init_from"] == str(source)
