@@ -41,6 +41,7 @@ from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
 
 METHODS = ("standard", "pgd_at", "trades", "fgsm_rs")
+OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("piecewise", "cosine", "constant")
 RAMPS = ("linear", "sigmoid")
 ATTACK_MODES = ("eval", "train")
@@ -63,10 +64,11 @@ class TrainConfig:
     method: str = "pgd_at"
     epochs: int = 200
     batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    lr: float | None = None  # default: 0.1 (SGD) or 1e-3 (Adam, PyTorch's default)
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float | None = None  # default: 5e-4 (SGD) or 0 (Adam, PyTorch's default)
     schedule: str = "piecewise"
     milestones: tuple[int, ...] | None = None  # default: 50% and 75% of epochs (100, 150 of 200)
     lr_decay: float = 0.1
@@ -89,7 +91,8 @@ class TrainConfig:
     val_size: int = 0
     val_seed: int = 0
     train_n: int = 0  # train on the first N training samples only (0 = all)
-    eval_n: int = 1000
+    eval_n: int = 0  # test/val samples of the curves and of best.pt's selection (0 = the whole split)
+    train_eval_n: int | None = None  # train samples of the curves (0 = all); default eval_n if given, else 1000
     eval_attack: str = "pgd10"  # robust metric of the curves and of best.pt
     eval_every: int = 1
     save_every: int = 0
@@ -97,6 +100,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     compile: bool = False
+    init_from: str | None = None  # start from this checkpoint's weights (fresh optimizer, epoch 0)
+    preset: str | None = None  # the atprobe.presets entry the run was built from (a record)
 
     def resolved(self, num_classes: int | None = None) -> TrainConfig:
         """Fill the dependent defaults and validate everything (AtprobeError on nonsense).
@@ -119,9 +124,14 @@ class TrainConfig:
         te_weight = c.te_weight
         if te_weight is None and (num_classes or NUM_CLASSES.get(c.dataset)):
             te_weight = TE_REG_WEIGHT / (num_classes or NUM_CLASSES[c.dataset])
+        train_eval_n = c.train_eval_n if c.train_eval_n is not None else (c.eval_n or TRAIN_CURVE_N)
         out = replace(
             c,
             arch=canonical_arch(c.arch),
+            lr=float(c.lr if c.lr is not None else OPTIMIZER_DEFAULTS[c.optimizer]["lr"]),
+            weight_decay=float(c.weight_decay if c.weight_decay is not None
+                               else OPTIMIZER_DEFAULTS[c.optimizer]["weight_decay"]),
+            train_eval_n=int(train_eval_n),
             milestones=tuple(int(m) for m in milestones),
             te_start=int(te_start),
             te_end=int(te_end),
@@ -137,6 +147,9 @@ class TrainConfig:
         check_choice(c.method, METHODS, "method")
         check_choice(c.dataset, DATASETS, "dataset")
         check_choice(c.schedule, SCHEDULES, "schedule")
+        check_choice(c.optimizer, OPTIMIZERS, "optimizer")
+        if c.optimizer == "adam" and c.nesterov:
+            raise AtprobeError("--nesterov is an SGD option; Adam has none")
         if not isinstance(c.threat, ThreatModel):
             raise AtprobeError(f"threat must be an atprobe.threat.ThreatModel, got {c.threat!r}")
         check_choice(c.mix_ramp, RAMPS, "ramp")
@@ -148,8 +161,8 @@ class TrainConfig:
             raise AtprobeError(f"batch size must be >= 1, got {c.batch_size}")
         for name in ("lr", "weight_decay", "beta", "te_weight"):
             value = getattr(c, name)
-            if value is None and name == "te_weight":
-                continue  # resolved from the number of classes
+            if value is None and name in ("te_weight", "lr", "weight_decay"):
+                continue  # resolved from the number of classes or the optimizer
             if not (math.isfinite(value) and value >= 0):
                 raise AtprobeError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not 0 <= c.momentum < 1:
@@ -164,8 +177,8 @@ class TrainConfig:
             raise AtprobeError(f"--te works with pgd_at or trades, not {c.method}")
         if c.mix_clean and c.method not in ("pgd_at", "fgsm_rs"):
             raise AtprobeError(f"--mix-clean mixes clean CE into pgd_at or fgsm_rs, not {c.method}")
-        for name in ("eval_n", "val_size", "train_n", "save_every", "log_grad_ratio"):
-            if getattr(c, name) < 0:
+        for name in ("eval_n", "train_eval_n", "val_size", "train_n", "save_every", "log_grad_ratio"):
+            if (getattr(c, name) or 0) < 0:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
@@ -201,6 +214,19 @@ class TrainConfig:
 
 
 _LEGACY_THREAT_KEYS = ("norm", "eps", "alpha", "steps")
+
+#: The learning rate and weight decay of each optimizer unless given: SGD as the paper's Sec. 5
+#: (and the official ``train_te.py``); Adam with PyTorch's ``torch.optim.Adam`` defaults (lr 1e-3,
+#: no weight decay), the official code having no Adam of its own (App. A.2 names it only).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {"sgd": {"lr": 0.1, "weight_decay": 5e-4},
+                                                    "adam": {"lr": 1e-3, "weight_decay": 0.0}}
+#: Adam's moment coefficients and epsilon: PyTorch's defaults (Kingma & Ba's).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+#: Training samples in the curves unless ``train_eval_n`` or ``eval_n`` says otherwise.
+TRAIN_CURVE_N = 1000
+#: What best.pt and the curves record of ``init_from``.
+INIT_KEYS = ("init_from", "init_sha256", "init_epoch")
 
 #: The official TE code's ``reg_weight``: its penalty is ``300 * mse(softmax, target)``, a mean
 #: over the C classes, i.e. ``300 / C`` times the per-sample sum (30 on CIFAR-10, the paper's
@@ -479,6 +505,22 @@ def load_training_data(config: TrainConfig) -> Dataset:
     )
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The resolved config's optimizer: SGD (momentum, Nesterov) or Adam (``ADAM_BETAS``,
+    ``ADAM_EPS``), weight decay as an L2 term in the gradient in both (PyTorch's ``weight_decay``).
+    The learning rate schedule sets its lr every iteration."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
+
+
+def _first(split: Split, n: int) -> Split:
+    """The first ``n`` samples of ``split`` (0, or more than it has: all of it)."""
+    return split if not n or n >= len(split) else split.subset(slice(0, n))
+
+
 def _trained_split(config: TrainConfig, data: Dataset) -> Split:
     """The samples trained on: the train split, or its first ``--train-n``."""
     if not config.train_n:
@@ -536,8 +578,7 @@ class Trainer:
         train_split = _trained_split(config, self.data)  # checked before anything is written
         self.labels = _trained_labels(self.data)
         self.model = prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(self.model, config)
         ensemble = torch.zeros(len(self.labels), self.data.num_classes, device=device) if config.te else None
         # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
         self.state = RunState(self.model, self.optimizer, make_generator(config.seed, device), ensemble)
@@ -553,19 +594,34 @@ class Trainer:
         self.attack_model = torch.compile(self.model) if compile_attack else self.model
         self.iters_per_epoch = math.ceil(len(self.train_split) / config.batch_size)
         self.iteration = 0  # global step count of this process's run (the grad-ratio log's x axis)
+        self.init_record: dict[str, Any] = {}  # init_from's path, SHA-256 and epoch, once loaded
 
     def _prepare_evaluation(self) -> None:
-        """The curves' eval subsets (first ``eval_n`` of each split) and their attacks."""
-        c, data, n = self.config, self.data, self.config.eval_n
-        self.eval_sets = {"train": self.train_split.subset(slice(0, min(n, len(self.train_split)))),
-                          "test": data.test.subset(slice(0, min(n, len(data.test)))).to(self.device)}
+        """The curves' eval sets (the first ``train_eval_n`` training samples, the first ``eval_n``
+        of test and val; 0 = the whole split) and their attacks; best.pt is chosen on val if held
+        out, else on test."""
+        c, data = self.config, self.data
+        self.eval_sets = {"train": _first(self.train_split, c.train_eval_n),
+                          "test": _first(data.test, c.eval_n).to(self.device)}
         if data.val is not None:
-            self.eval_sets["val"] = data.val.subset(slice(0, min(n, len(data.val)))).to(self.device)
+            self.eval_sets["val"] = _first(data.val, c.eval_n).to(self.device)
         self.select_name = "val" if data.val is not None else "test"  # best.pt's split
+        self.selection = {"best_split": self.select_name, "best_n": len(self.eval_sets[self.select_name])}
         robust, natural = parse_attack(c.eval_attack, c.threat), parse_attack("natural")
         # float32 whatever --amp says: the curves and best.pt's selection are the paper's numbers
         self.eval_config = EvalConfig(attacks=(natural, robust), batch_size=max(256, c.batch_size), seed=c.seed,
                                       amp=False)
+
+    def initialize(self) -> None:
+        """``init_from``: the weights and BatchNorm buffers of another run's checkpoint (same
+        architecture and classes), before the first epoch; optimizer, TE ensemble and epoch stay fresh."""
+        if self.config.init_from is None:
+            return
+        source = load_checkpoint(self.config.init_from, arch=self.config.arch, num_classes=self.data.num_classes)
+        self.model.load_state_dict(source.state_dict)  # load_checkpoint built this architecture from it
+        self.init_record = {"init_from": str(source.path.resolve()), "init_sha256": source.sha256,
+                            "init_epoch": source.epoch}
+        self.meta.update(self.init_record)
 
     def start_run_dir(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -581,6 +637,8 @@ class Trainer:
         extra = last.raw.get("extra") or {}
         self.state.best = tuple(extra["best"]) if extra.get("best") else None
         self.state.best_epoch = extra.get("best_epoch")
+        self.init_record = {k: extra[k] for k in INIT_KEYS if k in extra}
+        self.meta.update(self.init_record)
         if self.state.ensemble is not None:
             self.state.ensemble.copy_(extra["te_ensemble"].to(self.device))
         if (self.out / "curves.csv").is_file():
@@ -697,7 +755,7 @@ class Trainer:
             save_checkpoint(self._checkpoint(resumable=False), out / f"epoch_{epoch:04d}.pt")
         write_table(pd.DataFrame(self.curves, columns=["epoch", "split", "metric", "value"]), out / "curves.csv",
                     {**run_meta(seed=c.seed, config=c.to_json(),
-                                extra={"best_split": self.select_name, "best_epoch": self.state.best_epoch}),
+                                extra={**self.selection, "best_epoch": self.state.best_epoch}),
                      **self.meta})
         for callback in self.callbacks:
             callback.write(out, self.meta)
@@ -710,7 +768,7 @@ class Trainer:
         model = state.model.module if hasattr(state.model, "module") else state.model
         model = getattr(model, "_orig_mod", model)
         extra: dict[str, Any] = {"best": list(state.best) if state.best else None, "best_epoch": state.best_epoch,
-                                 "best_split": self.select_name}
+                                 **self.selection, **self.init_record}
         if resumable and state.ensemble is not None:
             extra["te_ensemble"] = state.ensemble.detach().cpu()
         return make_checkpoint(
@@ -744,7 +802,9 @@ def train(
     trainer = Trainer(config, out, ctx, device, meta)
     if resume:
         trainer.resume()
-    elif ctx.main:
-        trainer.start_run_dir()
+    else:
+        trainer.initialize()  # every rank, as resume: DDP shares the module's parameters
+        if ctx.main:
+            trainer.start_run_dir()
     trainer.run(progress)
     return out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from atprobe.cli.common import NUMBER, device_option, threat_options
 from atprobe.data import DATASETS
-from atprobe.train import ATTACK_MODES, METHODS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
+from atprobe.presets import listing, options_config
+from atprobe.train import ATTACK_MODES, METHODS, OPTIMIZERS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
 
 EXAMPLES = """
 \b
@@ -16,10 +18,25 @@ Examples:
   atprobe train --arch resnet18 --dataset cifar10 --download --method pgd_at \\
       --epochs 200 --te --out runs/pgd_te                                 # the paper's setting
   atprobe train --method pgd_at --mix-clean --mix-epochs 50 --out runs/mix
+  atprobe train --preset table1-cifar10-pgd-te --download --out runs/t1   # a paper setting by name
+  atprobe train --preset fig2-trades-random --epochs 50 --out runs/f2      # explicit options win
+  atprobe train --list-presets
   atprobe train --resume runs/pgd                                          # continue after a stop
 """
 
 D = TrainConfig()
+
+
+def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(listing(), nl=False)
+        ctx.exit(0)
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """The TrainConfig fields the user gave (command line or environment), not left at their defaults."""
+    return {"compile" if p.name == "compile_" else p.name for p in ctx.command.params
+            if ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 @click.command("train", epilog=EXAMPLES)
@@ -27,6 +44,12 @@ D = TrainConfig()
               help="Run directory (config.json, curves.csv, final.pt, best.pt, last.pt, epoch_*.pt).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue an interrupted run (its config.json wins over other options).")
+@click.option("--preset", default=None, metavar="NAME",
+              help="A training setting of the paper by name (docs/presets.md); options given explicitly override it.")
+@click.option("--list-presets", is_flag=True, is_eager=True, expose_value=False, callback=_list_presets,
+              help="Print every preset (name, source, key fields) and exit.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
+              help="Start from this checkpoint's weights (same architecture; fresh optimizer, epoch 0).")
 @click.option("--arch", default=D.arch, show_default=True, help="Architecture (see docs/models.md).")
 @click.option("--dataset", type=click.Choice(DATASETS), default=D.dataset, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default $ATPROBE_DATA_DIR).")
@@ -34,10 +57,12 @@ D = TrainConfig()
 @click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True)
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
-@click.option("--lr", type=NUMBER, default=D.lr, show_default=True)
-@click.option("--momentum", type=NUMBER, default=D.momentum, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
+              help="SGD (momentum, Nesterov) or Adam (betas 0.9, 0.999; PyTorch's defaults).")
+@click.option("--lr", type=NUMBER, default=None, help="Initial learning rate (default 0.1 SGD, 1e-3 Adam).")
+@click.option("--momentum", type=NUMBER, default=D.momentum, show_default=True, help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=D.nesterov, show_default=True)
-@click.option("--weight-decay", type=NUMBER, default=D.weight_decay, show_default=True)
+@click.option("--weight-decay", type=NUMBER, default=None, help="L2 weight decay (default 5e-4 SGD, 0 Adam).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
               help="piecewise: lr x lr-decay at each milestone; cosine: to 0 at the last epoch.")
 @click.option("--milestones", default=None, help="Comma-separated epochs (default 50%,75% of epochs).")
@@ -68,7 +93,10 @@ D = TrainConfig()
 @click.option("--val-seed", type=int, default=D.val_seed, show_default=True)
 @click.option("--train-n", type=int, default=D.train_n, show_default=True,
               help="Train on the first N training samples only (0 = all).")
-@click.option("--eval-n", type=int, default=D.eval_n, show_default=True, help="Samples per curve evaluation.")
+@click.option("--eval-n", type=int, default=D.eval_n, show_default=True,
+              help="Test (and val) samples of the curves and of best.pt's selection (0 = the whole split).")
+@click.option("--train-eval-n", type=int, default=None,
+              help="Training samples of the curves (0 = all; default --eval-n if given, else 1000).")
 @click.option("--eval-attack", default=D.eval_attack, show_default=True,
               help="Robust metric of the curves and of best.pt (an eval attack name, e.g. pgd20).")
 @click.option("--eval-every", type=int, default=D.eval_every, show_default=True)
@@ -81,7 +109,7 @@ D = TrainConfig()
 @device_option
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
-def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, **options) -> None:
+def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, preset, **options) -> None:
     """Adversarially train a model and write a run directory."""
     if (out_dir is None) == (resume_dir is None):
         raise click.UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
@@ -91,7 +119,7 @@ def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, **op
         except ValueError:
             raise click.BadParameter(f"{milestones!r} is not a comma-separated list of epochs",
                                      param_hint="--milestones") from None
-    config = TrainConfig(compile=compile_, **options)
+    config = options_config(preset, {**options, "compile": compile_}, _given(click.get_current_context()))
 
     def report(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         if not quiet:

@@ -158,3 +158,18 @@ def keyed_start(x, config, seed, ids, restart=0):
     from atprobe.starts import Starts
 
     return random_start(x, config, Starts(seed, torch.as_tensor(list(ids), dtype=torch.int64)), restart)
+
+
+def write_npz(path: Path, n_train: int = 64, n_test: int = 1200, classes: int = 10, seed: int = 0) -> Path:
+    """A small random ``.npz`` dataset (uint8 NHWC 32x32 images; ``x, y, x_test, y_test``) at
+    ``path``: loads in milliseconds, and its test split can be larger than any default subset."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), "y": rng.integers(0, classes, n_train),
+              "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+              "y_test": rng.integers(0, classes, n_test)}
+    arrays["y"][:classes] = np.arange(classes)  # every class present, so the class count is `classes`
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path

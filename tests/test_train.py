@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pandas as pd
@@ -12,14 +13,15 @@ import torch.nn.functional as F
 
 from atprobe import objectives
 from atprobe.attacks import pgd
-from atprobe.checkpoint import load_checkpoint
+from atprobe.checkpoint import file_sha256, load_checkpoint
 from atprobe.data import load_dataset, symmetric_label_noise
+from atprobe.distributed import DistContext
 from atprobe.errors import AtprobeError
 from atprobe.models import build_model
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
-from atprobe.train import TrainConfig, learning_rate, mix_gamma, te_weight, train, training_loss
-from tests.conftest import cli_error
+from atprobe.train import TrainConfig, Trainer, learning_rate, mix_gamma, te_weight, train, training_loss
+from tests.conftest import cli_error, save_seeded_checkpoint, write_npz
 
 FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, threat=ThreatModel(steps=2),
             eval_attack="pgd3", lr=0.05, schedule="constant")
@@ -251,3 +253,89 @@ def test_te_ensemble_starts_at_the_ramp(tmp_path):
     train(TrainConfig(**FAST, method="pgd_at", te=True, epochs=1, te_start=1, te_end=3), tmp_path / "b",
           device="cpu")
     assert torch.count_nonzero(load_checkpoint(tmp_path / "b" / "last.pt").raw["extra"]["te_ensemble"]) > 0
+
+
+def _npz_config(tmp_path, **kw) -> TrainConfig:
+    """mlp on a 64-image npz training set with a 1200-image test split (larger than the old 1000)."""
+    data = tmp_path / "data.npz"
+    if not data.exists():
+        write_npz(data)
+    base = dict(arch="mlp", dataset="npz", data_dir=str(data), epochs=1, batch_size=64, threat=ThreatModel(steps=1),
+                eval_attack="pgd1", schedule="constant", augment=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_best_pt_is_chosen_on_the_whole_test_split(tmp_path):
+    """The default selection (and the test curve) covers every test image, not the first 1000; the
+    run records the set. Natural accuracy checked against a plain loop over all 1200 images."""
+    run = train(_npz_config(tmp_path), tmp_path / "run", device="cpu")
+    best = load_checkpoint(run / "best.pt")
+    extra = best.raw["extra"]
+    assert (extra["best_split"], extra["best_n"], extra["best_epoch"]) == ("test", 1200, 1)
+    data = load_dataset("npz", str(tmp_path / "data.npz"))
+    model = best.build_model("cpu")
+    with torch.no_grad():
+        by_hand = sum(int((model(data.test.x[i:i + 100].float() / 255).argmax(1) == data.test.y[i:i + 100]).sum())
+                      for i in range(0, 1200, 100)) / 1200
+    assert extra["best"][1] == pytest.approx(by_hand, abs=1e-9)
+    assert _curve(run, "test", "natural_acc") == [pytest.approx(by_hand, abs=1e-9)]
+    meta = json.loads((run / "curves.meta.json").read_text())
+    assert (meta["best_split"], meta["best_n"]) == ("test", 1200)
+    # a smaller --eval-n limits the curves and the selection alike, and says so
+    quick = Trainer(_npz_config(tmp_path, eval_n=100), tmp_path / "quick", DistContext(), torch.device("cpu"))
+    assert quick.selection == {"best_split": "test", "best_n": 100} and len(quick.eval_sets["train"]) == 64
+    assert TrainConfig().resolved().train_eval_n == 1000 and TrainConfig(eval_n=64).resolved().train_eval_n == 64
+
+
+def test_adam_is_built_with_pytorchs_defaults_and_steps_as_adam(tmp_path):
+    config = _npz_config(tmp_path, optimizer="adam", method="standard").resolved()
+    assert (config.lr, config.weight_decay) == (1e-3, 0.0)
+    trainer = Trainer(config, tmp_path / "run", DistContext(), torch.device("cpu"))
+    opt = trainer.optimizer
+    assert type(opt) is torch.optim.Adam
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    # one step on the whole 64-image batch: Adam's first step moves each weight by lr g / (|g| + eps)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    reference = copy.deepcopy(trainer.model).train()
+    x, y = trainer.train_split.x.float() / 255, trainer.train_split.y
+    F.cross_entropy(reference(x), y).backward()
+    trainer.epoch()
+    for name, p in trainer.model.named_parameters():
+        g = dict(reference.named_parameters())[name].grad
+        expected = before[name] - 1e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=5e-5)
+        assert (p.detach() - before[name]).abs().max() > 9e-4  # an Adam-sized step, not lr * g
+    assert "exp_avg_sq" in opt.state[next(iter(trainer.model.parameters()))]
+    with pytest.raises(AtprobeError, match="nesterov"):
+        TrainConfig(optimizer="adam", nesterov=True).resolved()
+
+
+def test_init_from_starts_from_the_source_weights(tmp_path):
+    source = save_seeded_checkpoint(tmp_path / "src" / "final.pt", seed=5, arch="cnn-small", random_bn=True, epoch=7)
+    small = write_npz(tmp_path / "small.npz", n_test=40)
+    config = _npz_config(tmp_path, arch="cnn-small", init_from=str(source), data_dir=str(small))
+    trainer = Trainer(config, tmp_path / "run", DistContext(), torch.device("cpu"))
+    trainer.initialize()
+    want = load_checkpoint(source).state_dict
+    got = trainer.model.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key  # weights and BatchNorm buffers
+    assert trainer.state.epoch == 0 and not trainer.optimizer.state  # a fresh optimizer
+    run = train(config, tmp_path / "run2", device="cpu")
+    extra = load_checkpoint(run / "final.pt").raw["extra"]
+    assert (extra["init_sha256"], extra["init_epoch"]) == (file_sha256(source), 7)
+    assert load_checkpoint(run / "last.pt").raw["extra"]["init_sha256"] == file_sha256(source)  # what resume reads
+    meta = json.loads((run / "curves.meta.json").read_text())
+    assert meta["init_sha256"] == file_sha256(source) and meta["init_from"] == str(source.resolve())
+    assert json.loads((run / "config.json").read_text())["init_from"] == str(source)
+
+
+def test_init_from_another_architecture_is_a_one_line_error(tmp_path):
+    source = save_seeded_checkpoint(tmp_path / "src.pt", arch="mlp")
+    data = write_npz(tmp_path / "data.npz", n_test=20)
+    line = cli_error("train", "--arch", "cnn-small", "--dataset", "npz", "--data-dir", data, "--init-from", source,
+                     "--epochs", "1", "--out", tmp_path / "run", "--device", "cpu")
+    assert "holds a mlp, not a cnn-small" in line, line
+    assert not (tmp_path / "run").exists()
