@@ -99,6 +99,21 @@ def run_fields(run: str | os.PathLike) -> dict[str, Any]:
             "eval_attack": c.eval_attack}
 
 
+def best_selection(run: str | os.PathLike) -> dict[str, Any]:
+    """How the run chose its ``best.pt``: the ``eval_attack`` and the ``split`` and number of
+    samples ``n`` it scored every epoch on, as the run recorded them in ``curves.meta.json``
+    (``best_split``, ``best_n``); a run that did not record ``n`` gives its ``eval_n`` (0 = the
+    whole split)."""
+    c = run_config(run)
+    meta_path = Path(run) / "curves.meta.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}
+    return {"eval_attack": c.eval_attack, "split": meta.get("best_split", "val" if c.val_size else "test"),
+            "n": meta.get("best_n", c.eval_n)}
+
+
 def run_curves(run: str | os.PathLike) -> pd.DataFrame:
     """The run's ``curves.csv`` (``epoch, split, metric, value``) with ``run`` (the
     directory as given) and :data:`RUN_FIELDS` as its first columns."""

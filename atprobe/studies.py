@@ -123,8 +123,7 @@ def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: tor
                            "(use --split test)")
     evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)[""]
     main = runs_layout.best_final(evaluated, runs, study.checkpoints)
-    selection = {run: {"eval_attack": c.eval_attack, "eval_n": c.eval_n, "split": "val" if c.val_size else "test"}
-                 for run, c in ((run, runs_layout.run_config(run)) for run in runs)}
+    selection = {run: runs_layout.best_selection(run) for run in runs}
     meta = _eval_meta(study, spec, config, device, threat, seed, {"runs": list(runs), "best_selected_by": selection})
     shown = main[["run", "attack", "best", "final", "diff", "best_epoch", "final_epoch"]]
     return Tables(main, meta, main_name="table", shown=shown)

@@ -159,7 +159,7 @@ def test_table_meta_records_the_checkpoints_and_the_selection(runs, table):
     assert [c["path"] for c in meta["checkpoints"]] == files
     for c in meta["checkpoints"]:
         assert c["sha256"] == hashlib.sha256(open(c["path"], "rb").read()).hexdigest()
-    assert meta["best_selected_by"][str(runs[0])] == {"eval_attack": "pgd2", "eval_n": 48, "split": "test"}
+    assert meta["best_selected_by"][str(runs[0])] == {"eval_attack": "pgd2", "split": "test", "n": 48}
     assert meta["table"] == "table" and meta["config"]["attacks"] == ["natural", "pgd2", "cw2"]
 
 
