@@ -9,6 +9,7 @@ from atprobe import studies
 from atprobe.cli.common import (
     attack_options,
     bars,
+    bn_stats_option,
     common_options,
     data_options,
     finish,
@@ -48,12 +49,14 @@ Examples:
 @click.option("--direction-norm", type=click.Choice(DIRECTION_NORMS), default="filter", show_default=True)
 @sample_options
 @attack_options
+@bn_stats_option
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="stability.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
 def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ignore, direction_norm, samples,
-                      threat, beta, chunk_size, output, data, models, device, batch_size, seed, quiet) -> None:
+                      threat, beta, chunk_size, bn_stats, output, data, models, device, batch_size, seed,
+                      quiet) -> None:
     """How per-sample gradients change along random directions (CHECKPOINT or --init ARCH).
 
     For each loss, direction k and lam: mean and std over the samples of
@@ -67,5 +70,5 @@ def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ig
         directions=num_directions, ignore=ignore, direction_norm=direction_norm, threat=threat, beta=beta, seed=seed)
     study = Study([checkpoint] if checkpoint is not None else [], models, data)
     tables = studies.stability(study, samples, config, device, init_arch=init_arch, chunk_size=chunk_size,
-                               batch_size=batch_size, progress=bars(quiet))
+                               batch_size=batch_size, bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)
