@@ -39,6 +39,7 @@ from atprobe.runtime import make_generator, module_mode
 __all__ = [
     "DEFAULT_N",
     "MODES",
+    "ONE_PASS",
     "BNStats",
     "batch_statistics_model",
     "batchnorm_layers",
@@ -52,6 +53,10 @@ __all__ = [
 MODES = ("auto", "running", "recompute", "batch")
 #: Training images ``recompute`` re-estimates the statistics on, unless ``recompute:N`` says.
 DEFAULT_N = 1024
+#: Images up to which :func:`prepare` recomputes with one forward of all of them (no-grad
+#: activations of 1024 CIFAR images: ~0.3 GB for resnet18, ~2-3 GB for WRN-34-10 at peak);
+#: more are estimated layer by layer in batches of the command's batch size.
+ONE_PASS = 1024
 
 
 @dataclass(frozen=True)
@@ -173,17 +178,37 @@ def _forward_order(model: nn.Module, layers: list[_BatchNorm], x: Tensor) -> lis
     return calls
 
 
+def _one_forward(model: nn.Module, layers: list[_BatchNorm], x: Tensor) -> None:
+    """The definition itself: fresh buffers, BatchNorm alone in train mode with
+    ``momentum=None``, one forward of ``x`` (every other module stays in eval mode)."""
+    momenta = [m.momentum for m in layers]
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        model(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+            m.eval()
+
+
 def recompute_batchnorm(model: nn.Module, images: Split, *, batch_size: int = 256) -> nn.Module:
     """A copy of ``model`` (eval mode, same device and dtype) whose BatchNorm buffers are
     what one train-mode forward of all of ``images`` with ``momentum=None`` would leave:
     for each layer, the mean and the unbiased variance (``N/(N-1)`` times the biased one)
     of its inputs over the images' batch and spatial positions, and ``num_batches_tracked
     = 1``. In that forward every earlier layer normalizes with the batch's mean and biased
-    variance; here the layers are estimated one after the other in forward order, each
-    from a pass over ``images`` in batches of ``batch_size`` with the earlier layers already
-    normalizing that way (in eval mode) and the forward stopped at the layer. Moments are
-    merged in float64 (Chan et al.), so the result does not depend on ``batch_size`` up to
-    rounding. ``model`` is left as it is."""
+    variance.
+
+    With ``len(images) <= batch_size`` that is what runs (BatchNorm alone in train mode,
+    dropout and the rest in eval mode). Otherwise the layers are estimated one after the
+    other in forward order, each from a pass over ``images`` in batches of ``batch_size``
+    with the earlier layers already normalizing with the full set's mean and biased
+    variance (in eval mode) and the forward stopped at the layer; moments merged in float64
+    (Chan et al.). Both give the same buffers up to rounding, whatever ``batch_size``.
+    ``model`` is left as it is."""
     if len(images) < 2:
         raise AtprobeError("recompute needs at least two images")
     out = copy.deepcopy(model).eval()
@@ -199,6 +224,9 @@ def recompute_batchnorm(model: nn.Module, images: Split, *, batch_size: int = 25
 
     with module_mode(out, False), torch.no_grad():
         first = next(batches())
+        if len(images) <= batch_size:
+            _one_forward(out, layers, first)
+            return out
         counts: dict[int, int] = {}
         for m in _forward_order(out, layers, first):
             total = 0
@@ -242,9 +270,10 @@ def prepare(model: nn.Module, spec: BNStats, train: Split | None, *, seed: int, 
             chunk_size: int | None = None) -> tuple[nn.Module, str]:
     """The model a probe should see under ``spec`` and the resolved label of its table's
     ``bn_stats`` column: ``running`` (``model`` itself), ``recompute:N`` (a copy,
-    :func:`recompute_batchnorm` on :func:`draw_images` of ``train`` with ``seed``; N the
-    images used), ``batch:K`` (a copy, :func:`batch_statistics_model`; K = ``chunk_size``,
-    the samples that share statistics, or ``batch`` when the probe has no chunks). ``auto``
+    :func:`recompute_batchnorm` on :func:`draw_images` of ``train`` with ``seed``, in one
+    forward up to :data:`ONE_PASS` images or ``batch_size``; N the images used),
+    ``batch:K`` (a copy, :func:`batch_statistics_model`; K = ``chunk_size``, the samples
+    that share statistics, or ``batch`` when the probe has no chunks). ``auto``
     is resolved here, once per model: recompute if :func:`fresh_batchnorm`, else running."""
     spec = BNStats.parse(spec)
     mode = spec.mode
@@ -257,4 +286,5 @@ def prepare(model: nn.Module, spec: BNStats, train: Split | None, *, seed: int, 
     if train is None:
         raise AtprobeError("--bn-stats recompute needs the training split")
     images = draw_images(train, spec.n, seed)
-    return recompute_batchnorm(model, images, batch_size=batch_size), f"recompute:{len(images)}"
+    one_pass = max(batch_size, ONE_PASS)
+    return recompute_batchnorm(model, images, batch_size=one_pass), f"recompute:{len(images)}"
