@@ -29,6 +29,7 @@ EXAMPLES = """
 Examples:
   atprobe stability --init cnn-small --seed 0 -o stability_init.csv      # Fig. 4(a), fresh init
   atprobe stability --init resnet18 --dataset cifar10 --n 256 --directions 3
+  atprobe stability --init cnn-small --bn-stats running      # the fresh identity BatchNorm, as before
   atprobe stability run/final.pt --losses pgd_at,clean --lambdas -0.1:0.1:11 -o stab.csv
   atprobe stability run/final.pt --lambdas=-0.02,-0.01,0,0.01,0.02
 """
