@@ -494,9 +494,11 @@ def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
 def test_gradcos_cli_orders_by_epoch(ckpts, tmp_path):
     outs = [tmp_path / f"c{i}.csv" for i in range(2)]
     for out in outs:
-        run_cli("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--device", "cpu", "-q", "-o", out)
+        run_cli("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--bn-stats", "recompute:64", "--device", "cpu",
+                "-q", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
+    assert set(df["bn_stats_a"]) == set(df["bn_stats_b"]) == {"recompute:64"}
     assert list(df.columns) == ["pair", "checkpoint_a", "checkpoint_b", "epoch_a", "epoch_b", "split", "labels",
                                 "bn_stats_a", "bn_stats_b",
                                 "loss", "n", "cos_mean", "cos_std", "dist_mean", "dist_std"]
