@@ -69,11 +69,11 @@ def test_draw_is_seeded_and_capped(train):
 @pytest.mark.parametrize("arch", ["cnn-small", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_recompute_is_one_train_mode_batch_of_all_images_whatever_the_batch_size(arch, train):
     """The buffers equal torch's own: fresh buffers, train mode, momentum=None, one forward
-    of the N images (float64); the layer-by-layer estimate in batches of 5 and of 16 agrees."""
+    of the N images (float64); the layer-by-layer estimate in batches of 5 agrees."""
     torch.manual_seed(0)
     model = build_model(arch).double().eval()
     before = copy.deepcopy(model.state_dict())
-    images = bnstats.draw_images(train, 32, 3)
+    images = bnstats.draw_images(train, 12 if arch == "resnet18" else 32, 3)
     reference = copy.deepcopy(model).train()
     for m in reference.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -81,7 +81,7 @@ def test_recompute_is_one_train_mode_batch_of_all_images_whatever_the_batch_size
             m.reset_running_stats()
     with torch.no_grad():
         reference(_floats(images))
-    for batch_size in (5, 16, 32):  # 32: the one-forward path
+    for batch_size in (5, 32):  # 32: the one-forward path
         out = bnstats.recompute_batchnorm(model, images, batch_size=batch_size)
         assert not out.training
         for (k, v), (_, r) in zip(out.state_dict().items(), reference.state_dict().items()):
@@ -225,7 +225,7 @@ def test_fig4a_at_init_with_recomputed_statistics(seed, train):
     """Fig. 4(a) at small scale on a BatchNorm network with the statistics training sees:
     cnn-small at init, BatchNorm recomputed on 1024 training images, 16 samples, lam = +-0.05:
     the PGD-AT gradient changes clearly more than the clean one (ratio ~1.3; with the fresh
-    identity BatchNorm it was ~1.05)."""
+    identity BatchNorm it was ~1.1, docs/probes/stability.md)."""
     data = load_dataset("synthetic").train.subset(slice(0, 16))
     model, label = bnstats.prepare(stability.init_model("cnn-small", 10, seed), bnstats.BNStats(), train, seed=seed,
                                    batch_size=1024)
