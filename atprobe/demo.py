@@ -41,6 +41,7 @@ import torch
 
 from atprobe import studies
 from atprobe.attacks import parse_attack
+from atprobe.bnstats import BNStats
 from atprobe.data import DATASETS
 from atprobe.directions import parse_lambdas
 from atprobe.errors import AtprobeError
@@ -449,7 +450,8 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
     def samples(n: int) -> SampleSpec:
         return SampleSpec(split="train", n=n)  # the first n training samples, trained labels
 
-    batch = {"chunk_size": None, "batch_size": COMMAND_BATCH_SIZE}  # the gradient probes' defaults
+    # the gradient probes' defaults
+    batch = {"chunk_size": None, "batch_size": COMMAND_BATCH_SIZE, "bn_stats": BNStats()}
     pgd, trades = _run("pgd_at-true"), _run("trades-true")
     pgd_r, trades_r = _run("pgd_at-random"), _run("trades-random")
     seed1 = _run("pgd_at-true-seed1")
@@ -537,7 +539,7 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
           "curvature", [_final(pgd), _final(trades)], samples(b.probe_n),
           curvature_probe.CurvatureConfig(iterations=b.curvature_iterations, threat=threat,
                                           batch_size=COMMAND_BATCH_SIZE, seed=seed),
-          "probes/curvature.csv", per_sample=True)
+          "probes/curvature.csv", per_sample=True, bn_stats=BNStats())
     probe("hessian",
           ["hessian", _final(pgd), "--n", str(b.probe_n), "--batch-size", str(b.probe_n), "--iterations",
            str(b.hessian_iterations), "--trace-samples", str(b.hessian_trace_samples), "--density",

@@ -23,6 +23,7 @@ from atprobe import plot
 from atprobe import runs as runs_layout
 from atprobe.attacks import AttackSpec
 from atprobe.autoattack import AutoAttackConfig
+from atprobe.bnstats import BNStats
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig, evaluate_samples
 from atprobe.io import atomic_write_bytes, write_table
@@ -68,6 +69,38 @@ __all__ = [
 def _chunk(model: torch.nn.Module, chunk_size: int | None, batch_size: int, copies: int) -> int:
     """An explicit chunk size, or the batch size capped to fit the device's budget."""
     return chunk_size if chunk_size is not None else auto_chunk_size(model, batch_size, copies)
+
+
+class _BNStats:
+    """A command's ``--bn-stats``: each model prepared through :meth:`Study.bn_model` (where
+    ``auto`` is resolved, once per model), its label kept for the ``bn_stats`` column and
+    the meta record (``bn_stats``: as asked; ``bn_stats_resolved``: one label per model)."""
+
+    def __init__(self, study: Study, spec: BNStats | str, *, seed: int, batch_size: int,
+                 batch: bool = True) -> None:
+        self.study, self.spec, self.seed, self.batch_size = study, BNStats.parse(spec), seed, batch_size
+        if self.spec.mode == "batch" and not batch:
+            raise AtprobeError("--bn-stats batch is not defined for this probe: its per-sample quantities come "
+                               "from one batched backward, which batch statistics would couple (use running or "
+                               "recompute)")
+        self.labels: list[str] = []
+
+    def __call__(self, model: torch.nn.Module, chunk_size: int | None = None) -> tuple[torch.nn.Module, str]:
+        model, label = self.study.bn_model(model, self.spec, seed=self.seed, batch_size=self.batch_size,
+                                           chunk_size=chunk_size)
+        self.labels.append(label)
+        return model, label
+
+    def meta(self) -> dict[str, Any]:
+        return {"bn_stats": str(self.spec), "bn_stats_resolved": list(self.labels)}
+
+
+def _tag(tables: dict[str, pd.DataFrame], label: str) -> dict[str, pd.DataFrame]:
+    """Every table with the resolved BatchNorm statistics as its first column, ``bn_stats``
+    (after the study's prefix columns once :func:`per_checkpoint` adds them)."""
+    for df in tables.values():
+        df.insert(0, "bn_stats", label)
+    return tables
 
 
 def _fields(spec: SampleSpec, n: int, batch_size: int, device: torch.device) -> dict[str, Any]:
@@ -134,23 +167,25 @@ def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: tor
 
 def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConfig, device: torch.device, *,
              chunk_size: int | None = None, batch_size: int = 256, per_sample: bool = False,
-             progress: Progress = no_progress) -> Tables:
+             bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
-    (``.samples``)."""
+    (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``)."""
     if config.noisy_vs_clean and (spec.labels != "trained" or spec.split == "test"):
         raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained on the "
                            "train or val split")
     chunks: list[int] = []
+    bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
 
     def probe(model, samples, ckpt, bar):
         cfg = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=1))
         chunks.append(cfg.chunk_size)
+        model, label = bn(model, cfg.chunk_size)
         table = gradnorm_probe.per_sample(model, samples, cfg, progress=bar)
-        return {"": gradnorm_probe.summarize(table, cfg), ".samples": table}
+        return _tag({"": gradnorm_probe.summarize(table, cfg), ".samples": table}, label)
 
     tables = per_checkpoint(study, spec, probe, device, name="gradnorm", units=lambda m, s: 4 * len(s),
                             progress=progress)
-    meta = study.meta(config, seed=config.seed, chunk_size=chunks,
+    meta = study.meta(config, seed=config.seed, chunk_size=chunks, **bn.meta(),
                       **_fields(spec, len(study.base(spec)), batch_size, device))
     summary = tables[""]
     shown = summary[(summary["group"] == "all") & (summary["statistic"].isin(["mean", "ratio_of_means"]))]
@@ -160,11 +195,13 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
 
 def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityConfig, device: torch.device, *,
               init_arch: str | None = None, chunk_size: int | None = None, batch_size: int = 256,
-              progress: Progress = no_progress) -> Tables:
+              bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
-    (seeded by ``config.seed``, on the study's dataset with its true labels)."""
+    (seeded by ``config.seed``, on the study's dataset with its true labels). ``bn_stats``:
+    the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's)."""
     if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
+    bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
     extra: dict[str, Any] = {}
     base = study.base(spec)
     if init_arch is None:
@@ -186,18 +223,22 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
         extra = {"init": {"arch": arch, "seed": config.seed, "num_classes": data.num_classes,
                           "normalize": study.models_source.normalize}}
     config = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=2))
+    model, label = bn(model, config.chunk_size)
     total = len(samples) * len(config.losses) * config.directions * len(config.lambdas)
     with progress(total, f"stability {name}") as bar:
         table = stability_probe.probe(model, samples, config, progress=bar)
-    table = prefix(table, {"checkpoint": name, "split": spec.split, "labels": labels})
-    meta = study.meta(config, seed=config.seed, extra=extra, **_fields(spec, len(samples), batch_size, device))
+    table = prefix(_tag({"": table}, label)[""], {"checkpoint": name, "split": spec.split, "labels": labels})
+    meta = study.meta(config, seed=config.seed, extra=extra, **bn.meta(),
+                      **_fields(spec, len(samples), batch_size, device))
     return Tables(table, meta)
 
 
 def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig, device: torch.device, *,
-            chunk_size: int | None = None, batch_size: int = 256, progress: Progress = no_progress) -> Tables:
+            chunk_size: int | None = None, batch_size: int = 256, bn_stats: BNStats | str = "auto",
+            progress: Progress = no_progress) -> Tables:
     """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
-    on the same samples with the first checkpoint's labels."""
+    on the same samples with the first checkpoint's labels. ``bn_stats``: the BatchNorm
+    statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint)."""
     stubs = gradcos_probe.order_by_epoch(study.checkpoints)
     if len(stubs) < 2:
         raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
@@ -210,20 +251,23 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
     for s in stubs[1:]:
         if not torch.equal(study.samples(s, spec, base).y, samples.y):
             raise AtprobeError(f"{s.path} was trained on other labels than {stubs[0].path}: use --labels true")
+    bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
     first = study.model(stubs[0], device)
     config = dataclasses.replace(config, chunk_size=_chunk(first, chunk_size, batch_size, copies=2))
 
     def models():
-        yield first
+        yield bn(first, config.chunk_size)[0]
         for s in stubs[1:]:
-            yield study.model(s, device)
+            yield bn(study.model(s, device), config.chunk_size)[0]
 
     with progress(len(samples) * (len(stubs) - 1), "gradcos") as bar:
         table = gradcos_probe.probe(models(), samples, config, names=[str(s.path) for s in stubs],
                                     epochs=[s.epoch for s in stubs], progress=bar)
+    table.insert(5, "bn_stats_b", bn.labels[1:])
+    table.insert(5, "bn_stats_a", bn.labels[:-1])
     table.insert(5, "labels", spec.labels)
     table.insert(5, "split", spec.split)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, len(samples), batch_size, device))
+    meta = study.meta(config, seed=config.seed, **bn.meta(), **_fields(spec, len(samples), batch_size, device))
     return Tables(table, meta)
 
 
@@ -231,19 +275,24 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
 
 
 def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureConfig, device: torch.device, *,
-              per_sample: bool = False, progress: Progress = no_progress) -> Tables:
-    """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``)."""
+              per_sample: bool = False, bn_stats: BNStats | str = "auto",
+              progress: Progress = no_progress) -> Tables:
+    """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``).
+    ``bn_stats``: running, recompute or auto (``atprobe.bnstats``; batch is refused)."""
+    bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=config.batch_size, batch=False)
+
     def probe(model, samples, ckpt, bar):
+        model, label = bn(model)
         table = curvature_probe.probe(model, samples, config, progress=bar)
         out = {"": curvature_probe.summarize(table)}
         if per_sample:
             out[".samples"] = table
         for df in out.values():
             df.insert(0, "at", config.at)
-        return out
+        return _tag(out, label)
 
     tables = per_checkpoint(study, spec, probe, device, name="curvature", progress=progress)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
+    meta = study.meta(config, seed=config.seed, **bn.meta(), **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))
     main = tables[""]
     return Tables(main, meta, {k: v for k, v in tables.items() if k})

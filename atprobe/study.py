@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from atprobe import bnstats
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, load_dataset
 from atprobe.errors import AtprobeError, check_choice
@@ -308,6 +309,15 @@ class Study:
         if full.sha256 != ckpt.sha256:
             raise AtprobeError(f"{ckpt.path} changed while the study was running")
         return prepare_model(full.build_model(), device)
+
+    def bn_model(self, model: nn.Module, spec: bnstats.BNStats, *, seed: int, batch_size: int,
+                 chunk_size: int | None = None) -> tuple[nn.Module, str]:
+        """``model`` with the BatchNorm statistics ``spec`` asks for and the resolved label
+        (``running``, ``recompute:N``, ``batch:K``): :func:`atprobe.bnstats.prepare` on this
+        study's training split, the one place ``auto`` is resolved (once per model)."""
+        needs_train = spec.mode == "recompute" or (spec.mode == "auto" and bnstats.fresh_batchnorm(model))
+        return bnstats.prepare(model, spec, self.dataset.train if needs_train else None, seed=seed,
+                               batch_size=batch_size, chunk_size=chunk_size)
 
     def lazy_models(self, device: torch.device, names: Sequence[str] | None = None) -> LazyModels:
         """name -> model, built on each access (one in memory at a time)."""

@@ -11,6 +11,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from atprobe import bnstats
 from atprobe.data import DATASETS
 from atprobe.errors import AtprobeError
 from atprobe.runtime import resolve_device
@@ -205,6 +206,37 @@ def eval_options(func: Callable | None = None, *, attacks: str = "natural,pgd10"
             return f(*args, threat=threat, config=config, batch_size=batch_size, seed=seed, **kwargs)
 
         return wrapper
+
+    return decorate(func) if func is not None else decorate
+
+
+class BNStatsType(click.ParamType):
+    """``running``, ``recompute[:N]``, ``batch`` or ``auto``, parsed into an
+    ``atprobe.bnstats.BNStats`` at parse time (a usage error otherwise)."""
+
+    name = "bn-stats"
+
+    def convert(self, value: Any, param, ctx) -> bnstats.BNStats:
+        try:
+            return bnstats.BNStats.parse(value)
+        except AtprobeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def bn_stats_option(func: Callable | None = None, *, batch: bool = True) -> Callable:
+    """``--bn-stats``: the BatchNorm statistics a per-sample probe normalizes with
+    (``atprobe.bnstats``), passed as ``bn_stats``. ``batch=False``: the probe refuses
+    ``batch`` (said in the help)."""
+
+    def decorate(f: Callable) -> Callable:
+        modes = "running|recompute[:N]|batch|auto" if batch else "running|recompute[:N]|auto"
+        more = (" batch: each chunk's own batch statistics (per-sample gradients through them; depends on the "
+                "chunk size)." if batch else "")
+        return click.option(
+            "--bn-stats", type=BNStatsType(), default="auto", show_default=True, metavar=modes,
+            help=f"BatchNorm statistics: running = the model's buffers; recompute[:N] = re-estimated exactly on "
+                 f"N training images (default {bnstats.DEFAULT_N}, drawn by --seed, no augmentation);{more} auto = "
+                 "recompute when the buffers are fresh (a model at init), else running.")(f)
 
     return decorate(func) if func is not None else decorate
 

@@ -9,6 +9,7 @@ from atprobe import studies
 from atprobe.cli.common import (
     NUMBER,
     bars,
+    bn_stats_option,
     common_options,
     data_options,
     finish,
@@ -40,12 +41,13 @@ Examples:
 @click.option("--per-sample", is_flag=True, help="Also write one row per sample to OUTPUT's stem + .samples.csv.")
 @sample_options
 @threat_options
+@bn_stats_option(batch=False)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="curvature.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, threat, output, data, models, device,
-                      batch_size, seed, quiet) -> None:
+def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, threat, bn_stats, output, data, models,
+                      device, batch_size, seed, quiet) -> None:
     """Dominant eigenvalue of the input Hessian of the loss, per sample (CHECKPOINTS).
 
     The eigenvalue of largest magnitude (signed) of d^2 CE(f(x), y) / dx^2 at each sample
@@ -57,5 +59,5 @@ def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, thr
     config = curvature.CurvatureConfig(at=at, iterations=iterations, tol=tol, threat=threat, batch_size=batch_size,
                                        seed=seed)
     tables = studies.curvature(Study(checkpoints, models, data), samples, config, device, per_sample=per_sample,
-                               progress=bars(quiet))
+                               bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

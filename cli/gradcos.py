@@ -9,6 +9,7 @@ from atprobe import studies
 from atprobe.cli.common import (
     attack_options,
     bars,
+    bn_stats_option,
     common_options,
     data_options,
     finish,
@@ -34,12 +35,13 @@ Examples:
               help="The objective whose per-sample gradients are compared.")
 @sample_options
 @attack_options
+@bn_stats_option
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="gradcos.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, output, data, models, device, batch_size,
-                    seed, quiet) -> None:
+def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, bn_stats, output, data, models, device,
+                    batch_size, seed, quiet) -> None:
     """Cosine of per-sample gradients between successive checkpoints (RUN_DIR or CKPT CKPT ...).
 
     Checkpoints are ordered by epoch. For each successive pair: mean and std over a fixed sample
@@ -50,5 +52,5 @@ def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, output
     set_determinism(seed)
     config = gradcos.GradCosConfig(loss=loss, threat=threat, beta=beta, seed=seed)
     tables = studies.gradcos(Study(checkpoints, models, data), samples, config, device, chunk_size=chunk_size,
-                             batch_size=batch_size, progress=bars(quiet))
+                             batch_size=batch_size, bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

@@ -9,6 +9,7 @@ from atprobe import studies
 from atprobe.cli.common import (
     attack_options,
     bars,
+    bn_stats_option,
     common_options,
     data_options,
     finish,
@@ -37,12 +38,13 @@ Examples:
 @click.option("--per-sample", is_flag=True,
               help="Also write one row per sample to OUTPUT's stem + .samples.csv.")
 @attack_options
+@bn_stats_option
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="gradnorm.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
-def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, beta, chunk_size, output, data, models,
-                     device, batch_size, seed, quiet) -> None:
+def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, beta, chunk_size, bn_stats, output,
+                     data, models, device, batch_size, seed, quiet) -> None:
     """Per-sample gradient norms of the parts of the AT objectives in CHECKPOINTS.
 
     ||grad CE||, ||grad CE(x')||, ||grad R|| (R = CE(x') - CE(x)), ||grad KL||, ||grad beta KL|| and the
@@ -53,5 +55,6 @@ def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, b
     set_determinism(seed)
     config = gradnorm.GradNormConfig(threat=threat, beta=beta, seed=seed, noisy_vs_clean=noisy_vs_clean)
     tables = studies.gradnorm(Study(checkpoints, models, data), samples, config, device, chunk_size=chunk_size,
-                              batch_size=batch_size, per_sample=per_sample, progress=bars(quiet))
+                              batch_size=batch_size, per_sample=per_sample, bn_stats=bn_stats,
+                              progress=bars(quiet))
     finish(tables, output, quiet)

@@ -9,6 +9,7 @@ from atprobe import studies
 from atprobe.cli.common import (
     attack_options,
     bars,
+    bn_stats_option,
     common_options,
     data_options,
     finish,
@@ -28,6 +29,7 @@ EXAMPLES = """
 Examples:
   atprobe stability --init cnn-small --seed 0 -o stability_init.csv      # Fig. 4(a), fresh init
   atprobe stability --init resnet18 --dataset cifar10 --n 256 --directions 3
+  atprobe stability --init cnn-small --bn-stats running      # the fresh identity BatchNorm, as before
   atprobe stability run/final.pt --losses pgd_at,clean --lambdas -0.1:0.1:11 -o stab.csv
   atprobe stability run/final.pt --lambdas=-0.02,-0.01,0,0.01,0.02
 """
@@ -48,12 +50,14 @@ Examples:
 @click.option("--direction-norm", type=click.Choice(DIRECTION_NORMS), default="filter", show_default=True)
 @sample_options
 @attack_options
+@bn_stats_option
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="stability.csv", show_default=True)
 @data_options
 @foreign_options
 @common_options
 def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ignore, direction_norm, samples,
-                      threat, beta, chunk_size, output, data, models, device, batch_size, seed, quiet) -> None:
+                      threat, beta, chunk_size, bn_stats, output, data, models, device, batch_size, seed,
+                      quiet) -> None:
     """How per-sample gradients change along random directions (CHECKPOINT or --init ARCH).
 
     For each loss, direction k and lam: mean and std over the samples of
@@ -67,5 +71,5 @@ def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ig
         directions=num_directions, ignore=ignore, direction_norm=direction_norm, threat=threat, beta=beta, seed=seed)
     study = Study([checkpoint] if checkpoint is not None else [], models, data)
     tables = studies.stability(study, samples, config, device, init_arch=init_arch, chunk_size=chunk_size,
-                               batch_size=batch_size, progress=bars(quiet))
+                               batch_size=batch_size, bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

@@ -195,11 +195,11 @@ def test_cli_writes_summary_and_samples_and_is_deterministic(cnn_ckpt, tmp_path)
     assert samples[0].read_bytes() != samples[2].read_bytes()
 
     df = pd.read_csv(outs[0])
-    assert list(df.columns) == ["checkpoint", "epoch", "split", "labels", "at", *curvature.SUMMARY_COLUMNS]
+    assert list(df.columns) == ["checkpoint", "epoch", "split", "labels", "bn_stats", "at", *curvature.SUMMARY_COLUMNS]
     assert df["statistic"].tolist() == ["mean", "median", "std", "mean_abs", "converged"]
     assert set(df["at"]) == {"adv"} and set(df["epoch"]) == {4}
     per = pd.read_csv(samples[0])
-    assert list(per.columns) == ["checkpoint", "epoch", "split", "labels", "at", *curvature.SAMPLE_COLUMNS]
+    assert list(per.columns) == ["checkpoint", "epoch", "split", "labels", "bn_stats", "at", *curvature.SAMPLE_COLUMNS]
     assert per["sample"].tolist() == [0, 1, 2, 3] and (per["iterations"] <= 3).all()
     assert df.loc[df["statistic"] == "mean", "value"].iloc[0] == pytest.approx(per["eigenvalue"].mean(), rel=1e-12)
     meta = json.loads(outs[0].with_name("c0.meta.json").read_text())

@@ -446,11 +446,12 @@ def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path):
     assert samples[0].read_bytes() != samples[2].read_bytes()  # the seed reaches the random starts
 
     df = pd.read_csv(outs[0])
-    assert list(df.columns) == ["checkpoint", "epoch", "split", "labels", *gradnorm.SUMMARY_COLUMNS]
+    assert list(df.columns) == ["checkpoint", "epoch", "split", "labels", "bn_stats", *gradnorm.SUMMARY_COLUMNS]
+    assert set(df["bn_stats"]) == {"recompute:1024"}  # an untrained checkpoint: fresh buffers, recomputed
     assert set(df["checkpoint"]) == {str(ckpts["a"])} and set(df["epoch"]) == {5}
     assert set(df["group"]) <= {"all", "clean", "noisy"} and "all" in set(df["group"])
     per = pd.read_csv(samples[0])
-    assert list(per.columns) == ["checkpoint", "epoch", "split", "labels", *gradnorm.SAMPLE_COLUMNS]
+    assert list(per.columns) == ["checkpoint", "epoch", "split", "labels", "bn_stats", *gradnorm.SAMPLE_COLUMNS]
     assert per["sample"].tolist() == list(range(6))
     mean_ratio = df[(df["group"] == "all") & (df["quantity"] == "ratio_r_ce") & (df["statistic"] == "mean")]
     assert mean_ratio["value"].iloc[0] == pytest.approx(per["ratio_r_ce"].mean(), rel=1e-12)
@@ -461,6 +462,7 @@ def test_gradnorm_cli_writes_csv_meta_and_is_deterministic(ckpts, tmp_path):
     assert len(meta["checkpoints"]) == 1 and len(meta["checkpoints"][0]["sha256"]) == 64
     assert meta["config"]["n"] == 6 and meta["config"]["threat"]["steps"] == 1
     assert meta["config"]["noisy_vs_clean"] is True
+    assert meta["config"]["bn_stats"] == "auto" and meta["config"]["bn_stats_resolved"] == ["recompute:1024"]
     assert _meta(samples[0])["rows"] == 6
 
 
@@ -471,7 +473,8 @@ def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
                 "--lambdas=-0.02,0,0.02", "--steps", "1", "--device", "cpu", "-q", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
-    assert list(df.columns) == ["checkpoint", "split", "labels", *stability.COLUMNS]
+    assert list(df.columns) == ["checkpoint", "split", "labels", "bn_stats", *stability.COLUMNS]
+    assert set(df["bn_stats"]) == {"recompute:1024"}  # --init: always recomputed by default
     assert len(df) == 6 and set(df["checkpoint"]) == {"init:cnn-small"}
     zero = df[df["lam"] == 0]
     assert (zero["dist_mean"] == 0).all() and (zero["cos_mean"] == 1).all()
@@ -491,10 +494,13 @@ def test_stability_cli_init_and_checkpoint(ckpts, tmp_path):
 def test_gradcos_cli_orders_by_epoch(ckpts, tmp_path):
     outs = [tmp_path / f"c{i}.csv" for i in range(2)]
     for out in outs:
-        run_cli("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--device", "cpu", "-q", "-o", out)
+        run_cli("gradcos", ckpts["run"], "--n", "3", "--steps", "1", "--bn-stats", "recompute:64", "--device", "cpu",
+                "-q", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     df = pd.read_csv(outs[0])
+    assert set(df["bn_stats_a"]) == set(df["bn_stats_b"]) == {"recompute:64"}
     assert list(df.columns) == ["pair", "checkpoint_a", "checkpoint_b", "epoch_a", "epoch_b", "split", "labels",
+                                "bn_stats_a", "bn_stats_b",
                                 "loss", "n", "cos_mean", "cos_std", "dist_mean", "dist_std"]
     # epoch_0001, epoch_0002, epoch_0010; final.pt repeats epoch 10 and best.pt is not an epoch file
     assert df[["epoch_a", "epoch_b"]].values.tolist() == [[1, 2], [2, 10]]

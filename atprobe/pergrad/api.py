@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from atprobe.bnstats import couples_samples
 from atprobe.directions import ModelAt, functional_state, model_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad.hooks import layer_plan, per_sample_grads_hooks, per_sample_sq_norms_hooks, row_sq_norms
@@ -72,14 +73,23 @@ def _check(
 #: How per-sample gradients are computed: ``hooks`` (per-layer identities on one batched
 #: backward, :mod:`atprobe.pergrad.hooks`), ``vmap`` (``torch.func``), or ``auto``: hooks
 #: where they apply (every probed parameter in a supported layer, and an :class:`Objective`
-#: loss, which is known to keep samples apart and stack whole chunks), else vmap.
+#: loss, which is known to keep samples apart and stack whole chunks), else vmap. A model
+#: whose BatchNorm normalizes with batch statistics (``atprobe.bnstats.couples_samples``)
+#: couples the samples of a chunk: ``auto`` then takes Jacobian rows of the chunk's loss
+#: vector (``jacobian``, :func:`~atprobe.pergrad.vmap.per_sample_grads_vmap` with ``coupled``); ``vmap``
+#: would run each sample as a batch of one with its own statistics and is refused.
 METHODS = ("auto", "hooks", "vmap")
 
 
 def resolve_method(model: nn.Module, loss_fn: PerSampleLoss, point: Mapping[str, Tensor], method: str) -> str:
-    """``hooks`` or ``vmap`` for ``method`` (one of :data:`METHODS`); ``hooks`` on a model it
-    cannot handle is an error saying why."""
+    """``hooks``, ``vmap`` or (batch-statistics models) ``jacobian`` for ``method`` (one of
+    :data:`METHODS`); a method that cannot handle the model is an error saying why."""
     check_choice(method, METHODS, "per-sample gradient method")
+    if couples_samples(model):
+        if method != "auto":
+            raise AtprobeError(f"per-sample gradients by {method} are not defined for a model whose BatchNorm uses "
+                               "batch statistics (vmap would give each sample its own); use method='auto'")
+        return "jacobian"
     if method == "vmap":
         return "vmap"
     plan = layer_plan(model, list(point))
@@ -164,7 +174,8 @@ def _grad_chunks(
                         grads = per_sample_grads_hooks(model, plan, run_loss, point, xb.shape[0])
             else:
                 with autocast(x.device, amp):
-                    grads = per_sample_grads_vmap(model, loss_fn, point, consts, xb, yb, extra)
+                    grads = per_sample_grads_vmap(model, loss_fn, point, consts, xb, yb, extra,
+                                                  coupled=method == "jacobian")
                 if norms_only:
                     grads = _norms(grads)
         del extra

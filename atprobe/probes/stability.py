@@ -91,7 +91,9 @@ def init_model(arch: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.
     """A freshly initialized ``atprobe.models`` model: ``build_model`` under
     ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the global RNG is left as
     it was). On the CPU, so the same seed gives the same weights on every machine; move
-    it afterwards. BatchNorm buffers are fresh (mean 0, var 1), which is what eval mode uses."""
+    it afterwards. BatchNorm buffers are fresh (mean 0, var 1): eval mode would make every
+    BatchNorm the identity, so ``atprobe stability --init`` recomputes them on training images
+    first (``atprobe.bnstats``, ``--bn-stats``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return build_model(arch, num_classes, **kwargs)
