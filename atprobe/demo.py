@@ -47,6 +47,7 @@ from atprobe.directions import parse_lambdas
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig
 from atprobe.io import atomic_write_bytes, write_json
+from atprobe.outputs import check_new_directory
 from atprobe.probes import complexity as complexity_probe
 from atprobe.probes import curvature as curvature_probe
 from atprobe.probes import flatness as flatness_probe
@@ -692,9 +693,7 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) 
         if not config.data_dir.exists() and not config.download:
             raise AtprobeError(f"--data-dir {config.data_dir} does not exist "
                                "(add --download to fetch the dataset there)")
-    if config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
-        raise AtprobeError(f"{config.out} already exists and is not an empty folder: give a new --out "
-                           "(the demo never overwrites)")
+    check_new_directory(config.out, [config.data_dir], hint="give a new --out (the demo never overwrites)")
     out = config.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = steps(config, budget, config.device)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from atprobe.errors import AtprobeError
 
-__all__ = ["RUN_FIELDS", "TABLE_COLUMNS", "best_final", "check_output", "check_runs", "run_config", "run_curves",
+__all__ = ["RUN_FIELDS", "TABLE_COLUMNS", "best_final", "check_runs", "run_config", "run_curves",
            "run_fields", "table_checkpoints"]
 
 #: The columns naming a run, read from its config.json (see :func:`run_fields`).
@@ -61,19 +61,6 @@ def check_runs(runs: Sequence[str | os.PathLike], need: Sequence[str] = ("config
             raise AtprobeError(f"{run}: the same run is given twice (as {seen[key]})")
         seen[key] = str(run)
     return [str(r) for r in runs]
-
-
-def check_output(output: str | os.PathLike, runs: Sequence[str | os.PathLike]) -> None:
-    """A one-line error if writing ``output`` (or its ``.meta.json``) would replace a run
-    directory or a file of one that a command reads (its config, checkpoints or curves)."""
-    out = Path(os.path.realpath(output))
-    targets = {out, out.with_name(out.stem + ".meta.json")}
-    for run in runs:
-        path = Path(os.path.realpath(run))
-        inputs = {path} | {path / name for name in ("config.json", *TABLE_FILES, "last.pt", "curves.csv",
-                                                    "curves.meta.json")}
-        if targets & inputs:
-            raise AtprobeError(f"{output}: the output would replace an input of run {run}; choose another -o")
 
 
 def run_config(run: str | os.PathLike):

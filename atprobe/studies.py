@@ -28,6 +28,7 @@ from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig, evaluate_samples
 from atprobe.io import atomic_write_bytes, write_table
 from atprobe.models import canonical_arch
+from atprobe.outputs import table_files
 from atprobe.probes import complexity as complexity_probe
 from atprobe.probes import curvature as curvature_probe
 from atprobe.probes import flatness as flatness_probe
@@ -448,6 +449,17 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
     tables = Tables(table, meta, {"per_sample": per_sample}, names={"per_sample": "per-sample"},
                     main_name="consistency")
     return tables, figures, notes
+
+
+#: What ``atprobe hardness --out DIR`` writes into DIR (with a ``.meta.json`` beside each CSV).
+HARDNESS_FILES = ("per_sample.csv", "consistency.csv", "hardest.png", "sorted.png")
+
+
+def hardness_files(out_dir) -> list[Path]:
+    """Every file :func:`write_hardness` writes into ``out_dir`` (the output rule checks them
+    before the probe runs: ``atprobe.outputs.check_outputs``)."""
+    out = Path(out_dir)
+    return [f for name in HARDNESS_FILES for f in (table_files(out / name) if name.endswith(".csv") else [out / name])]
 
 
 def write_hardness(out_dir, tables: Tables, figures: HardnessOutput) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,6 +37,7 @@ from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, load_dataset
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.io import config_record, run_meta, write_table
+from atprobe.outputs import EPOCH_FILE, is_run_directory, sibling
 from atprobe.runtime import prepare_model
 
 __all__ = [
@@ -62,8 +62,6 @@ SPLITS = ("train", "test", "val")
 LABEL_MODES = ("trained", "true")
 #: Samples probed when no ``n`` is given (or the whole split, if it is smaller).
 DEFAULT_N = 1000
-
-_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 # ---------------------------------------------------------------------------- what to read
@@ -135,7 +133,7 @@ def _run_directory(path: Path, load: Callable[[Path], Checkpoint]) -> list[Check
     ``best.pt`` unless they hold an epoch already listed, all in epoch order."""
     found = []
     for p in sorted(path.glob("epoch_*.pt")):
-        m = _EPOCH_FILE.match(p.name)
+        m = EPOCH_FILE.match(p.name)
         if m and p.is_file():
             found.append(stub(load(p)))
     epochs = {c.epoch for c in found}
@@ -186,7 +184,7 @@ def expand_checkpoints(args: Sequence[str | os.PathLike], load: Callable[[Path],
     for arg in args:
         path = where(Path(arg))
         if path.is_dir():
-            if (path / "config.json").is_file() or any(_EPOCH_FILE.match(p.name) for p in path.glob("epoch_*.pt")):
+            if is_run_directory(path):
                 found = _run_directory(path, read)
             else:
                 found = [stub(read(p)) for p in sorted(path.glob("*.pt")) if p.is_file() and p.name != "last.pt"]
@@ -419,8 +417,7 @@ class Tables:
     shown: pd.DataFrame | None = None
 
     def paths(self, output: str | os.PathLike) -> dict[str, Path]:
-        path = Path(output)
-        return {suffix: path.with_name(path.stem + suffix + ".csv") for suffix in self.extra}
+        return {suffix: sibling(output, suffix) for suffix in self.extra}
 
     def write(self, output: str | os.PathLike) -> Path:
         """Every table atomically with its meta, the extra tables first."""

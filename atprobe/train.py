@@ -35,6 +35,14 @@ from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.io import run_meta, write_json, write_table
 from atprobe.models import build_model, canonical_arch
 from atprobe.objectives import attack_loss, full_precision
+from atprobe.outputs import (
+    check_new_directory,
+    check_outputs,
+    inside,
+    is_run_directory,
+    named_path,
+    replace_directory,
+)
 from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, set_determinism
 from atprobe.schedules import learning_rate, mix_gamma, te_active, te_weight
 from atprobe.starts import Starts
@@ -227,6 +235,8 @@ ADAM_EPS = 1e-8
 TRAIN_CURVE_N = 1000
 #: What best.pt and the curves record of ``init_from``.
 INIT_KEYS = ("init_from", "init_sha256", "init_epoch")
+#: ``train --overwrite OUT`` writes the new run to OUT + this suffix until it is complete.
+OVERWRITE_SUFFIX = ".overwrite"
 
 #: The official TE code's ``reg_weight``: its penalty is ``300 * mse(softmax, target)``, a mean
 #: over the C classes, i.e. ``300 / C`` times the per-sample sum (30 on CIFAR-10, the paper's
@@ -780,26 +790,62 @@ class Trainer:
         )
 
 
+def plan_run_dir(out: Path, config: TrainConfig, *, overwrite: bool = False) -> Path:
+    """Where a new run is written, decided before any work (the output rule,
+    ``atprobe.outputs``): ``out`` itself when it is new or an empty folder; an existing,
+    non-empty ``out`` is refused, except with ``overwrite`` when it is a run directory: then
+    the new run is written to the sibling ``OUT.overwrite`` and put in ``out``'s place only
+    once it is complete (:func:`atprobe.outputs.replace_directory`, in :func:`train`)."""
+    inputs = [config.init_from, config.data_dir]
+    if not (overwrite and out.is_dir() and any(out.iterdir())):
+        check_new_directory(out, inputs, option="--out",
+                            hint=f"continue the run with --resume {out}, or replace it with --overwrite")
+        return out
+    if not is_run_directory(out):
+        raise AtprobeError(f"{out} is not an atprobe train run directory (no config.json): --overwrite replaces only "
+                           "runs; give a new or empty --out")
+    whole = Path(os.path.abspath(out))
+    staging = whole.with_name(whole.name + OVERWRITE_SUFFIX)
+    aside = whole.with_name(whole.name + ".replaced")
+    if staging.exists() or staging.is_symlink():
+        raise AtprobeError(f"{staging} exists (an interrupted --overwrite of {out}): continue it with --resume "
+                           f"{staging}, or delete it")
+    if aside.exists() or aside.is_symlink():
+        raise AtprobeError(f"{aside} exists (the old run of an interrupted --overwrite of {out}): move or delete it")
+    for item in inputs:
+        if item is not None and inside(item, out):
+            raise AtprobeError(f"{item}: --overwrite would replace {out}, which holds this input; copy it out first")
+    check_outputs((), inputs, option="--out", directories=[staging])
+    return staging
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike,
     *,
     device: str | torch.device = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run (or resume) a training and write its run directory; returns the directory.
 
+    A new run needs a new or empty ``out_dir``; ``overwrite`` replaces a run there, once
+    the new one is complete (:func:`plan_run_dir`).
     ``progress(epoch, epochs, metrics)`` is called after each epoch (the CLI prints it).
     ``meta``: fields merged into the ``.meta.json`` of curves.csv and gradratio.csv (the
     demo records the equivalent ``command`` this way; default: the process's own argv).
     """
-    out = Path(out_dir)
+    out = named_path(out_dir, "--resume" if resume else "--out", folder=True)
+    if resume and overwrite:
+        raise AtprobeError("give --resume or --overwrite, not both")
     ctx, device = distributed_context(device)
     if resume:
         config = saved_config(out)  # the run's own config wins
-    trainer = Trainer(config, out, ctx, device, meta)
+    work = out if resume else plan_run_dir(out, config, overwrite=overwrite)
+    ctx.barrier()  # every rank has decided before rank 0 writes anything
+    trainer = Trainer(config, work, ctx, device, meta)
     if resume:
         trainer.resume()
     else:
@@ -807,4 +853,7 @@ def train(
         if ctx.main:
             trainer.start_run_dir()
     trainer.run(progress)
+    if work != out and ctx.main:
+        replace_directory(work, out)
+    ctx.barrier()
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from atprobe import bnstats
 from atprobe.data import DATASETS
 from atprobe.errors import AtprobeError
+from atprobe.outputs import check_outputs, table_files
 from atprobe.runtime import resolve_device
 from atprobe.study import DEFAULT_N, LABEL_MODES, SPLITS, DataSource, ModelSource, SampleSpec
 from atprobe.threat import NORMS, STARTS, ThreatModel
@@ -255,6 +256,37 @@ def attack_options(func: Callable) -> Callable:
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def command_inputs(kwargs: Mapping[str, Any], inputs: str) -> list:
+    """What a command reads, from its parameters: the ``inputs`` argument (``CKPT | RUN_DIR``
+    paths, one or several) and ``--data-dir``."""
+    given = kwargs.get(inputs)
+    found = [given] if isinstance(given, str) else list(given or ())
+    data = kwargs.get("data")
+    found.append(kwargs.get("data_dir", getattr(data, "data_dir", None)))
+    return found
+
+
+def output_option(default: str, *, inputs: str = "checkpoints", siblings: Mapping[str, str] | None = None) -> Callable:
+    """``--output/-o FILE``, the main table, and before the command runs the output rule
+    (``atprobe.outputs.check_outputs``) over every file it will write: OUTPUT, its
+    .meta.json and each sibling table of ``siblings`` (flag parameter -> suffix, e.g.
+    ``{"per_sample": ".samples"}``) whose flag is on, against what the command reads
+    (:func:`command_inputs` of the ``inputs`` parameter)."""
+    siblings = dict(siblings or {})
+
+    def decorate(f: Callable) -> Callable:
+        @click.option("--output", "-o", type=click.Path(dir_okay=False), default=default, show_default=True)
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            suffixes = [suffix for flag, suffix in siblings.items() if kwargs.get(flag)]
+            check_outputs(table_files(kwargs["output"], suffixes), command_inputs(kwargs, inputs))
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def bars(quiet: bool) -> Callable[[int, str], tqdm]:

@@ -7,7 +7,16 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.cli.common import NUMBER, bars, common_options, data_options, finish, foreign_options, threat_options
+from atprobe.cli.common import (
+    NUMBER,
+    bars,
+    common_options,
+    data_options,
+    finish,
+    foreign_options,
+    output_option,
+    threat_options,
+)
 from atprobe.probes import complexity
 from atprobe.runtime import set_determinism
 from atprobe.study import DEFAULT_N, Study
@@ -43,7 +52,7 @@ Examples:
               help=f"Samples of train and of test for the data-dependent measures (default {DEFAULT_N}, or the "
                    "whole split if smaller).")
 @threat_options(steps_help="PGD steps of the margin's, the robust accuracies' and the landscape measures' attack.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="complexity.csv", show_default=True)
+@output_option("complexity.csv")
 @data_options
 @foreign_options
 @common_options

@@ -14,6 +14,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
     threat_options,
 )
@@ -42,7 +43,7 @@ Examples:
 @sample_options
 @threat_options
 @bn_stats_option(batch=False)
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="curvature.csv", show_default=True)
+@output_option("curvature.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
 @common_options

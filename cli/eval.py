@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, foreign_options
+from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, foreign_options, output_option
 from atprobe.runtime import set_determinism
 from atprobe.study import Study
 
@@ -26,7 +26,7 @@ Examples:
 @click.option("--per-sample", is_flag=True,
               help="Also write one row per (checkpoint, attack, sample) with its robust flag to OUTPUT's stem "
                    "+ .samples.csv.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="eval.csv", show_default=True)
+@output_option("eval.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
 @common_options

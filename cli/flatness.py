@@ -13,6 +13,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
     threat_options,
 )
@@ -47,7 +48,7 @@ Examples:
               help="Also write the whole curve (one row per direction and lam) to OUTPUT's stem + .curve.csv.")
 @sample_options
 @threat_options
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="flatness.csv", show_default=True)
+@output_option("flatness.csv", siblings={"curve": ".curve"})
 @data_options
 @foreign_options
 @common_options

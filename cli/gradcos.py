@@ -14,6 +14,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
 )
 from atprobe.pergrad import OBJECTIVES
@@ -36,7 +37,7 @@ Examples:
 @sample_options
 @attack_options
 @bn_stats_option
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="gradcos.csv", show_default=True)
+@output_option("gradcos.csv")
 @data_options
 @foreign_options
 @common_options

@@ -14,6 +14,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
 )
 from atprobe.probes import gradnorm
@@ -39,7 +40,7 @@ Examples:
               help="Also write one row per sample to OUTPUT's stem + .samples.csv.")
 @attack_options
 @bn_stats_option
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="gradnorm.csv", show_default=True)
+@output_option("gradnorm.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
 @common_options

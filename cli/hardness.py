@@ -9,6 +9,7 @@ import click
 from atprobe import studies
 from atprobe.cli.common import bars, common_options, data_options, foreign_options, sample_options, threat_options
 from atprobe.errors import AtprobeError
+from atprobe.outputs import check_outputs
 from atprobe.plot import parse_size
 from atprobe.probes import hardness
 from atprobe.runtime import set_determinism
@@ -54,6 +55,7 @@ def hardness_command(checkpoints, samples, attack, threat, top_k, gallery_k, gal
     (Fig. C.3) and sorted.png (Fig. 7(c)). Model names are the paths relative to their
     common folder.
     """
+    check_outputs(studies.hardness_files(out_dir), [*checkpoints, data.data_dir], option="--out", directories=[out_dir])
     set_determinism(seed)
     if top_k < 1:
         raise AtprobeError(f"--top-k must be >= 1, got {top_k}")

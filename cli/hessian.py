@@ -13,6 +13,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
     threat_options,
 )
@@ -60,7 +61,7 @@ Examples:
                    "(the reference).")
 @sample_options
 @threat_options
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="hessian.csv", show_default=True)
+@output_option("hessian.csv", siblings={"density": ".density"})
 @data_options
 @foreign_options
 @common_options

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from atprobe.errors import AtprobeError
+from atprobe.outputs import check_outputs
 
 EXAMPLES = """
 \b
@@ -62,6 +63,7 @@ def plot_command(csvs, kind, output, dpi, title, list_kinds, quiet) -> None:
         raise click.UsageError("give the figure file with -o FIG (.png, .pdf or .svg)")
     from atprobe import plot
 
+    check_outputs([output], csvs)
     out = Path(output)
     if out.suffix.lower() not in plot.FORMATS:
         raise AtprobeError(f"cannot tell the figure format from {out.name!r}: end the name with "

@@ -14,6 +14,7 @@ from atprobe.cli.common import (
     data_options,
     finish,
     foreign_options,
+    output_option,
     sample_options,
     split_list,
 )
@@ -51,7 +52,7 @@ Examples:
 @sample_options
 @attack_options
 @bn_stats_option
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="stability.csv", show_default=True)
+@output_option("stability.csv", inputs="checkpoint")
 @data_options
 @foreign_options
 @common_options

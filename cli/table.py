@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from atprobe import runs as runs_layout
 from atprobe import studies
-from atprobe.cli.common import bars, common_options, data_options, eval_options, finish
+from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, output_option
 from atprobe.runtime import set_determinism
 
 #: Table 1's columns that need no extra package (add AutoAttack's name to --attack where it is available).
@@ -24,7 +23,7 @@ Examples:
 @click.command("table", epilog=EXAMPLES)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
 @eval_options(attacks=DEFAULT_ATTACKS)
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default="table.csv", show_default=True)
+@output_option("table.csv", inputs="runs")
 @data_options
 @common_options
 def table_command(runs, samples, threat, config, output, data, device, batch_size, seed, quiet) -> None:
@@ -35,7 +34,6 @@ def table_command(runs, samples, threat, config, output, data, device, batch_siz
     fields, the attack's budget, n, best, final, diff = best - final, best_epoch,
     final_epoch (accuracies are fractions in [0, 1]).
     """
-    runs_layout.check_output(output, runs)
     set_determinism(seed)
     finish(studies.table(runs, samples, config, device, data=data, threat=threat, seed=seed, progress=bars(quiet)),
            output, quiet)

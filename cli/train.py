@@ -44,6 +44,9 @@ def _given(ctx: click.Context) -> set[str]:
               help="Run directory (config.json, curves.csv, final.pt, best.pt, last.pt, epoch_*.pt).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue an interrupted run (its config.json wins over other options).")
+@click.option("--overwrite", is_flag=True,
+              help="--out may hold a run: replace it, once the new run is complete (written to OUT.overwrite "
+                   "until then; the old run stays intact if training stops).")
 @click.option("--preset", default=None, metavar="NAME",
               help="A training setting of the paper by name (docs/presets.md); options given explicitly override it.")
 @click.option("--list-presets", is_flag=True, is_eager=True, expose_value=False, callback=_list_presets,
@@ -109,10 +112,12 @@ def _given(ctx: click.Context) -> set[str]:
 @device_option
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
-def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, preset, **options) -> None:
+def train_command(out_dir, resume_dir, overwrite, milestones, device, quiet, compile_, preset, **options) -> None:
     """Adversarially train a model and write a run directory."""
     if (out_dir is None) == (resume_dir is None):
         raise click.UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    if overwrite and resume_dir is not None:
+        raise click.UsageError("--overwrite replaces the run in --out: give it with --out, not --resume")
     if milestones is not None:
         try:
             options["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
@@ -126,6 +131,8 @@ def train_command(out_dir, resume_dir, milestones, device, quiet, compile_, pres
             text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             click.echo(f"epoch {epoch}/{epochs} {text}", err=True)
 
-    out = train(config, out_dir or resume_dir, device=device, resume=resume_dir is not None, progress=report)
+    resume = resume_dir is not None
+    out = train(config, resume_dir if resume else out_dir, device=device, resume=resume, overwrite=overwrite,
+                progress=report)
     if not quiet:
         click.echo(f"wrote {out}", err=True)

@@ -91,7 +91,7 @@ def test_made_runs_gaps_and_eps_curves_are_the_known_numbers(made, tmp_path):
         out = tmp_path / f"{kind}.png"
         run_cli("plot", *made, "--kind", kind, "-o", out, "-q")
         assert out.stat().st_size > 0
-    assert "would replace an input" in cli_error("table", made[0], "-o", made[0] / "best.pt")
+    assert "would land inside" in cli_error("table", made[0], "-o", made[0] / "best.pt")
 
 
 def test_table_refuses_runs_whose_samples_differ(made, tmp_path):
@@ -183,8 +183,8 @@ def test_table_refuses_what_is_not_a_run_before_any_work(runs, tmp_path):
     cli_rejects("given twice", "table", a, f"{a}/", output=out)
     cli_rejects("unknown attack", "table", a, "--attack", "natural,bogus", output=out)
     before = a.joinpath("config.json").read_bytes()
-    assert "would replace an input" in cli_error("table", a, "-o", a / "config.json")
-    assert "would replace an input" in cli_error("table", a, runs[1], "-o", runs[1] / "curves.csv")
+    assert "would land inside" in cli_error("table", a, "-o", a / "config.json")
+    assert "would land inside" in cli_error("table", a, runs[1], "-o", runs[1] / "curves.csv")
     assert a.joinpath("config.json").read_bytes() == before
 
 
