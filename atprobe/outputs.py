@@ -34,10 +34,13 @@ from pathlib import Path
 from atprobe.errors import AtprobeError
 from atprobe.io import meta_path
 
-__all__ = ["EPOCH_FILE", "check_new_directory", "check_outputs", "inside", "is_run_directory", "named_path",
-           "replace_directory", "sibling", "table_files"]
+__all__ = ["ASIDE_SUFFIX", "EPOCH_FILE", "check_new_directory", "check_outputs", "inside", "is_run_directory",
+           "named_path", "replace_directory", "sibling", "table_files"]
 
 Input = str | os.PathLike | None
+
+#: :func:`replace_directory` renames the folder it replaces to its name + this suffix, then deletes it.
+ASIDE_SUFFIX = ".replaced"
 
 #: The name of a run's per-epoch checkpoints (``epoch_0010.pt``).
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -183,7 +186,7 @@ def replace_directory(new: Path, old: Path) -> None:
     """Put the complete folder ``new`` in the place of ``old`` (same parent, so same file
     system): ``old`` is renamed aside to ``OLD.replaced``, ``new`` renamed in, then the
     old one deleted. Until the first rename ``old`` is untouched."""
-    aside = old.with_name(old.name + ".replaced")
+    aside = old.with_name(old.name + ASIDE_SUFFIX)
     os.replace(old, aside)
     os.replace(new, old)
     shutil.rmtree(aside)

@@ -36,6 +36,7 @@ from atprobe.io import run_meta, write_json, write_table
 from atprobe.models import build_model, canonical_arch
 from atprobe.objectives import attack_loss, full_precision
 from atprobe.outputs import (
+    ASIDE_SUFFIX,
     check_new_directory,
     check_outputs,
     inside,
@@ -806,7 +807,7 @@ def plan_run_dir(out: Path, config: TrainConfig, *, overwrite: bool = False) -> 
                            "runs; give a new or empty --out")
     whole = Path(os.path.abspath(out))
     staging = whole.with_name(whole.name + OVERWRITE_SUFFIX)
-    aside = whole.with_name(whole.name + ".replaced")
+    aside = whole.with_name(whole.name + ASIDE_SUFFIX)
     if staging.exists() or staging.is_symlink():
         raise AtprobeError(f"{staging} exists (an interrupted --overwrite of {out}): continue it with --resume "
                            f"{staging}, or delete it")
@@ -854,6 +855,6 @@ def train(
             trainer.start_run_dir()
     trainer.run(progress)
     if work != out and ctx.main:
-        replace_directory(work, out)
+        replace_directory(work, Path(os.path.abspath(out)))
     ctx.barrier()
     return out
