@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,10 +155,11 @@ def _read(path: Path) -> Any:
     except Exception as exc:  # torch.load raises many types on bad bytes; all mean "not loadable"
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
+        code = found.group(1) if found else _pickle_global(path)
+        if code and _pickled(path):
             raise AtprobeError(
-                f"{path}: refusing to load, unpickling it would run arbitrary code ({found.group(1)}); "
-                "atprobe loads checkpoints with torch.load(weights_only=True)"
+                f"refused to load {path}: unpickling it would run code ({code}), and atprobe loads only weights "
+                f"(torch.load(weights_only=True)); re-save only the weights: torch.save(model.state_dict(), '{path}')"
             ) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[-1] if lines else "")
@@ -164,6 +167,35 @@ def _read(path: Path) -> Any:
             f"{path} is not a readable PyTorch checkpoint: corrupt, truncated or another format "
             f"({type(exc).__name__}{': ' + detail[:120] if detail else ''})"
         ) from None
+
+
+def _pickled(path: Path) -> bool:
+    """A zip checkpoint or a binary pickle (it starts with PROTO): text or random bytes that happen
+    to parse as pickle opcodes are not taken for a file that would run code."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
+
+
+def _pickle_global(path: Path) -> str | None:
+    """The first class or function a plain (non-zip) pickle file would import to unpickle, read
+    off its opcodes without running any (None if it imports none or is not a pickle). torch's
+    weights-only unpickler names such a global in a zip checkpoint itself; a plain ``pickle.dump``
+    file of protocol 4 or 5 stops it at the first frame, before it sees one."""
+    if zipfile.is_zipfile(path) or not _pickled(path):
+        return None
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+    except Exception:  # not a pickle after all: the caller says so
+        return None
+    return None
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -232,6 +264,70 @@ def _load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path
     model.load_state_dict(state, strict=True)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    name = type(v).__name__
+    return "None" if v is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _native_problem(obj: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a native checkpoint dict (None: nothing): each field
+    has the type of the format's table (docs/checkpoints.md)."""
+    def mapping(key: str, optional: bool = True) -> str | None:
+        v = obj.get(key)
+        if (v is None and optional) or isinstance(v, Mapping):
+            return None
+        return f"{key} is {_kind(v)}, not a dict"
+
+    if not isinstance(obj["arch"], str):
+        return f"arch is {_kind(obj['arch'])}, not an architecture name"
+    model = obj["model"]
+    if not isinstance(model, Mapping):
+        return f"model is {_kind(model)}, not a state_dict (a dict of parameter name -> tensor)"
+    for key, value in model.items():
+        if not isinstance(key, str):
+            return f"model has a key {key!r} ({type(key).__name__}), not a parameter name (str)"
+        if not isinstance(value, torch.Tensor):
+            return f"model[{key!r}] is {_kind(value)}, not a tensor"
+    problem = mapping("arch_kwargs", optional=False)
+    if problem:
+        return problem
+    kwargs = obj["arch_kwargs"]
+    for key in ("num_classes",):
+        if key in kwargs and not (_is_int(kwargs[key]) and kwargs[key] >= 1):
+            return f"arch_kwargs[{key!r}] is {kwargs[key]!r}, not a class count"
+    for key in ("mean", "std"):
+        v = kwargs.get(key)
+        if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v)):
+            return f"arch_kwargs[{key!r}] is {_kind(v)}, not a list of numbers"
+    if "num_classes" in obj and not (_is_int(obj["num_classes"]) and obj["num_classes"] >= 1):
+        return f"num_classes is {obj['num_classes']!r}, not a class count"
+    if obj.get("dataset") is not None and not isinstance(obj["dataset"], str):
+        return f"dataset is {_kind(obj['dataset'])}, not a dataset name"
+    if obj.get("epoch") is not None and not (_is_int(obj["epoch"]) and obj["epoch"] >= 0):
+        return f"epoch is {obj['epoch']!r}, not a count of epochs"
+    labels = obj.get("labels")
+    if labels is not None and not (isinstance(labels, torch.Tensor) and labels.dim() == 1
+                                   and not labels.is_floating_point() and not labels.is_complex()):
+        return f"labels is {_kind(labels)}, not a 1-D integer tensor"
+    for key in ("label_spec", "train_config", "optimizer", "scheduler", "rng", "extra"):
+        problem = mapping(key)
+        if problem:
+            return problem
+    return None
+
+
+def _check_native_fields(obj: Mapping[str, Any], path: Path) -> None:
+    problem = _native_problem(obj)
+    if problem:
+        raise AtprobeError(f"{path}: damaged atprobe checkpoint: {problem}; write it again with "
+                           "atprobe.checkpoint.save_checkpoint(make_checkpoint(model, ...)), or save only the "
+                           "weights (torch.save(model.state_dict(), PATH)) and load them with --arch")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -263,6 +359,7 @@ def load_checkpoint(
         lacking = [k for k in needed if k not in obj]
         if lacking:
             raise AtprobeError(f"{path}: damaged atprobe checkpoint, missing {', '.join(lacking)}")
+        _check_native_fields(obj, path)
         file_arch = canonical_arch(obj["arch"])
         if arch is not None and canonical_arch(arch) != file_arch:
             raise AtprobeError(f"{path}: checkpoint holds a {file_arch}, not a {canonical_arch(arch)}")

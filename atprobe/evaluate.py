@@ -11,7 +11,7 @@ from torch import nn
 from atprobe.attacked import attacked_batches, model_device_dtype
 from atprobe.attacks import AttackSpec
 from atprobe.data import Split
-from atprobe.errors import AtprobeError
+from atprobe.errors import AtprobeError, check_seed
 from atprobe.objectives import ce
 
 EVAL_COLUMNS = ["attack", "norm", "eps", "alpha", "steps", "restarts", "n", "accuracy", "loss"]
@@ -40,6 +40,7 @@ class EvalConfig:
             raise AtprobeError("no attack given: name at least one, e.g. natural,pgd10")
         if self.batch_size < 1:
             raise AtprobeError(f"batch size must be >= 1, got {self.batch_size}")
+        check_seed(self.seed)
 
 
 def evaluate(model: nn.Module, split: Split, config: EvalConfig, progress=None) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from atprobe.errors import AtprobeError
+from atprobe.errors import AtprobeError, check_seed
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -48,7 +48,7 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A local generator, so no command touches (or depends on) the global RNG stream."""
     g = torch.Generator(device=torch.device(device))
-    g.manual_seed(int(seed))
+    g.manual_seed(check_seed(seed))
     return g
 
 
@@ -60,7 +60,7 @@ def set_determinism(seed: int, deterministic: bool = True) -> None:
     called: it imports the compiler stack (about 5 s per command) and raises on CUDA ops
     without a deterministic kernel; cuDNN is pinned instead, which is what varies there.
     """
-    torch.manual_seed(int(seed))
+    torch.manual_seed(check_seed(seed))
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

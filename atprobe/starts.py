@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from atprobe.errors import check_seed
+
 __all__ = ["Starts", "keyed_normal", "keyed_uniform", "sample_keys", "splitmix64"]
 
 _M32 = 0xFFFFFFFF
@@ -50,7 +52,7 @@ def _pcg(v: Tensor) -> Tensor:
 def sample_keys(seed: int, ids: Tensor, *stream: int) -> Tensor:
     """One uint32 key (int64 tensor, shape of ``ids``) per sample: a hash of ``seed``,
     the sample index and the ``stream`` integers (e.g. a restart, an epoch, a purpose)."""
-    h = splitmix64(int(seed) & _M64)
+    h = splitmix64(check_seed(seed))
     key = _pcg((ids.to(torch.int64) + (h & _M32)) & _M32)
     key = _pcg(key ^ (h >> 32))
     for s in stream:

@@ -284,18 +284,33 @@ class Study:
             n = len(split) if spec.default_n is None else min(spec.default_n, len(split))
         if n > len(split):
             raise AtprobeError(f"--n {n} is larger than the split ({len(split)} samples)")
-        return split.subset(slice(0, n))
+        chosen = split.subset(slice(0, n))
+        for ckpt in self.checkpoints:  # every checkpoint meets these samples: its classes checked before any work
+            self.samples(ckpt, spec, chosen)
+        return chosen
 
     def samples(self, ckpt: Checkpoint, spec: SampleSpec, base: Split | None = None) -> Split:
-        """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``."""
+        """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``; a
+        one-line error when a label is not one of the model's classes."""
         base = self.base(spec) if base is None else base
         if spec.labels_used(ckpt) == "true":
-            return base.with_labels(base.true_y)
+            return self._check_classes(ckpt, base.with_labels(base.true_y), spec, "true")
         labels = ckpt.labels
         if labels.numel() <= int(base.index.max()):
             raise AtprobeError(f"{ckpt.path}: it stores {labels.numel()} training labels, fewer than the "
                                "dataset's train split")
-        return base.with_labels(labels.to(base.index.device)[base.index].to(torch.int64))
+        samples = base.with_labels(labels.to(base.index.device)[base.index].to(torch.int64))
+        return self._check_classes(ckpt, samples, spec, "trained")
+
+    def _check_classes(self, ckpt: Checkpoint, samples: Split, spec: SampleSpec, which: str) -> Split:
+        """``samples`` if every label is one of ``ckpt``'s classes (``max(label) + 1 <= num_classes``)."""
+        if len(samples) and int(samples.y.max()) >= ckpt.num_classes:
+            needed = int(samples.y.max()) + 1
+            raise AtprobeError(
+                f"{ckpt.path}: the model has {ckpt.num_classes} classes, but the {which} labels of the "
+                f"{len(samples)} {spec.split} samples of {self.dataset_name} need {needed} (labels up to "
+                f"{needed - 1}); give the dataset it was trained on (--dataset), or a model with {needed} classes")
+        return samples
 
     # ------------------------------------------------------------------ models
 

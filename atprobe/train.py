@@ -30,7 +30,7 @@ from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import DATASETS, NUM_CLASSES, Batch, Dataset, Split, iterate_batches, load_dataset
 from atprobe.distributed import DistContext, MultiForward, ddp_wrapped, distributed_context
-from atprobe.errors import AtprobeError, check_choice
+from atprobe.errors import AtprobeError, check_choice, check_seed
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.io import run_meta, write_json, write_table
 from atprobe.models import build_model, canonical_arch
@@ -189,6 +189,8 @@ class TrainConfig:
         for name in ("eval_n", "train_eval_n", "val_size", "train_n", "save_every", "log_grad_ratio"):
             if (getattr(c, name) or 0) < 0:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+        for name in ("seed", "label_seed", "val_seed", "synthetic_seed"):
+            check_seed(getattr(c, name), name.replace("_", "-"))
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
 
@@ -494,7 +496,7 @@ class GradRatioLog(StepCallback):
 
     def load(self, out: Path) -> None:
         if (out / "gradratio.csv").is_file():
-            self.rows = pd.read_csv(out / "gradratio.csv").to_dict("records")
+            self.rows = read_run_csv(out, "gradratio.csv").to_dict("records")
 
     def write(self, out: Path, meta: Mapping[str, Any]) -> None:
         if self.rows:
@@ -559,14 +561,84 @@ def _curve_rows(epoch: int, split: str, df: pd.DataFrame) -> list[dict[str, Any]
     return rows
 
 
+#: The columns of curves.csv, in order.
+CURVE_COLUMNS = ["epoch", "split", "metric", "value"]
+_RESTART = "start the run again with --out (a new directory)"
+
+
+def _damaged(out: Path, name: str, why: str, fix: str = _RESTART) -> AtprobeError:
+    return AtprobeError(f"cannot resume {out}: {name} is damaged ({why}); {fix}")
+
+
+def read_run_csv(out: Path, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """``out/name``, a table the run wrote (atomically, so complete unless damaged since), or
+    a one-line error naming the file: empty, cut short (no final newline), unparsable, or
+    without ``columns``."""
+    path = out / name
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _damaged(out, name, "empty")
+    if not raw.endswith(b"\n"):
+        raise _damaged(out, name, "truncated: its last line is cut short")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(out, name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}") from None
+    if columns is not None and list(df.columns) != columns:
+        raise _damaged(out, name, f"columns {list(map(str, df.columns))!r}, expected {columns!r}")
+    return df
+
+
+def _read_config(out: Path) -> TrainConfig:
+    saved = out / "config.json"
+    try:
+        record = json.loads(saved.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(out, "config.json", f"not JSON: {exc}",
+                       "restore it from a copy, or " + _RESTART) from None
+    if not isinstance(record, dict):
+        raise _damaged(out, "config.json", f"it holds a {type(record).__name__}, not the options of a run")
+    try:
+        return TrainConfig.from_json(record).resolved()
+    except (AtprobeError, TypeError, ValueError, KeyError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _damaged(out, "config.json", why[:160], "restore it from a copy, or " + _RESTART) from None
+
+
 def saved_config(out: Path) -> TrainConfig:
-    """The configuration of the run to resume in ``out`` (AtprobeError if there is none)."""
+    """The configuration of the run to resume in ``out``, checked with what the run left (a
+    one-line AtprobeError naming the file if there is none or one is damaged): config.json,
+    last.pt (its own, with the resume state: the training options it records are
+    config.json's) and curves.csv (a row for every epoch up to last.pt's)."""
     saved = out / "config.json"
     if not saved.is_file():
         raise AtprobeError(f"cannot resume {out}: no config.json there (is it a run directory?)")
-    config = TrainConfig.from_json(json.loads(saved.read_text()))
+    config = _read_config(out)
     if not (out / "last.pt").is_file():
         raise AtprobeError(f"cannot resume {out}: no last.pt (no epoch finished yet); start it again instead")
+    try:
+        last = load_checkpoint(out / "last.pt")
+    except AtprobeError as exc:
+        raise AtprobeError(f"cannot resume {out}: {exc}; put this run's last.pt back, or {_RESTART}") from None
+    own = config.to_json()
+    recorded = last.train_config
+    differ = [k for k in own if k not in recorded or recorded[k] != own[k]]
+    if differ:
+        shown = "; ".join(f"{k} {recorded.get(k)!r} in last.pt, {own[k]!r} in config.json" for k in differ[:3])
+        raise AtprobeError(f"cannot resume {out}: last.pt is from another run, its training options are not "
+                           f"config.json's ({shown}); put this run's last.pt back, or {_RESTART}")
+    missing = [k for k in ("optimizer", "rng") if not isinstance(last.raw.get(k), Mapping)]
+    if config.te and not isinstance((last.raw.get("extra") or {}).get("te_ensemble"), torch.Tensor):
+        missing.append("te_ensemble")
+    if missing:
+        raise _damaged(out, "last.pt", f"no {', '.join(missing)}: a checkpoint without resume state, not the "
+                       "run's last.pt", f"put this run's last.pt back, or {_RESTART}")
+    if (out / "curves.csv").is_file():
+        curves = read_run_csv(out, "curves.csv", CURVE_COLUMNS)
+        logged = set(pd.to_numeric(curves["epoch"], errors="coerce").dropna().astype(int))
+        lacking = [e for e in range(1, int(last.epoch or 0) + 1) if e not in logged]
+        if lacking:
+            raise _damaged(out, "curves.csv", f"no rows of epoch {lacking[0]}, though last.pt has epoch {last.epoch}")
     return config
 
 
@@ -653,7 +725,7 @@ class Trainer:
         if self.state.ensemble is not None:
             self.state.ensemble.copy_(extra["te_ensemble"].to(self.device))
         if (self.out / "curves.csv").is_file():
-            old = pd.read_csv(self.out / "curves.csv")
+            old = read_run_csv(self.out, "curves.csv", CURVE_COLUMNS)
             self.curves = old[old["epoch"] <= self.state.epoch].to_dict("records")
         for callback in self.callbacks:
             callback.load(self.out)
@@ -764,7 +836,7 @@ class Trainer:
         c, out, epoch = self.config, self.out, self.state.epoch
         if c.save_every and epoch % c.save_every == 0:
             save_checkpoint(self._checkpoint(resumable=False), out / f"epoch_{epoch:04d}.pt")
-        write_table(pd.DataFrame(self.curves, columns=["epoch", "split", "metric", "value"]), out / "curves.csv",
+        write_table(pd.DataFrame(self.curves, columns=CURVE_COLUMNS), out / "curves.csv",
                     {**run_meta(seed=c.seed, config=c.to_json(),
                                 extra={**self.selection, "best_epoch": self.state.best_epoch}),
                      **self.meta})

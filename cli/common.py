@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from atprobe import bnstats
 from atprobe.data import DATASETS
-from atprobe.errors import AtprobeError
+from atprobe.errors import SEED_MAX, AtprobeError
 from atprobe.outputs import check_outputs, table_files
 from atprobe.runtime import resolve_device
 from atprobe.study import DEFAULT_N, LABEL_MODES, SPLITS, DataSource, ModelSource, SampleSpec
@@ -39,6 +39,20 @@ class Number(click.ParamType):
 
 
 NUMBER = Number()
+
+#: ``--seed`` and every other seed option: an integer in [0, 2**63) (``atprobe.errors.SEED_MAX``), the
+#: range torch, numpy and ``atprobe.starts`` all accept one to one.
+SEED = click.IntRange(0, SEED_MAX)
+#: The largest value of every count option (``--steps``, ``--restarts``, ``--epochs``, ``--directions``,
+#: ``--iterations``, ``--top-k``, ``--batch-size``, ``--n``, ...): 2**31 - 1, so that a typo such as 10**30
+#: is a usage error before any work, not an overflow deep inside torch or a loop that never ends.
+COUNT_MAX = 2**31 - 1
+
+
+def count(min: int | None = None) -> click.IntRange:
+    """The type of a count option: an integer in ``[min, COUNT_MAX]`` (``min=None``: the library's
+    own check says what is too small, as it does for the same field in a config)."""
+    return click.IntRange(min, COUNT_MAX)
 
 
 class Device(click.ParamType):
@@ -86,8 +100,8 @@ def threat_options(func: Callable | None = None, *, steps_help: str = "PGD steps
         @click.option("--eps", type=NUMBER, default=None,
                       help="Radius in [0,1] pixel units (default 8/255 for linf, 128/255 for l2).")
         @click.option("--alpha", type=NUMBER, default=None, help="PGD step size (default eps/4).")
-        @click.option("--steps", type=click.IntRange(min=0), default=10, show_default=True, help=steps_help)
-        @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+        @click.option("--steps", type=count(0), default=10, show_default=True, help=steps_help)
+        @click.option("--restarts", type=count(1), default=1, show_default=True,
                       help="Random starts per sample; the one of highest loss is kept.")
         @click.option("--start", type=click.Choice(STARTS), default="auto", show_default=True,
                       help="Random start: auto = uniform for CE/CW, 0.001 N(0, I) for TRADES' KL.")
@@ -105,9 +119,9 @@ def common_options(func: Callable) -> Callable:
     """``--device``, ``--batch-size``, ``--seed``, ``--quiet``."""
 
     @device_option
-    @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+    @click.option("--batch-size", type=count(1), default=256, show_default=True,
                   help="Samples per batch.")
-    @click.option("--seed", type=int, default=0, show_default=True,
+    @click.option("--seed", type=SEED, default=0, show_default=True,
                   help="Seeds every random choice; same seed on the CPU, same CSV.")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
     @functools.wraps(func)
@@ -139,7 +153,7 @@ def foreign_options(func: Callable) -> Callable:
 
     @click.option("--arch", default=None, metavar="NAME",
                   help="Architecture of foreign checkpoints (bare state_dicts), e.g. wrn-34-10.")
-    @click.option("--num-classes", type=click.IntRange(min=2), default=None,
+    @click.option("--num-classes", type=click.IntRange(2, COUNT_MAX), default=None,
                   help="Classes of foreign checkpoints (default: read off the classifier weights).")
     @click.option("--normalize", type=click.Choice(["none", "dataset"]), default="none", show_default=True,
                   help="Input normalization for foreign checkpoints: none = the weights take [0,1] "
@@ -161,7 +175,7 @@ def sample_options(func: Callable | None = None, *, split: str = "train", defaul
 
         @click.option("--split", type=click.Choice(SPLITS), default=split, show_default=True,
                       help="Which split the samples come from.")
-        @click.option("--n", type=int, default=None, help=f"The first N samples of the split (default {what}).")
+        @click.option("--n", type=count(), default=None, help=f"The first N samples of the split (default {what}).")
         @click.option("--labels", type=click.Choice(LABEL_MODES), default="trained", show_default=True,
                       help="On train/val: the labels the checkpoint was trained on, or the true ones.")
         @functools.wraps(f)
@@ -248,7 +262,7 @@ def attack_options(func: Callable) -> Callable:
 
     @threat_options
     @click.option("--beta", type=NUMBER, default=6.0, show_default=True, help="TRADES' weight on the KL term.")
-    @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+    @click.option("--chunk-size", type=count(1), default=None,
                   help="Samples per per-sample-gradient chunk (memory: chunk x parameters floats). Default: "
                        "--batch-size, capped to fit 4 GiB on the CPU or a quarter of the GPU's memory.")
     @functools.wraps(func)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
+from atprobe.cli import common
 from atprobe.cli.common import (
     NUMBER,
     bars,
@@ -48,7 +49,7 @@ Examples:
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold eval-mode BatchNorm into the preceding conv/linear layer (standalone BatchNorms count "
                    "as diagonal layers); --no-fold-bn: raw weights, BatchNorm ignored.")
-@click.option("--n", type=int, default=None,
+@click.option("--n", type=common.count(), default=None,
               help=f"Samples of train and of test for the data-dependent measures (default {DEFAULT_N}, or the "
                    "whole split if smaller).")
 @threat_options(steps_help="PGD steps of the margin's, the robust accuracies' and the landscape measures' attack.")

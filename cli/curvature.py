@@ -11,6 +11,7 @@ from atprobe.cli.common import (
     bars,
     bn_stats_option,
     common_options,
+    count,
     data_options,
     finish,
     foreign_options,
@@ -35,7 +36,7 @@ Examples:
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @click.option("--at", "at", type=click.Choice(curvature.AT_CHOICES), default="natural", show_default=True,
               help="Take the input Hessian at the natural samples or at their PGD examples.")
-@click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--iterations", type=count(1), default=20, show_default=True,
               help="The most Lanczos steps (Hessian-vector products) per sample.")
 @click.option("--tol", type=NUMBER, default=1e-3, show_default=True,
               help="Stop a sample when its dominant Ritz pair's residual is below tol (relative); 0 = never.")

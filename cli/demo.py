@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from atprobe.cli.common import device_option
+from atprobe.cli.common import SEED, device_option
 from atprobe.data import DATASETS
 
 EXAMPLES = """
@@ -29,7 +29,7 @@ Examples:
 @click.option("--download", is_flag=True, help="Fetch a missing real dataset into --data-dir (MD5-verified).")
 @device_option(keep_spec=True,
                help="Where to compute; a GPU picks the GPU-sized budget (ResNet-18, whole training split).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of every step (the second PGD-AT model uses seed+1); same seed on the CPU, same CSVs.")
 @click.option("--quick", is_flag=True, help="The smallest budget (the CI test's): about a minute on a CPU.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")

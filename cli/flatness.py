@@ -10,6 +10,7 @@ from atprobe.cli.common import (
     NUMBER,
     bars,
     common_options,
+    count,
     data_options,
     finish,
     foreign_options,
@@ -39,7 +40,7 @@ Examples:
               help="Steps along each direction: START:STOP:NUM or a comma list; must contain 0.")
 @click.option("--radius", type=NUMBER, default=None,
               help="r of the summary: the |lam| of a grid point (default: the largest |lam|).")
-@click.option("--directions", "num_directions", type=int, default=5, show_default=True,
+@click.option("--directions", "num_directions", type=count(), default=5, show_default=True,
               help="Random filter-normalized directions (drawn from --seed).")
 @click.option("--ignore", type=click.Choice(IGNORES), default="biasbn", show_default=True,
               help="biasbn: zero the direction on biases and BatchNorm parameters (Li et al.).")

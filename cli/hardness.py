@@ -7,7 +7,15 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.cli.common import bars, common_options, data_options, foreign_options, sample_options, threat_options
+from atprobe.cli.common import (
+    bars,
+    common_options,
+    count,
+    data_options,
+    foreign_options,
+    sample_options,
+    threat_options,
+)
 from atprobe.errors import AtprobeError
 from atprobe.outputs import check_outputs
 from atprobe.plot import parse_size
@@ -31,9 +39,9 @@ Examples:
 @click.option("--attack", default="pgd10", show_default=True,
               help="pgdK (K steps on CE), cwK, xR for R restarts, fgsm, fgsm_rs, or natural (clean loss).")
 @threat_options(steps_help="PGD steps of --attack pgd / cw (named without a count).")
-@click.option("--top-k", type=int, default=100, show_default=True,
+@click.option("--top-k", type=count(), default=100, show_default=True,
               help="k of the top-k overlap (capped at the number of samples).")
-@click.option("--gallery-k", type=int, default=10, show_default=True,
+@click.option("--gallery-k", type=count(), default=10, show_default=True,
               help="Samples in hardest.png (the hardest by mean rank).")
 @click.option("--gallery-size", default=None, metavar="WxH",
               help="Pixel size of hardest.png (default 110 px per sample x 320).")

@@ -10,6 +10,7 @@ from atprobe.cli.common import (
     NUMBER,
     bars,
     common_options,
+    count,
     data_options,
     finish,
     foreign_options,
@@ -37,13 +38,13 @@ Examples:
               help="The loss on PGD examples (crafted once, then fixed) or on the natural samples.")
 @click.option("--scope", type=click.Choice(hessian.SCOPES), default="batch", show_default=True,
               help="batch: the first --batch-size samples; all: every sample, products accumulated over batches.")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--top-k", type=count(1), default=1, show_default=True,
               help="Eigenvalues per block (largest magnitude first).")
-@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--iterations", type=count(1), default=100, show_default=True,
               help="The most power-iteration steps per eigenvalue (pyhessian's maxIter).")
 @click.option("--tol", type=NUMBER, default=1e-3, show_default=True,
               help="Relative change of the eigenvalue estimate that stops the power iteration.")
-@click.option("--trace-samples", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--trace-samples", type=count(1), default=100, show_default=True,
               help="The most Hutchinson probes for the trace.")
 @click.option("--trace-tol", type=NUMBER, default=0.0, show_default=True,
               help="Relative change of the running trace mean that stops Hutchinson early (pyhessian uses "
@@ -52,9 +53,9 @@ Examples:
               help="Per-block rows: one per module (layer), one per parameter tensor, or none.")
 @click.option("--density", is_flag=True,
               help="Also write the eigenvalue density (stochastic Lanczos quadrature) to OUTPUT's stem + .density.csv.")
-@click.option("--density-steps", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--density-steps", type=count(1), default=100, show_default=True,
               help="Lanczos steps per density run.")
-@click.option("--density-runs", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--density-runs", type=count(1), default=1, show_default=True,
               help="Independent Lanczos runs (random starts) averaged in the density.")
 @click.option("--engine", type=click.Choice(hessian.ENGINES), default="atprobe", show_default=True,
               help="Who computes the whole model's rows: atprobe (atprobe.linalg, like the blocks) or pyhessian "

@@ -11,6 +11,7 @@ from atprobe.cli.common import (
     bars,
     bn_stats_option,
     common_options,
+    count,
     data_options,
     finish,
     foreign_options,
@@ -44,7 +45,7 @@ Examples:
               help=f"Comma-separated objectives: {', '.join(OBJECTIVES)}.")
 @click.option("--lambdas", default="-0.05:0.05:21", show_default=True,
               help="Steps along each direction: START:STOP:NUM or a comma list; must contain 0.")
-@click.option("--directions", "num_directions", type=int, default=1, show_default=True,
+@click.option("--directions", "num_directions", type=count(), default=1, show_default=True,
               help="Random filter-normalized directions (drawn from --seed).")
 @click.option("--ignore", type=click.Choice(IGNORES), default="biasbn", show_default=True,
               help="biasbn: zero the direction on biases and BatchNorm parameters (Li et al.).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from atprobe.cli.common import NUMBER, device_option, threat_options
+from atprobe.cli.common import NUMBER, SEED, count, device_option, threat_options
 from atprobe.data import DATASETS
 from atprobe.presets import listing, options_config
 from atprobe.train import ATTACK_MODES, METHODS, OPTIMIZERS, RAMPS, SCHEDULES, TE_TRADES_INPUTS, TrainConfig, train
@@ -58,8 +58,8 @@ def _given(ctx: click.Context) -> set[str]:
 @click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default $ATPROBE_DATA_DIR).")
 @click.option("--download", is_flag=True, help="Fetch a missing dataset (MD5-verified).")
 @click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True)
-@click.option("--epochs", type=int, default=D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
+@click.option("--epochs", type=count(), default=D.epochs, show_default=True)
+@click.option("--batch-size", type=count(), default=D.batch_size, show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
               help="SGD (momentum, Nesterov) or Adam (betas 0.9, 0.999; PyTorch's defaults).")
 @click.option("--lr", type=NUMBER, default=None, help="Initial learning rate (default 0.1 SGD, 1e-3 Adam).")
@@ -74,43 +74,44 @@ def _given(ctx: click.Context) -> set[str]:
 @click.option("--dropout", type=NUMBER, default=D.dropout, show_default=True)
 @click.option("--label-noise", type=NUMBER, default=D.label_noise, show_default=True,
               help="Symmetric label noise rate; 1.0 = completely random labels.")
-@click.option("--label-seed", type=int, default=D.label_seed, show_default=True)
+@click.option("--label-seed", type=SEED, default=D.label_seed, show_default=True)
 @threat_options(steps_help="PGD steps of the training attack.")
 @click.option("--attack-mode", type=click.Choice(ATTACK_MODES), default=D.attack_mode, show_default=True,
               help="Model mode while crafting training examples.")
 @click.option("--beta", type=NUMBER, default=D.beta, show_default=True, help="TRADES weight of the KL term.")
 @click.option("--mix-clean", is_flag=True, help="Eq. 6: (1-g) CE(x) + g CE(x'), g ramping 0 -> 1.")
-@click.option("--mix-epochs", type=int, default=None, help="Epoch at which g reaches 1 (default epochs/2).")
+@click.option("--mix-epochs", type=count(), default=None, help="Epoch at which g reaches 1 (default epochs/2).")
 @click.option("--mix-ramp", type=click.Choice(RAMPS), default=D.mix_ramp, show_default=True)
 @click.option("--te", is_flag=True, help="Temporal ensembling (Eq. 7) on pgd_at or trades.")
 @click.option("--te-eta", type=NUMBER, default=D.te_eta, show_default=True, help="Ensemble momentum.")
 @click.option("--te-weight", type=NUMBER, default=None,
               help="Weight of the per-sample squared L2 distance at full ramp (default 300/classes, the "
                    "official code's 300 * mean over classes: 30 on CIFAR-10, 3 on CIFAR-100).")
-@click.option("--te-start", type=int, default=None,
+@click.option("--te-start", type=count(), default=None,
               help="Epoch number (counting from 1) where the ramp and the ensemble start (default 45% of epochs).")
-@click.option("--te-end", type=int, default=None, help="Ramp end epoch (default 75% of epochs).")
+@click.option("--te-end", type=count(), default=None, help="Ramp end epoch (default 75% of epochs).")
 @click.option("--te-trades-input", type=click.Choice(TE_TRADES_INPUTS), default=D.te_trades_input,
               show_default=True, help="TRADES+TE: outer TE term on the natural or adversarial prediction.")
-@click.option("--val-size", type=int, default=D.val_size, show_default=True, help="Hold out N train images.")
-@click.option("--val-seed", type=int, default=D.val_seed, show_default=True)
-@click.option("--train-n", type=int, default=D.train_n, show_default=True,
+@click.option("--val-size", type=count(), default=D.val_size, show_default=True, help="Hold out N train images.")
+@click.option("--val-seed", type=SEED, default=D.val_seed, show_default=True)
+@click.option("--train-n", type=count(), default=D.train_n, show_default=True,
               help="Train on the first N training samples only (0 = all).")
-@click.option("--eval-n", type=int, default=D.eval_n, show_default=True,
+@click.option("--eval-n", type=count(), default=D.eval_n, show_default=True,
               help="Test (and val) samples of the curves and of best.pt's selection (0 = the whole split).")
-@click.option("--train-eval-n", type=int, default=None,
+@click.option("--train-eval-n", type=count(), default=None,
               help="Training samples of the curves (0 = all; default --eval-n if given, else 1000).")
 @click.option("--eval-attack", default=D.eval_attack, show_default=True,
               help="Robust metric of the curves and of best.pt (an eval attack name, e.g. pgd20).")
-@click.option("--eval-every", type=int, default=D.eval_every, show_default=True)
-@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Keep epoch_K.pt every K epochs.")
-@click.option("--log-grad-ratio", type=int, default=D.log_grad_ratio, show_default=True,
+@click.option("--eval-every", type=count(), default=D.eval_every, show_default=True)
+@click.option("--save-every", type=count(), default=D.save_every, show_default=True,
+              help="Keep epoch_K.pt every K epochs.")
+@click.option("--log-grad-ratio", type=count(), default=D.log_grad_ratio, show_default=True,
               help="Log gradient-norm ratios for the first N iterations (gradratio.csv).")
-@click.option("--synthetic-seed", type=int, default=D.synthetic_seed, show_default=True)
+@click.option("--synthetic-seed", type=SEED, default=D.synthetic_seed, show_default=True)
 @click.option("--amp/--no-amp", default=D.amp, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @device_option
-@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--seed", type=SEED, default=D.seed, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
 def train_command(out_dir, resume_dir, overwrite, milestones, device, quiet, compile_, preset, **options) -> None:
     """Adversarially train a model and write a run directory."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from atprobe.data.checks import check_int, check_rate
-from atprobe.errors import AtprobeError
+from atprobe.errors import AtprobeError, check_seed
 
 
 def _cpu_generator(seed: int) -> torch.Generator:
     # Local CPU generator: results independent of the global RNG and identical on
     # every machine/device (CUDA generators produce different streams).
-    return torch.Generator(device="cpu").manual_seed(check_int(seed, "seed"))
+    return torch.Generator(device="cpu").manual_seed(check_seed(seed))
 
 
 def symmetric_label_noise(y: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:

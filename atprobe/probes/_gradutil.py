@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from atprobe.attacked import model_device_dtype
 from atprobe.attacks import PGDConfig
 from atprobe.data import Split, iterate_batches
-from atprobe.errors import AtprobeError
+from atprobe.errors import AtprobeError, check_seed
 from atprobe.pergrad import Objective, chunk_size_for, default_attack, objective
 from atprobe.threat import ThreatModel
 
@@ -53,8 +53,7 @@ class PGDFields:
 
     def __post_init__(self) -> None:
         check_threat(self.threat)
-        if not is_int(self.seed):
-            raise AtprobeError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def attack(self) -> PGDConfig:

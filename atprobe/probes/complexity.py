@@ -39,7 +39,7 @@ from atprobe import linalg
 from atprobe.attacked import attacked_batches, model_device_dtype
 from atprobe.attacks import PGDConfig, parse_attack
 from atprobe.data import Split
-from atprobe.errors import AtprobeError, check_choice
+from atprobe.errors import SEED_MAX, AtprobeError, check_choice
 from atprobe.evaluate import EvalConfig, evaluate
 from atprobe.foldbn import DEFAULT_INPUT_SHAPE, NormLayer, norm_layers
 from atprobe.objectives import cw_margin
@@ -274,7 +274,7 @@ def layer_table(model: nn.Module, config: ComplexityConfig = ComplexityConfig(),
     rows = []
     with torch.no_grad():
         for i, layer in enumerate(norm_layers(model, input_shape, fold=config.fold_bn)):
-            spectral, iterations = _spectral(layer, config, seed=config.seed + i)
+            spectral, iterations = _spectral(layer, config, seed=(config.seed + i) % (SEED_MAX + 1))  # a seed stays one
             rows.append({
                 "layer": layer.name,
                 "kind": layer.kind,
