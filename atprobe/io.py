@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pandas as pd
+
+from atprobe.errors import AtprobeError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -35,11 +38,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            raise AtprobeError(f"cannot write {path}: {exc.strerror} (a full disk, a quota or a file-size limit): "
+                               "free some space or write elsewhere; nothing was written") from None
         raise
     return path
+
+
+#: The errors of a write that does not fit: a full disk, a quota, a file-size limit (RLIMIT_FSIZE).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _umask() -> int:
