@@ -27,25 +27,39 @@ from atprobe.errors import AtprobeError
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it into place:
     readers see the old file or the whole new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return atomic_write_all({Path(path): write})[0]
+
+
+def atomic_write_all(files: Mapping[Path, Callable[[BinaryIO], None]]) -> list[Path]:
+    """Write several files as one: every ``write(f)`` goes to a temp file beside its path
+    (fsynced) first, and only when all of them are complete are they renamed into place, in
+    order. A write that fails (a full disk, an interrupt) removes every temp file and leaves
+    every old file as it was: nothing of the set is written, not even its first files."""
+    temps: list[tuple[str, Path]] = []
+    current: Path | str = ""
     try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files.items():
+            path = current = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            # mkstemp creates the file 0600; give it the permissions a plain open() would.
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
-            raise AtprobeError(f"cannot write {path}: {exc.strerror} (a full disk, a quota or a file-size limit): "
+            raise AtprobeError(f"cannot write {current}: {exc.strerror} (a full disk, a quota or a file-size limit): "
                                "free some space or write elsewhere; nothing was written") from None
         raise
-    return path
+    return [path for _, path in temps]
 
 
 #: The errors of a write that does not fit: a full disk, a quota, a file-size limit (RLIMIT_FSIZE).
@@ -112,15 +126,30 @@ def run_meta(
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
-    """Write ``df`` as CSV and its meta record, each atomically (meta first, so a CSV
-    never exists without its record)."""
-    path = Path(path)
-    record = dict(meta)
-    record["rows"] = int(len(df))
-    record["columns"] = [str(c) for c in df.columns]
-    atomic_write_bytes(meta_path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
-    atomic_write_bytes(path, df.to_csv(index=False, lineterminator="\n").encode())
-    return path
+    """Write ``df`` as CSV and its meta record as one (:func:`write_tables`)."""
+    return write_tables([(df, path, meta)])[0]
+
+
+def write_tables(tables: Iterable[tuple[pd.DataFrame, str | os.PathLike, Mapping[str, Any]]],
+                 also: Mapping[str | os.PathLike, bytes] | None = None) -> list[Path]:
+    """Write each ``(df, path, meta)`` as CSV with its meta record, and the files ``also``
+    (path -> bytes, e.g. figures), all of them as one (:func:`atomic_write_all`): either every
+    file is replaced, or none is. Each meta is renamed into place just before its CSV, so a
+    CSV never exists without its record."""
+    files: dict[Path, Callable[[BinaryIO], None]] = {}
+    paths = []
+    for df, path, meta in tables:
+        path = Path(path)
+        record = {**meta, "rows": int(len(df)), "columns": [str(c) for c in df.columns]}
+        meta_bytes = (json.dumps(record, indent=2, default=str) + "\n").encode()
+        csv_bytes = df.to_csv(index=False, lineterminator="\n").encode()
+        files[meta_path(path)] = lambda f, b=meta_bytes: f.write(b)
+        files[path] = lambda f, b=csv_bytes: f.write(b)
+        paths.append(path)
+    for path, data in (also or {}).items():
+        files[Path(path)] = lambda f, b=data: f.write(b)
+    atomic_write_all(files)
+    return paths
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

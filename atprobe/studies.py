@@ -26,7 +26,7 @@ from atprobe.autoattack import AutoAttackConfig
 from atprobe.bnstats import BNStats
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig, evaluate_samples
-from atprobe.io import atomic_write_bytes, write_table
+from atprobe.io import write_tables
 from atprobe.models import canonical_arch
 from atprobe.outputs import table_files
 from atprobe.probes import complexity as complexity_probe
@@ -464,12 +464,11 @@ def hardness_files(out_dir) -> list[Path]:
 
 def write_hardness(out_dir, tables: Tables, figures: HardnessOutput) -> Path:
     """``per_sample.csv``, ``consistency.csv`` (each with its .meta.json), ``hardest.png`` and
-    ``sorted.png`` in ``out_dir``, each written atomically."""
+    ``sorted.png`` in ``out_dir``, all written as one (``atprobe.io.write_tables``)."""
     out = Path(out_dir)
-    write_table(tables.extra["per_sample"], out / "per_sample.csv", {**tables.meta, "table": "per-sample"})
-    write_table(tables.main, out / "consistency.csv", {**tables.meta, "table": "consistency"})
-    atomic_write_bytes(out / "hardest.png", figures.gallery_png)
-    atomic_write_bytes(out / "sorted.png", figures.sorted_png)
+    write_tables([(tables.extra["per_sample"], out / "per_sample.csv", {**tables.meta, "table": "per-sample"}),
+                  (tables.main, out / "consistency.csv", {**tables.meta, "table": "consistency"})],
+                 also={out / "hardest.png": figures.gallery_png, out / "sorted.png": figures.sorted_png})
     return out
 
 

@@ -36,7 +36,7 @@ from atprobe import bnstats
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, load_dataset
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.io import config_record, run_meta, write_table
+from atprobe.io import config_record, run_meta, write_tables
 from atprobe.outputs import EPOCH_FILE, is_run_directory, sibling
 from atprobe.runtime import prepare_model
 
@@ -435,8 +435,8 @@ class Tables:
         return {suffix: sibling(output, suffix) for suffix in self.extra}
 
     def write(self, output: str | os.PathLike) -> Path:
-        """Every table atomically with its meta, the extra tables first."""
-        for suffix, target in self.paths(output).items():
-            write_table(self.extra[suffix], target,
-                        {**self.meta, "table": self.names.get(suffix, suffix.lstrip("."))})
-        return write_table(self.main, output, {**self.meta, "table": self.main_name})
+        """Every table with its meta, all as one (``atprobe.io.write_tables``: either every
+        file is replaced or none is), the extra tables first."""
+        extra = [(self.extra[suffix], target, {**self.meta, "table": self.names.get(suffix, suffix.lstrip("."))})
+                 for suffix, target in self.paths(output).items()]
+        return write_tables([*extra, (self.main, output, {**self.meta, "table": self.main_name})])[-1]

@@ -396,6 +396,25 @@ def test_full_disk_one_line_and_nothing_left(inputs, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _files_under_2500_bytes():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2500, 2500))
+
+
+def test_full_disk_part_way_leaves_none_of_the_tables(inputs, tmp_path):
+    """``eval --per-sample`` writes four files; when the per-sample CSV (about 3 KB for 64
+    samples) does not fit but its meta (about 1.3 KB) does, nothing is left, not even that meta:
+    the tables are written as one."""
+    child = atprobe("eval", inputs["cnn"], "--attack", "natural", "--n", "64", "--per-sample", "--device", "cpu",
+                    "-q", "-o", tmp_path / "eval.csv", preexec_fn=_files_under_2500_bytes)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 2, stderr
+    assert "eval.samples.csv" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (chmod 555) folder; no read-only mount "
                     "is at hand to simulate it (the outputs branch covers unwritable parents)")
 def test_read_only_output_folder(inputs, tmp_path):
