@@ -63,6 +63,13 @@ def check_runs(runs: Sequence[str | os.PathLike], need: Sequence[str] = ("config
     return [str(r) for r in runs]
 
 
+def at_root(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """``path`` read from ``root`` when it is relative and a root is given (as a command run
+    inside ``root`` would read it)."""
+    path = Path(path)
+    return path if root is None or path.is_absolute() else Path(root) / path
+
+
 def run_config(run: str | os.PathLike):
     """The run's :class:`~atprobe.train.TrainConfig`, read from its ``config.json``."""
     from atprobe.train import TrainConfig  # torch-heavy; `atprobe.plot` reads runs without it until needed
@@ -121,12 +128,14 @@ def table_checkpoints(runs: Sequence[str]) -> list[str]:
     return [str(Path(run) / name) for run in runs for name in TABLE_FILES]
 
 
-def best_final(evaluated: pd.DataFrame, runs: Sequence[str], checkpoints: Sequence) -> pd.DataFrame:
+def best_final(evaluated: pd.DataFrame, runs: Sequence[str], checkpoints: Sequence,
+               root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Table 1 from the evaluation of :func:`table_checkpoints`: ``evaluated`` has a
     ``checkpoint`` column (the paths of ``checkpoints``, the stubs of those files in that
     order) and ``atprobe.evaluate.EVAL_COLUMNS``; one row per (run, attack) with the run's
     fields, the attack's budget, ``best`` and ``final`` (accuracy of best.pt and final.pt,
-    fractions in [0, 1]), ``diff = best - final`` and the two checkpoints' epochs."""
+    fractions in [0, 1]), ``diff = best - final`` and the two checkpoints' epochs. ``root``:
+    where relative run directories are read from (their names stay as given)."""
     if len(checkpoints) != len(TABLE_FILES) * len(runs):
         raise AtprobeError(f"expected {len(TABLE_FILES)} checkpoints per run, got {len(checkpoints)} for "
                            f"{len(runs)} runs")
@@ -138,7 +147,7 @@ def best_final(evaluated: pd.DataFrame, runs: Sequence[str], checkpoints: Sequen
         final = evaluated[evaluated["checkpoint"] == str(final_ckpt.path)].reset_index(drop=True)
         if len(best) != len(final) or not best[budget].equals(final[budget]):
             raise AtprobeError(f"{run}: best.pt and final.pt were not evaluated under the same attacks")
-        fields = {"run": run, **run_fields(run)}
+        fields = {"run": run, **run_fields(at_root(run, root))}
         for b, f in zip(best.to_dict("records"), final.to_dict("records")):
             rows.append({**fields, **{k: b[k] for k in budget}, "best": b["accuracy"], "final": f["accuracy"],
                          "diff": b["accuracy"] - f["accuracy"], "best_epoch": best_ckpt.epoch,

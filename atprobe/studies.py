@@ -11,6 +11,7 @@ and returns its tables with their meta record (docs/probes/ for each table's col
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,19 +146,22 @@ def _eval_meta(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
 
 
 def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: torch.device, *,
-          data: DataSource | None = None, threat=None, seed: int = 0, progress: Progress = no_progress) -> Tables:
+          data: DataSource | None = None, threat=None, seed: int = 0, root: str | os.PathLike | None = None,
+          progress: Progress = no_progress) -> Tables:
     """``atprobe table``: Table 1 of the paper, one row per (run, attack) with the accuracy of
     each run's ``best.pt`` and ``final.pt`` and their difference (``atprobe.runs.best_final``).
     The run directories are checked before anything is read; the checkpoints are evaluated
-    as ``atprobe eval`` evaluates them (same samples, same keyed starts)."""
-    runs = runs_layout.check_runs(runs)
-    study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource())
+    as ``atprobe eval`` evaluates them (same samples, same keyed starts). ``root``: where
+    relative run directories are read from, their names kept in the table (the demo)."""
+    runs_layout.check_runs([runs_layout.at_root(r, root) for r in runs])
+    runs = [str(r) for r in runs]
+    study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource(), root=root)
     if _check_same_data(study.checkpoints, study.dataset_name, spec.split):
         raise AtprobeError(f"the runs carved different validation splits: their {spec.split} samples differ "
                            "(use --split test)")
     evaluated = _evaluated(study, spec, config, device, ("checkpoint",), "table", progress)[""]
-    main = runs_layout.best_final(evaluated, runs, study.checkpoints)
-    selection = {run: runs_layout.best_selection(run) for run in runs}
+    main = runs_layout.best_final(evaluated, runs, study.checkpoints, root=root)
+    selection = {run: runs_layout.best_selection(runs_layout.at_root(run, root)) for run in runs}
     meta = _eval_meta(study, spec, config, device, threat, seed, {"runs": list(runs), "best_selected_by": selection})
     shown = main[["run", "attack", "best", "final", "diff", "best_epoch", "final_epoch"]]
     return Tables(main, meta, main_name="table", shown=shown)
