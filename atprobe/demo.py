@@ -1,35 +1,39 @@
-"""``atprobe demo``: the whole toolkit end to end, in one command.
+"""``atprobe demo``: the paper's findings, measured, each with a verdict.
 
-Trains five small models (PGD-AT and TRADES on true and on random labels, and a second
-PGD-AT seed), runs every probe on them, draws every figure and writes a report
-(``report.md`` and ``index.html``) that shows each figure with one line on what it shows and
-which figure of Dong et al., *Exploring Memorization in Adversarial Training* (ICLR 2022)
-it mirrors.
+The demo is a list of findings of Dong et al., *Exploring Memorization in Adversarial
+Training* (ICLR 2022), :data:`atprobe.findings.FINDINGS`: each an experiment (training runs
+and probes), a statistic, the paper's value and a verdict computed by a rule fixed in
+``atprobe.findings`` before anything is measured: ``reproduced``, ``not at this size`` or
+``contradicted``. It trains the runs, runs the probes, draws one figure per finding, then
+writes ``findings.csv`` (one row per finding) and a report (``report.md``, ``index.html``)
+that opens with the findings table; each row links to its figure and the commands that made
+its tables.
 
 Each step calls the library function its ``atprobe`` command calls (``atprobe.train.train``,
 one function of ``atprobe.studies`` per probe, ``atprobe.plot`` for the figures) with the
 typed config that command would build, and carries that command line (:attr:`Step.args`)
 for the report and for each CSV's ``.meta.json``, so a user can re-run it inside the output
 folder to re-make the file. Paths are relative to the output folder and read from there
-(``Study(..., root=out)``): the demo never changes the working directory or ``sys.argv``,
-and no probe logic lives here.
+(``root=out``): the demo never changes the working directory or ``sys.argv``, and no probe
+logic lives here.
+
+The same findings and rules run at every size (:data:`BUDGETS`): ``cpu`` (the README's main
+job: at most 10 minutes on two CPU cores), ``gpu`` (about an hour on one GPU), ``paper`` (the
+paper's presets, many GPU-hours; ``--resume`` continues it, skipping every step whose files
+are all there) and ``quick`` (the CI test's size). docs/demo.md gives every budget's sizes,
+the pilot runs that chose them and the verdicts measured.
 
 From Python::
 
     from atprobe.demo import DemoConfig, run_demo
-    report = run_demo(DemoConfig(out="demo", quick=True), progress=print)
-
-Sizes (:class:`Budget`) are picked by :func:`budget_for` from the dataset, the device and
-``quick``: ``synthetic`` on a CPU (the default: a few minutes on two cores), a real dataset
-on a CPU (``cifar10`` against a 5,000-image subset: about 11 minutes), any dataset
-on a GPU (ResNet-18 on the whole training set), and ``quick`` (the CI test's size).
-docs/demo.md lists every step, output and budget.
+    report = run_demo(DemoConfig(out="demo", budget="quick"), progress=print)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,8 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
+from atprobe import findings as rules
 from atprobe import studies
 from atprobe.attacks import parse_attack
 from atprobe.bnstats import BNStats
@@ -46,15 +52,12 @@ from atprobe.data import DATASETS
 from atprobe.directions import parse_lambdas
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import EvalConfig
-from atprobe.io import atomic_write_bytes, write_json
+from atprobe.io import atomic_write_bytes, run_meta, write_json, write_tables
 from atprobe.outputs import check_new_directory
+from atprobe.presets import preset_config
 from atprobe.probes import complexity as complexity_probe
-from atprobe.probes import curvature as curvature_probe
-from atprobe.probes import flatness as flatness_probe
 from atprobe.probes import gradcos as gradcos_probe
-from atprobe.probes import gradnorm as gradnorm_probe
 from atprobe.probes import hardness as hardness_probe
-from atprobe.probes import hessian as hessian_probe
 from atprobe.probes import stability as stability_probe
 from atprobe.runtime import set_determinism
 from atprobe.study import DataSource, SampleSpec, Study
@@ -68,23 +71,23 @@ __all__ = [
     "Figure",
     "PlotCall",
     "ProbeCall",
-    "RUNS",
     "RUN_BY",
     "Run",
     "Step",
     "StepRecord",
+    "TableCall",
     "TrainCall",
     "budget_for",
     "expected_files",
     "figures",
+    "measure_findings",
     "report",
     "run_demo",
+    "runs",
     "steps",
 ]
 
 PAPER = "Dong et al., Exploring Memorization in Adversarial Training (ICLR 2022)"
-MORE = ("What each probe computes, its options and its CSV columns: `atprobe COMMAND --help` and the "
-        "command's page in atprobe's docs/ (docs/probes/COMMAND.md, docs/plot.md for the figures).")
 #: The ``run_by`` key of every ``.meta.json`` the demo writes: its ``command`` is the
 #: equivalent command line, not the process's own (which ran ``atprobe demo``).
 RUN_BY = "atprobe demo"
@@ -92,45 +95,46 @@ RUN_BY = "atprobe demo"
 #: lines leave it out, so their calls pass this value; tests/test_demo.py parses each command
 #: line with the click command and checks that it builds the very same call.
 COMMAND_BATCH_SIZE = 256
+FINDINGS_CSV = "findings.csv"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How big the demo is. Every field becomes an option of one of the commands."""
+    """How big the demo is. Every field becomes an option of one of the commands.
+
+    The random-label runs (Figs. 2-5) follow Sec. 3.1 (no augmentation, no weight decay) at a
+    constant learning rate; the true-label runs (Table 1, Sec. 4.1) decay it at 50% and 75%
+    of their epochs. ``presets`` (the paper budget) takes every run from ``atprobe.presets``
+    instead, and its sizes from the presets."""
 
     name: str
     arch: str = "cnn-small"
-    train_n: int = 256            # atprobe train --train-n (0 = the whole training split)
-    epochs: int = 3               # every epoch is kept (--save-every 1) for gradcos/gradnorm
+    steps: int = 3                # PGD steps of training and of every probe's attack (eps 8/255)
+    alpha: float = 2 / 255        # their step size
     batch_size: int = 64
-    steps: int = 2                # PGD steps of training and of every probe's attack
-    alpha: float = 4 / 255        # their step size (eps is 8/255 throughout)
     lr: float = 0.1
-    # constant on the CPU: with a few epochs a decaying rate would make the last epochs' gradients
-    # alike for a trivial reason (gradcos near 1); the GPU budget uses the paper's piecewise decay
-    schedule: str = "constant"
-    curve_n: int = 128            # atprobe train --eval-n: samples per learning-curve point
-    curve_attack: str = "pgd5"    # atprobe train --eval-attack
-    grad_ratio_iters: int = 12    # atprobe train --log-grad-ratio (gradratio.csv, Fig. 3(b))
-    eval_n: int = 200             # atprobe eval --n (test split; 0 = the whole split)
-    eval_attacks: tuple[str, ...] = ("natural", "pgd10")
-    probe_n: int = 32             # gradnorm, stability, gradcos, curvature, hessian, flatness --n
-    noisy_n: int = 64             # gradnorm --noisy-vs-clean --n
-    complexity_n: int = 64        # complexity --n
-    hardness_n: int = 256         # hardness --n (training samples; 0 = --all)
-    # complexity --measures (() = all): the CPU budgets leave out ``hessian``, which runs at
-    # its fixed defaults there (100 power iterations, 100 Hutchinson probes: ~20 s per model on
-    # a CPU core); ``atprobe hessian`` still measures the Hessian, with this budget's sizes.
-    complexity_measures: tuple[str, ...] = ("spectral", "l1", "margin", "curvature", "flatness", "gap")
-    stability_lambdas: str = "-0.05:0.05:5"   # a --lambdas grid (START:STOP:NUM), atprobe.directions.parse_lambdas
-    stability_directions: int = 1
-    flatness_lambdas: str = "-0.5:0.5:5"
-    flatness_directions: int = 2
-    curvature_iterations: int = 10
-    hessian_iterations: int = 10
-    hessian_trace_samples: int = 10
-    hessian_density_steps: int = 20
+    random_n: int = 512           # random-label runs: --train-n, all of them in the curves
+    random_epochs: int = 30
+    random_eval_every: int = 5
+    grad_ratio_iters: int = 48    # --log-grad-ratio of the random-label PGD-AT and TRADES runs (Fig. 3(b))
+    true_n: int = 1000            # true-label runs: --train-n (0 = the whole training split)
+    true_epochs: int = 24
+    true_augment: bool = False
+    true_weight_decay: float = 5e-4
+    curve_n: int = 500            # test images of the curves, of best.pt's selection and of the table (0 = all)
+    curve_attack: str = "pgd5"    # the true-label runs' --eval-attack, and the table's attack
+    train_eval_n: int = 200       # the true-label runs' --train-eval-n
+    probe_n: int = 64             # stability and gradcos --n
+    complexity_n: int = 256       # complexity --n (training and test samples)
+    hardness_n: int = 1000        # hardness --n (training samples; 0 = --all)
+    stability_lambdas: str = "-0.05:0.05:5"   # a --lambdas grid (START:STOP:NUM)
+    stability_directions: int = 2
     dpi: int = 100                # figures: (figure inches x dpi) pixels
+    presets: bool = False         # take the runs from the paper's presets (the paper budget)
+    # gradcos on separate runs of the random-label runs' first gradcos_epochs (every epoch kept),
+    # where keeping every epoch of the whole runs would take GBs (gpu, paper); else on those runs
+    gradcos_first: bool = False
+    gradcos_epochs: int = 20      # Fig. 4(b) shows the first 20 epochs
 
     def __post_init__(self) -> None:
         kinds = {f.name: f.type for f in dataclasses.fields(self)}
@@ -140,92 +144,89 @@ class Budget:
                 raise AtprobeError(f"budget {name} must be an integer, got {value!r}")
             if kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                        or value <= 0:
+                        or value < 0 or (value == 0 and name != "true_weight_decay"):
                     raise AtprobeError(f"budget {name} must be a finite number > 0, got {value!r}")
                 object.__setattr__(self, name, float(value))
-            if kind == "tuple[str, ...]":
-                # a comma-separated string would be iterated letter by letter
-                if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-                    raise AtprobeError(f"budget {name} must be a tuple of names, e.g. ('natural', 'pgd10'), "
-                                       f"got {value!r}")
-                object.__setattr__(self, name, tuple(value))
-        minimum = {"epochs": 2, "train_n": 0, "grad_ratio_iters": 0, "eval_n": 0, "hardness_n": 0}
+        minimum = {"random_epochs": 2, "true_epochs": 2, "true_n": 0, "grad_ratio_iters": 1, "curve_n": 0,
+                   "hardness_n": 0}
         for name, kind in kinds.items():
             if kind == "int" and getattr(self, name) < minimum.get(name, 1):
-                raise AtprobeError(f"budget {name} must be >= {minimum.get(name, 1)} "
-                                   f"(gradcos needs two epochs), got {getattr(self, name)}")
-        if not self.eval_attacks:
-            raise AtprobeError("budget eval_attacks must name at least one attack")
-        for grid in (self.stability_lambdas, self.flatness_lambdas):
-            parse_lambdas(grid)  # a bad grid fails here, not at its probe's step
+                raise AtprobeError(f"budget {name} must be >= {minimum.get(name, 1)}, got {getattr(self, name)}")
+        parse_lambdas(self.stability_lambdas)  # a bad grid fails here, not at its probe's step
+        parse_attack(self.curve_attack)
 
     def describe(self) -> str:
-        n = "all" if self.train_n == 0 else f"{self.train_n:,}"
-        return (f"{self.arch}, {n} training images, {self.epochs} epochs, batch {self.batch_size}, "
-                f"lr {_number(self.lr)} ({self.schedule}), "
-                f"PGD-{self.steps} (eps 8/255, step {_pixels(self.alpha)}) in training and in the probes, "
-                f"probes on {self.probe_n} samples")
+        if self.presets:
+            return ("the paper's presets (atprobe train --preset, docs/presets.md), PGD-10 (eps 8/255, step 2/255) "
+                    "in training and in the probes")
+        n = "all" if self.true_n == 0 else f"{self.true_n:,}"
+        return (f"{self.arch}; random labels: {self.random_n:,} training images, {self.random_epochs} epochs, "
+                f"constant lr {_number(self.lr)}; true labels: {n} images, {self.true_epochs} epochs, lr decay at "
+                f"50% and 75%; batch {self.batch_size}, PGD-{self.steps} (eps 8/255, step {_pixels(self.alpha)}) "
+                "in training and in the probes")
 
 
-#: The budgets; :func:`budget_for` picks one.
+#: The budgets; :func:`budget_for` picks one. docs/demo.md shows the pilot runs behind the sizes.
 BUDGETS: dict[str, Budget] = {
-    # The CI test's size: about a minute on two CPU cores.
+    # The CI test's size: about a minute on two CPU cores (too small for any effect).
     "quick": Budget(
-        name="quick", train_n=128, epochs=2, curve_n=64, curve_attack="pgd3", grad_ratio_iters=4, eval_n=64,
-        eval_attacks=("natural", "pgd5"), probe_n=16, noisy_n=32, complexity_n=32, hardness_n=64,
-        stability_lambdas="-0.05:0.05:3", flatness_lambdas="-0.5:0.5:3", curvature_iterations=5,
-        hessian_iterations=5, hessian_trace_samples=5, hessian_density_steps=10, dpi=80),
-    # The default (the README's main job): synthetic data on a CPU, about 3 minutes on two cores.
-    "synthetic-cpu": Budget(name="synthetic-cpu"),
-    # A real dataset on a CPU (cifar10 against ../shared/data/cifar-10-subset: ~11 minutes).
-    "real-cpu": Budget(
-        name="real-cpu", train_n=2000, epochs=8, batch_size=128, curve_n=256, grad_ratio_iters=16, eval_n=500,
-        probe_n=64, noisy_n=128, complexity_n=128, hardness_n=1000, stability_lambdas="-0.05:0.05:7",
-        flatness_lambdas="-0.5:0.5:7", flatness_directions=3, curvature_iterations=20,
-        hessian_iterations=20, hessian_trace_samples=20, hessian_density_steps=40),
-    # A GPU: ResNet-18 on the whole training split, PGD-10 (the paper's attack), 20 epochs.
-    "cuda": Budget(
-        name="cuda", arch="resnet18", train_n=0, epochs=20, batch_size=128, steps=10, alpha=2 / 255,
-        schedule="piecewise", curve_n=1000, curve_attack="pgd10", grad_ratio_iters=200, eval_n=0,
-        eval_attacks=("natural", "pgd20"), probe_n=512, noisy_n=1000, complexity_n=1000, hardness_n=0,
-        stability_lambdas="-0.05:0.05:21", stability_directions=3, flatness_lambdas="-0.5:0.5:11",
-        flatness_directions=5, curvature_iterations=20, hessian_iterations=50, hessian_trace_samples=50,
-        hessian_density_steps=100, complexity_measures=()),
+        name="quick", steps=2, alpha=4 / 255, random_n=128, random_epochs=3, random_eval_every=1, grad_ratio_iters=4,
+        true_n=128, true_epochs=3, curve_n=64, curve_attack="pgd3", train_eval_n=64, probe_n=16, complexity_n=32,
+        hardness_n=64, stability_lambdas="-0.05:0.05:3", stability_directions=1, dpi=60),
+    # The README's main job: at most 10 minutes on the 2-core CI machine.
+    "cpu": Budget(name="cpu"),
+    # One GPU, about an hour (estimated from FLOPs, see docs/demo.md): ResNet-18, PGD-10.
+    "gpu": Budget(
+        name="gpu", arch="resnet18", steps=10, alpha=2 / 255, batch_size=128, random_n=5000, random_epochs=80,
+        random_eval_every=5, grad_ratio_iters=1000, true_n=0, true_epochs=30, true_augment=True, curve_n=0,
+        curve_attack="pgd10", train_eval_n=1000, probe_n=512, complexity_n=2000, hardness_n=0,
+        stability_lambdas="-0.05:0.05:11", stability_directions=3, gradcos_first=True, dpi=100),
+    # The paper's presets: WRN-28-10 and ResNet-18 on the whole of CIFAR-10, 300/200 epochs.
+    "paper": Budget(
+        name="paper", arch="wrn-28-10", steps=10, alpha=2 / 255, batch_size=128, grad_ratio_iters=1000, curve_n=0,
+        curve_attack="pgd10", probe_n=1000, complexity_n=10000, hardness_n=0, stability_lambdas="-0.05:0.05:11",
+        stability_directions=3, gradcos_first=True, presets=True),
 }
+#: what ``--budget`` accepts: a budget's name or ``auto`` (gpu on a CUDA device, else cpu)
+BUDGET_CHOICES = ("auto", "cpu", "gpu", "paper", "quick")
 
 
-def budget_for(dataset: str, device_type: str, quick: bool = False) -> Budget:
-    """``quick`` wins; then a GPU; then synthetic vs a real dataset on the CPU."""
-    if quick:
-        return BUDGETS["quick"]
-    if device_type == "cuda":
-        return BUDGETS["cuda"]
-    return BUDGETS["synthetic-cpu" if dataset == "synthetic" else "real-cpu"]
+def budget_for(name: str, device_type: str) -> Budget:
+    """The budget called ``name``; ``auto`` is ``gpu`` on a CUDA device and ``cpu`` otherwise."""
+    if name == "auto":
+        name = "gpu" if device_type == "cuda" else "cpu"
+    if name not in BUDGETS:
+        raise AtprobeError(f"unknown budget {name!r}: choose from {', '.join(BUDGET_CHOICES)}")
+    return BUDGETS[name]
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """What ``atprobe demo`` runs (the options of the command).
 
-    ``out`` must not exist or be an empty folder when the demo starts (it never overwrites).
-    ``budget`` overrides the size :func:`budget_for` would pick from the dataset, the device
-    and ``quick`` (for notebooks and experiments)."""
+    ``dataset`` ``auto`` is cifar10 when ``data_dir`` is given, else the synthetic set.
+    ``out`` must not exist or be an empty folder when the demo starts, unless ``resume``
+    (then it must hold a demo of this very configuration: its steps whose files are all
+    there are skipped, an interrupted training continues). ``budget``: a name of
+    :data:`BUDGET_CHOICES` or a :class:`Budget` (for notebooks and tests)."""
 
     out: Path = Path("demo")
-    dataset: str = "synthetic"
+    dataset: str = "auto"
     data_dir: Path | None = None
     device: str = "auto"
     seed: int = 0
-    quick: bool = False
+    budget: str | Budget = "auto"
     download: bool = False   # let the training steps fetch a missing real dataset (MD5-verified)
-    budget: Budget | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.dataset == "auto":
+            object.__setattr__(self, "dataset", "synthetic" if self.data_dir is None else "cifar10")
         if self.dataset not in DATASETS:
-            raise AtprobeError(f"unknown dataset {self.dataset!r}: choose from {', '.join(DATASETS)}")
+            raise AtprobeError(f"unknown dataset {self.dataset!r}: choose from auto, {', '.join(DATASETS)}")
         if self.dataset == "npz" and self.data_dir is None:
             raise AtprobeError("--dataset npz needs --data-dir (the .npz file or a folder with train.npz/test.npz)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -234,28 +235,86 @@ class DemoConfig:
             raise AtprobeError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.download and self.dataset == "synthetic":
             raise AtprobeError("--download is for real datasets: the synthetic one is made in memory")
-        if self.budget is not None and not isinstance(self.budget, Budget):
-            raise AtprobeError("budget must be an atprobe.demo.Budget")
+        if isinstance(self.budget, str):
+            if self.budget not in BUDGET_CHOICES:
+                raise AtprobeError(f"unknown budget {self.budget!r}: choose from {', '.join(BUDGET_CHOICES)}")
+        elif not isinstance(self.budget, Budget):
+            raise AtprobeError("budget must be a budget's name or an atprobe.demo.Budget")
+        if isinstance(self.budget, Budget) and self.budget.presets and self.dataset != "cifar10":
+            raise AtprobeError("the paper budget trains on CIFAR-10: give --data-dir (and --download to fetch it)")
+
+    def resolve_budget(self, device_type: str) -> Budget:
+        budget = self.budget if isinstance(self.budget, Budget) else budget_for(self.budget, device_type)
+        if budget.presets and self.dataset != "cifar10":
+            raise AtprobeError("the paper budget trains on CIFAR-10: give --data-dir (and --download to fetch it)")
+        return budget
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the demo."""
+    """One training run of the demo (its folder: ``runs/NAME``)."""
 
-    name: str            # its folder under runs/
-    method: str          # pgd_at or trades
-    random_labels: bool  # --label-noise 1.0
-    seed_offset: int     # added to --seed
+    name: str
+    method: str              # pgd_at or trades
+    random_labels: bool      # --label-noise 1.0
     what: str
+    seed_offset: int = 0     # added to --seed
+    mix_clean: bool = False  # Eq. 6
+    te: bool = False         # temporal ensembling (Eq. 7)
+    preset: str | None = None  # the paper budget's preset
+    first_epochs: bool = False  # only the budget's first gradcos_epochs, every epoch kept (Fig. 4(b))
+
+    @property
+    def grad_ratio(self) -> bool:
+        """Logs Fig. 3(b)'s gradient-norm ratios."""
+        return self.random_labels and not self.mix_clean and not self.first_epochs
 
 
+#: The runs of every budget (the paper budget takes each from its preset).
 RUNS: tuple[Run, ...] = (
-    Run("pgd_at-true", "pgd_at", False, 0, "PGD-AT on the true labels"),
-    Run("trades-true", "trades", False, 0, "TRADES on the true labels"),
-    Run("pgd_at-random", "pgd_at", True, 0, "PGD-AT on completely random labels"),
-    Run("trades-random", "trades", True, 0, "TRADES on completely random labels"),
-    Run("pgd_at-true-seed1", "pgd_at", False, 1, "PGD-AT on the true labels, another seed (for hardness)"),
+    Run("pgd_at-random", "pgd_at", True, "PGD-AT on completely random labels", preset="fig3-pgd-random"),
+    Run("trades-random", "trades", True, "TRADES on completely random labels", preset="fig3-trades-random"),
+    Run("pgd_at-eq6-random", "pgd_at", True, "PGD-AT with the clean loss ramped in (Eq. 6), random labels",
+        mix_clean=True, preset="fig5-pgd-eq6-random"),
+    Run("pgd_at-true", "pgd_at", False, "PGD-AT on the true labels, learning-rate decay", preset="table1-cifar10-pgd"),
+    Run("pgd_at-te-true", "pgd_at", False, "PGD-AT+TE (Eq. 7) on the true labels, learning-rate decay", te=True,
+        preset="table1-cifar10-pgd-te"),
+    Run("pgd_at-true-seed1", "pgd_at", False, "PGD-AT on the true labels, another seed (for hardness)",
+        seed_offset=1, preset="table1-cifar10-pgd"),
 )
+#: With ``gradcos_first``: the first epochs of the random-label runs, every epoch kept (gradcos).
+FIRST_RUNS: tuple[Run, ...] = (
+    Run("pgd_at-random-first", "pgd_at", True, "PGD-AT on random labels, the first epochs kept (Fig. 4(b))",
+        preset="fig2-pgd-random", first_epochs=True),
+    Run("trades-random-first", "trades", True, "TRADES on random labels, the first epochs kept (Fig. 4(b))",
+        preset="fig2-trades-random", first_epochs=True),
+)
+#: The paper budget's Fig. 6 models: Table A.1's twelve TRADES runs (App. A.3).
+TABLE_A1_RUNS: tuple[Run, ...] = tuple(
+    Run(f"tableA1-{labels}-{reg}", "trades", labels == "random",
+        f"TRADES on {labels} labels, regularizer {reg} (Table A.1, Fig. 6)", preset=f"tableA1-{labels}-{reg}")
+    for labels in ("true", "random") for reg in ("none", "aug", "wd", "dropout", "aug-wd", "wd-dropout"))
+PAPER_RUNS: tuple[Run, ...] = FIRST_RUNS + TABLE_A1_RUNS
+
+
+def runs(budget: Budget) -> tuple[Run, ...]:
+    """The training runs of ``budget``, in the order the demo trains them."""
+    return RUNS + (FIRST_RUNS if budget.gradcos_first else ()) + (TABLE_A1_RUNS if budget.presets else ())
+
+
+def _run(name: str) -> Run:
+    return next(r for r in RUNS + PAPER_RUNS if r.name == name)
+
+
+def gradcos_runs(budget: Budget) -> tuple[str, str]:
+    """The runs whose successive epochs gradcos compares (PGD-AT, TRADES; random labels)."""
+    first = budget.gradcos_first
+    return ("pgd_at-random-first", "trades-random-first") if first else ("pgd_at-random", "trades-random")
+
+
+def fig6_runs(budget: Budget) -> tuple[str, ...]:
+    """The models Fig. 6's complexity measures are compared over."""
+    return tuple(r.name for r in TABLE_A1_RUNS) if budget.presets else tuple(r.name for r in RUNS)
 
 
 # --------------------------------------------------------------------------- what a step calls
@@ -268,13 +327,19 @@ def _as_run_by_demo(meta: Mapping[str, Any], command: Sequence[str]) -> dict[str
 
 @dataclass(frozen=True)
 class TrainCall:
-    """``atprobe.train.train(config, OUT / out_dir)``: what ``atprobe train --out out_dir ...`` does."""
+    """``atprobe.train.train(config, OUT / out_dir)``: what ``atprobe train --out out_dir ...`` does
+    (``--resume`` continues a run an interrupted demo left)."""
 
     config: TrainConfig
     out_dir: str
 
     def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
-        train(self.config, out / self.out_dir, device=device, meta=_as_run_by_demo({}, command))
+        run_dir = out / self.out_dir
+        if (run_dir / "last.pt").is_file():
+            train(self.config, run_dir, device=device, resume=True, meta=_as_run_by_demo({}, command))
+        else:  # a new run; a folder an interrupted first epoch left is replaced once this run completes
+            train(self.config, run_dir, device=device, overwrite=run_dir.exists(),
+                  meta=_as_run_by_demo({}, command))
 
 
 @dataclass(frozen=True)
@@ -309,6 +374,26 @@ class ProbeCall:
 
 
 @dataclass(frozen=True)
+class TableCall:
+    """``atprobe.studies.table(runs, spec, config, device, data=data, seed=seed, root=OUT)``,
+    written to ``OUT / output``: what ``atprobe table RUN_DIR... -o output`` does."""
+
+    runs: tuple[str, ...]
+    data: DataSource
+    spec: SampleSpec
+    config: EvalConfig
+    output: str
+    seed: int
+
+    def run(self, out: Path, device: torch.device, command: Sequence[str]) -> None:
+        set_determinism(self.seed)
+        result = studies.table(list(self.runs), self.spec, self.config, device, data=self.data,
+                               threat=ThreatModel(), seed=self.seed, root=out)
+        result.meta = _as_run_by_demo(result.meta, command)
+        result.write(out / self.output)
+
+
+@dataclass(frozen=True)
 class PlotCall:
     """``atprobe.plot.save_figure(atprobe.plot.plot(csvs, kind), OUT / output, dpi)``: what
     ``atprobe plot CSV... -o output --dpi dpi`` does."""
@@ -327,7 +412,7 @@ class PlotCall:
         plot.save_figure(fig, out / self.output, dpi=self.dpi)
 
 
-StepCall = TrainCall | ProbeCall | PlotCall
+StepCall = TrainCall | ProbeCall | TableCall | PlotCall
 
 
 @dataclass(frozen=True)
@@ -360,6 +445,7 @@ class Figure:
     paper: str
     kind: str | None = None
     made_by: str | None = None   # a step that writes the figure itself (no plot step)
+    finding: str | None = None   # the key of the finding it shows
 
 
 @dataclass
@@ -367,6 +453,7 @@ class StepRecord:
     name: str
     command: str
     seconds: float
+    skipped: bool = False  # --resume: its files were all there
 
 
 def _quote(arg: str) -> str:
@@ -386,20 +473,62 @@ def _pixels(value: float) -> str:
     return f"{k}/255" if k / 255 == value else _number(value)
 
 
-def _final(run: Run) -> str:
-    return f"runs/{run.name}/final.pt"
 
 
-def _epochs(run: Run, budget: Budget) -> list[str]:
-    return [f"runs/{run.name}/epoch_{e:04d}.pt" for e in range(1, budget.epochs + 1)]
-
-
-def _run(name: str) -> Run:
-    return next(r for r in RUNS if r.name == name)
+def _final(run: str) -> str:
+    return f"runs/{run}/final.pt"
 
 
 def _table(path: str) -> list[str]:
     return [path, path[: -len(".csv")] + ".meta.json"]
+
+
+def _train_config(run: Run, budget: Budget, config: DemoConfig, data_dir: str | None,
+                  threat: ThreatModel) -> tuple[TrainConfig, list[str]]:
+    """The run's TrainConfig and its ``atprobe train`` options (without --out, data, device)."""
+    b, seed = budget, config.seed + run.seed_offset
+    data = {"dataset": config.dataset, "data_dir": data_dir, "download": config.download}
+    if b.presets:
+        overrides: dict[str, Any] = {**data, "seed": seed}
+        args = ["--preset", run.preset]
+        if run.random_labels:
+            overrides["label_seed"] = config.seed
+            args += ["--label-seed", str(config.seed)]
+        if run.first_epochs:
+            # the preset's lr is constant until its first decay (epoch 100): the first epochs of the full run
+            overrides.update(epochs=b.gradcos_epochs, schedule="constant", save_every=1)
+            args += ["--epochs", str(b.gradcos_epochs), "--schedule", "constant", "--save-every", "1"]
+        return preset_config(run.preset, **overrides), [*args, "--seed", str(seed)]
+    common = {"arch": b.arch, **data, "method": run.method, "batch_size": b.batch_size, "lr": b.lr, "threat": threat,
+              "seed": seed}
+    args = ["--arch", b.arch, "--method", run.method, "--batch-size", str(b.batch_size), "--lr", _number(b.lr),
+            "--steps", str(b.steps), "--alpha", _pixels(b.alpha)]
+    if run.random_labels:
+        epochs = b.gradcos_epochs if run.first_epochs else b.random_epochs
+        keep = run.first_epochs or (not b.gradcos_first and not run.mix_clean)
+        fields = {"epochs": epochs, "train_n": b.random_n, "schedule": "constant", "weight_decay": 0.0,
+                  "augment": False, "label_noise": 1.0, "label_seed": config.seed, "eval_n": b.curve_n,
+                  "train_eval_n": b.random_n, "eval_attack": f"pgd{b.steps}", "eval_every": b.random_eval_every,
+                  "mix_clean": run.mix_clean, "save_every": 1 if keep else 0,
+                  "log_grad_ratio": b.grad_ratio_iters if run.grad_ratio else 0}
+        args += ["--epochs", str(epochs), "--train-n", str(b.random_n), "--schedule", "constant",
+                 "--weight-decay", "0.0", "--no-augment", "--label-noise", "1.0", "--label-seed", str(config.seed),
+                 "--eval-n", str(b.curve_n), "--train-eval-n", str(b.random_n), "--eval-attack", f"pgd{b.steps}",
+                 "--eval-every", str(b.random_eval_every)]
+        args += ["--mix-clean"] if run.mix_clean else []
+        args += ["--save-every", "1"] if keep else []
+        if run.grad_ratio:
+            args += ["--log-grad-ratio", str(b.grad_ratio_iters)]
+    else:
+        fields = {"epochs": b.true_epochs, "train_n": b.true_n, "schedule": "piecewise",
+                  "weight_decay": b.true_weight_decay, "augment": b.true_augment, "eval_n": b.curve_n,
+                  "train_eval_n": b.train_eval_n, "eval_attack": b.curve_attack, "te": run.te}
+        args += ["--epochs", str(b.true_epochs), "--train-n", str(b.true_n), "--schedule", "piecewise",
+                 "--weight-decay", _number(b.true_weight_decay), "--augment" if b.true_augment else "--no-augment",
+                 "--eval-n", str(b.curve_n), "--train-eval-n", str(b.train_eval_n), "--eval-attack", b.curve_attack]
+        args += ["--te"] if run.te else []
+    args += ["--seed", str(seed)]
+    return TrainConfig(**common, **fields), args
 
 
 def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
@@ -418,27 +547,17 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
     seed = config.seed
     out: list[Step] = []
 
-    for run in RUNS:
-        log_ratio = b.grad_ratio_iters if run.seed_offset == 0 else 0
-        train_config = TrainConfig(
-            arch=b.arch, dataset=config.dataset, data_dir=data_dir, download=config.download, method=run.method,
-            epochs=b.epochs, train_n=b.train_n, batch_size=b.batch_size, lr=b.lr, schedule=b.schedule,
-            threat=threat, eval_n=b.curve_n, eval_attack=b.curve_attack, save_every=1,
-            label_noise=1.0 if run.random_labels else 0.0, label_seed=seed if run.random_labels else 0,
-            log_grad_ratio=log_ratio, seed=seed + run.seed_offset)
-        args = ["train", "--out", f"runs/{run.name}", "--arch", b.arch, *data_args, "--method", run.method,
-                "--epochs", str(b.epochs), "--train-n", str(b.train_n), "--batch-size", str(b.batch_size),
-                "--lr", _number(b.lr), "--schedule", b.schedule, *attack_args, "--eval-n", str(b.curve_n),
-                "--eval-attack", b.curve_attack, "--save-every", "1"]
-        if run.random_labels:
-            args += ["--label-noise", "1.0", "--label-seed", str(seed)]
-        if log_ratio:
-            args += ["--log-grad-ratio", str(log_ratio)]
-        args += ["--device", device, "--seed", str(seed + run.seed_offset), "-q"]
-        outputs = [f"runs/{run.name}/{f}" for f in ("config.json", "curves.csv", "curves.meta.json", "final.pt")]
-        outputs += _epochs(run, b)
-        if log_ratio:
-            outputs += [f"runs/{run.name}/gradratio.csv", f"runs/{run.name}/gradratio.meta.json"]
+    for run in runs(b):
+        train_config, options = _train_config(run, b, config, data_dir, threat)
+        resolved = train_config.resolved()
+        args = ["train", "--out", f"runs/{run.name}", *data_args, *options, "--device", device, "-q"]
+        outputs = [f"runs/{run.name}/{f}" for f in ("config.json", "curves.csv", "curves.meta.json", "final.pt",
+                                                      "best.pt")]
+        if resolved.save_every:
+            outputs += [f"runs/{run.name}/epoch_{e:04d}.pt" for e in range(resolved.save_every, resolved.epochs + 1,
+                                                                          resolved.save_every)]
+        if resolved.log_grad_ratio:
+            outputs += _table(f"runs/{run.name}/gradratio.csv")
         out.append(Step(f"train {run.name}", tuple(args), run.what, TrainCall(train_config, f"runs/{run.name}"),
                         tuple(outputs)))
 
@@ -451,118 +570,68 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
     def samples(n: int) -> SampleSpec:
         return SampleSpec(split="train", n=n)  # the first n training samples, trained labels
 
-    # the gradient probes' defaults
     batch = {"chunk_size": None, "batch_size": COMMAND_BATCH_SIZE, "bn_stats": BNStats()}
-    pgd, trades = _run("pgd_at-true"), _run("trades-true")
-    pgd_r, trades_r = _run("pgd_at-random"), _run("trades-random")
-    seed1 = _run("pgd_at-true-seed1")
-    finals = [_final(r) for r in RUNS]
-
-    probe("eval", ["eval", *finals, "--attack", ",".join(b.eval_attacks), "--split", "test",
-                   *(["--n", str(b.eval_n)] if b.eval_n else []), "-o", "probes/eval.csv"],
-          "natural and PGD test accuracy of the five models", _table("probes/eval.csv"),
-          "evaluation", finals, SampleSpec(split="test", n=b.eval_n or None, default_n=None),
-          EvalConfig(attacks=tuple(parse_attack(a, ThreatModel()) for a in b.eval_attacks),
-                     batch_size=COMMAND_BATCH_SIZE, seed=seed),
-          "probes/eval.csv", threat=ThreatModel(), seed=seed, per_sample=False)
-
-    training = [*_epochs(pgd, b), *_epochs(trades, b)]
-    probe("gradnorm over training",
-          ["gradnorm", *training, "--n", str(b.probe_n), *attack_args, "-o", "probes/gradnorm_training.csv"],
-          "per-sample gradient norms of the objectives' parts at every epoch (true labels)",
-          _table("probes/gradnorm_training.csv"),
-          "gradnorm", training, samples(b.probe_n), gradnorm_probe.GradNormConfig(threat=threat, seed=seed),
-          "probes/gradnorm_training.csv", **batch, per_sample=False)
-    probe("gradnorm noisy-vs-clean",
-          ["gradnorm", _final(pgd_r), _final(trades_r), "--noisy-vs-clean", "--per-sample", "--n", str(b.noisy_n),
-           *attack_args, "-o", "probes/gradnorm_random.csv"],
-          "gradient norms on random labels, noisy and clean samples apart",
-          _table("probes/gradnorm_random.csv") + _table("probes/gradnorm_random.samples.csv"),
-          "gradnorm", [_final(pgd_r), _final(trades_r)], samples(b.noisy_n),
-          gradnorm_probe.GradNormConfig(threat=threat, seed=seed, noisy_vs_clean=True),
-          "probes/gradnorm_random.csv", **batch, per_sample=True)
-
     stability_config = stability_probe.StabilityConfig(
         lambdas=parse_lambdas(b.stability_lambdas), directions=b.stability_directions, threat=threat, seed=seed)
-    stability_args = [f"--lambdas={b.stability_lambdas}", "--directions", str(b.stability_directions), *attack_args]
     probe("stability at init",
-          ["stability", "--init", b.arch, "--dataset", config.dataset, "--n", str(b.probe_n), *stability_args,
+          ["stability", "--init", b.arch, "--dataset", config.dataset, "--n", str(b.probe_n),
+           f"--lambdas={b.stability_lambdas}", "--directions", str(b.stability_directions), *attack_args,
            "-o", "probes/stability_init.csv"],
-          "gradient change along random weight directions, fresh initialization", _table("probes/stability_init.csv"),
+          "gradient change along random filter-normalized directions at initialization (Fig. 4(a))",
+          _table("probes/stability_init.csv"),
           "stability", [], samples(b.probe_n), stability_config, "probes/stability_init.csv",
           data=dataclasses.replace(probe_data, dataset=config.dataset), init_arch=b.arch, **batch)
-    probe("stability trained",
-          ["stability", _final(pgd), "--n", str(b.probe_n), *stability_args, "-o", "probes/stability_trained.csv"],
-          "gradient change along random weight directions, trained PGD-AT model",
-          _table("probes/stability_trained.csv"),
-          "stability", [_final(pgd)], samples(b.probe_n), stability_config, "probes/stability_trained.csv",
-          init_arch=None, **batch)
 
-    for run, loss in ((pgd, "pgd_at"), (trades, "trades")):
-        output = f"probes/gradcos_{run.method}.csv"
-        probe(f"gradcos {run.name}",
-              ["gradcos", f"runs/{run.name}", "--loss", loss, "--n", str(b.probe_n), *attack_args, "-o", output],
-              f"gradient cosine between successive epochs of {run.name}", _table(output),
-              "gradcos", [f"runs/{run.name}"], samples(b.probe_n),
+    for name, loss in zip(gradcos_runs(b), ("pgd_at", "trades")):
+        output = f"probes/gradcos_{name}.csv"
+        probe(f"gradcos {name}",
+              ["gradcos", f"runs/{name}", "--loss", loss, "--n", str(b.probe_n), *attack_args, "-o", output],
+              f"gradient cosine between successive epochs of {name} (Fig. 4(b))", _table(output),
+              "gradcos", [f"runs/{name}"], samples(b.probe_n),
               gradcos_probe.GradCosConfig(loss=loss, threat=threat, seed=seed), output, **batch)
 
+    models = [_final(r) for r in fig6_runs(b)]
+    measures = ("spectral", "l1", "margin", "curvature", "flatness", "gap")
     probe("complexity",
-          ["complexity", *finals, "--margin", "--n", str(b.complexity_n), *attack_args,
-           *(["--measures", ",".join(b.complexity_measures)] if b.complexity_measures else []),
+          ["complexity", *models, "--margin", "--n", str(b.complexity_n), *attack_args,
+           "--measures", ",".join(measures),
            "-o", "probes/complexity.csv"],
-          "complexity measures and generalization gaps of the five models, true and random labels",
+          "complexity measures and robust generalization gaps of models on true and random labels (Fig. 6)",
           _table("probes/complexity.csv"),
-          "complexity", finals, None,
-          complexity_probe.ComplexityConfig(
-              measures=complexity_probe.parse_measures(b.complexity_measures or complexity_probe.MEASURES),
-              margin=True, threat=threat, batch_size=COMMAND_BATCH_SIZE, seed=seed),
+          "complexity", models, None,
+          complexity_probe.ComplexityConfig(measures=measures, margin=True, threat=threat,
+                                            batch_size=COMMAND_BATCH_SIZE, seed=seed),
           "probes/complexity.csv", n=b.complexity_n)
 
     # hardness attacks with pgdK (the steps in the name), so its threat model keeps the default steps
     hard_attack, top_k = f"pgd{b.steps}", b.hardness_n // 10 if b.hardness_n else 1000
+    pair = [_final("pgd_at-true"), _final("pgd_at-true-seed1")]
     probe("hardness",
-          ["hardness", _final(pgd), _final(seed1), *(["--n", str(b.hardness_n)] if b.hardness_n else ["--all"]),
+          ["hardness", *pair, *(["--n", str(b.hardness_n)] if b.hardness_n else ["--all"]),
            "--attack", hard_attack, "--alpha", _pixels(b.alpha), "--top-k", str(top_k), "--out", "probes/hardness"],
-          "per-sample adversarial loss of two PGD-AT seeds and their rank agreement",
+          "per-sample adversarial training loss of two PGD-AT seeds and their rank agreement (Sec. 4.1)",
           _table("probes/hardness/per_sample.csv") + _table("probes/hardness/consistency.csv")
           + ["probes/hardness/hardest.png", "probes/hardness/sorted.png"],
-          "hardness", [_final(pgd), _final(seed1)],
+          "hardness", pair,
           samples(b.hardness_n) if b.hardness_n else SampleSpec(split="train", default_n=None),
           hardness_probe.HardnessConfig(attack=hard_attack, threat=ThreatModel(alpha=b.alpha),
                                         batch_size=COMMAND_BATCH_SIZE, seed=seed, top_k=top_k),
           "probes/hardness", gallery_k=10, gallery_size=None)
 
-    probe("curvature",
-          ["curvature", _final(pgd), _final(trades), "--n", str(b.probe_n), "--iterations",
-           str(b.curvature_iterations), "--per-sample", *attack_args, "-o", "probes/curvature.csv"],
-          "input-space curvature of the loss per sample",
-          _table("probes/curvature.csv") + _table("probes/curvature.samples.csv"),
-          "curvature", [_final(pgd), _final(trades)], samples(b.probe_n),
-          curvature_probe.CurvatureConfig(iterations=b.curvature_iterations, threat=threat,
-                                          batch_size=COMMAND_BATCH_SIZE, seed=seed),
-          "probes/curvature.csv", per_sample=True, bn_stats=BNStats())
-    probe("hessian",
-          ["hessian", _final(pgd), "--n", str(b.probe_n), "--batch-size", str(b.probe_n), "--iterations",
-           str(b.hessian_iterations), "--trace-samples", str(b.hessian_trace_samples), "--density",
-           "--density-steps", str(b.hessian_density_steps), *attack_args, "-o", "probes/hessian.csv"],
-          "top eigenvalue and trace of the weight Hessian per layer, and its spectrum",
-          _table("probes/hessian.csv") + _table("probes/hessian.density.csv"),
-          "hessian", [_final(pgd)], samples(b.probe_n),
-          hessian_probe.HessianConfig(batch_size=b.probe_n, iterations=b.hessian_iterations,
-                                      trace_samples=b.hessian_trace_samples, density=True,
-                                      density_steps=b.hessian_density_steps, threat=threat, seed=seed),
-          "probes/hessian.csv")
-    probe("flatness",
-          ["flatness", _final(pgd), _final(trades), "--n", str(b.probe_n), f"--lambdas={b.flatness_lambdas}",
-           "--directions", str(b.flatness_directions), "--curve", *attack_args, "-o", "probes/flatness.csv"],
-          "adversarial loss along random weight directions",
-          _table("probes/flatness.csv") + _table("probes/flatness.curve.csv"),
-          "flatness", [_final(pgd), _final(trades)], samples(b.probe_n),
-          flatness_probe.FlatnessConfig(lambdas=parse_lambdas(b.flatness_lambdas), directions=b.flatness_directions,
-                                        threat=threat, batch_size=COMMAND_BATCH_SIZE, seed=seed),
-          "probes/flatness.csv", curve=True)
+    table_runs = ("runs/pgd_at-true", "runs/pgd_at-te-true")
+    table_attacks = ("natural", b.curve_attack)
+    out.append(Step(
+        "table", ("table", *table_runs, "--attack", ",".join(table_attacks),
+                  *(["--n", str(b.curve_n)] if b.curve_n else []), "-o", "probes/table.csv",
+                  *probe_data_args, *common_args),
+        "best and final checkpoints of PGD-AT and PGD-AT+TE (Table 1)",
+        TableCall(table_runs, probe_data, SampleSpec(split="test", n=b.curve_n or None, default_n=None),
+                  EvalConfig(attacks=tuple(parse_attack(a, ThreatModel()) for a in table_attacks),
+                             batch_size=COMMAND_BATCH_SIZE, seed=seed),
+                  "probes/table.csv", seed),
+        tuple(_table("probes/table.csv"))))
 
-    for fig in figures():
+    for fig in figures(b):
         if fig.made_by is not None:
             continue
         args = ["plot", *fig.csvs, "-o", fig.file, "--dpi", str(b.dpi), "-q"]
@@ -573,87 +642,66 @@ def steps(config: DemoConfig, budget: Budget, device: str) -> list[Step]:
     return out
 
 
-def figures() -> list[Figure]:
-    """The report's figures, in the order it shows them."""
-    all_runs = ("pgd_at-true", "trades-true", "pgd_at-random", "trades-random")
+def figures(budget: Budget) -> list[Figure]:
+    """The report's figures, in the order of the findings they show."""
+    pgd_r, trades_r = gradcos_runs(budget)
     return [
-        Figure("figures/eval.png", ("probes/eval.csv",), "Test accuracy of the five models",
-               "Natural and PGD accuracy on the test split, one bar per model; random-label models sit near "
-               "chance (1 / number of classes): their labels carry nothing about the test images.",
-               "the accuracy tables (Sec. 3)"),
-        Figure("figures/fig2_curves.png", tuple(f"runs/{r}/curves.csv" for r in all_runs),
-               "Learning curves", "Natural (left) and PGD (right) accuracy per epoch on train (solid) and test "
-               "(dashed); for random-label runs train accuracy is on the random labels, so train rising while "
-               "test stays at chance is memorization (in the paper, after far more epochs than the demo's).",
-               "Fig. 2"),
-        Figure("figures/fig3b_gradratio.png", tuple(f"runs/{r}/gradratio.csv" for r in all_runs),
-               "Gradient-norm ratio during training",
-               "Per training iteration: norms of the gradients of the clean CE and of the robust term (left, log "
-               "scale) and their ratio (right); in the paper PGD-AT's robust term is large next to the clean CE "
-               "from the start while TRADES' beta KL starts small, its account of why TRADES fits random labels "
-               "where PGD-AT fails to converge.", "Fig. 3(b)"),
-        Figure("figures/fig3_gradnorm_training.png", ("probes/gradnorm_training.csv",),
-               "Per-sample gradient norms over training",
-               "Mean per-sample gradient norm of CE(x), CE(x'), R and beta KL (left) and the ratios robust term / "
-               "CE (right) at each saved epoch of the true-label PGD-AT and TRADES runs.", "Fig. 3"),
-        Figure("figures/figA9_gradnorm_random.png", ("probes/gradnorm_random.csv",),
-               "Gradient norms on random labels, noisy vs clean samples",
-               "The same norms for the random-label models, with the samples whose random label differs from "
-               "the true one (noisy) and the others (clean) summarized apart.", "Fig. A.9"),
-        Figure("figures/figA9_gradnorm_samples.png", ("probes/gradnorm_random.samples.csv",),
-               "Per-sample gradient norms (box plots)",
-               "The distribution behind the means above: box plots of every sample's gradient norms and ratios, "
-               "clean and noisy samples as a light/dark pair.", "Fig. A.9 (per sample)",
-               kind="gradnorm_samples"),
-        Figure("figures/fig4a_stability.png", ("probes/stability_init.csv", "probes/stability_trained.csv"),
-               "Gradient stability along random weight directions",
-               "Distance (left) and cosine (right) between a sample's gradient at theta + lam d and at theta, per "
-               "objective, at initialization and after PGD-AT: the adversarial objectives' gradients change "
-               "faster than the clean one's.", "Figs. 4(a), A.8"),
-        Figure("figures/fig4b_gradcos.png", ("probes/gradcos_pgd_at.csv", "probes/gradcos_trades.csv"),
-               "Gradient cosine between successive epochs",
-               "Mean cosine (left) and distance (right) between each sample's gradients at epochs t and t+1, "
-               "PGD-AT and TRADES: a low cosine means the per-sample gradients keep turning (poor "
-               "convergence).", "Fig. 4(b)"),
+        Figure("figures/fig2_random_labels.png", ("runs/pgd_at-random/curves.csv", "runs/trades-random/curves.csv"),
+               "Fitting random labels: PGD-AT and TRADES",
+               "Natural (left) and PGD (right) accuracy per epoch on the training set with its random labels "
+               "(solid) and on the test set (dashed): a run that memorizes the random labels climbs towards 1 "
+               "on the training set while the test set stays at chance.", "Fig. 2", finding="fig2_random_labels"),
+        Figure("figures/fig3b_gradratio.png",
+               ("runs/pgd_at-random/gradratio.csv", "runs/trades-random/gradratio.csv"),
+               "Gradient-norm ratio over the first iterations",
+               "Per training iteration on random labels: the norms of the gradients of the clean CE and of the "
+               "robust term (left, log scale) and their ratio (right), ||grad R|| / ||grad CE|| for PGD-AT and "
+               "||grad beta KL|| / ||grad CE|| for TRADES.", "Fig. 3(b)", finding="fig3b_gradient_ratio"),
+        Figure("figures/fig4a_stability_init.png", ("probes/stability_init.csv",),
+               "Gradient change along random directions at initialization",
+               "Distance (left) and cosine (right) between a sample's gradient at theta + lam d and at theta "
+               "(theta a fresh initialization with BatchNorm statistics recomputed, d filter-normalized), per "
+               "objective.", "Fig. 4(a)", finding="fig4a_stability_init"),
+        Figure("figures/fig4b_gradcos.png", (f"probes/gradcos_{pgd_r}.csv", f"probes/gradcos_{trades_r}.csv"),
+               "Gradient cosine between successive epochs (random labels)",
+               "Mean cosine (left) and distance (right) between each sample's gradients at epochs t and t+1: a "
+               "low cosine means the per-sample gradients keep turning.", "Fig. 4(b)", finding="fig4b_gradcos"),
+        Figure("figures/fig5_eq6.png", ("runs/pgd_at-random/curves.csv", "runs/pgd_at-eq6-random/curves.csv"),
+               "Fitting random labels: PGD-AT with and without the clean loss (Eq. 6)",
+               "As Fig. 2, for plain PGD-AT and PGD-AT with the clean loss ramped in (Eq. 6).", "Fig. 5",
+               finding="fig5_clean_loss"),
         Figure("figures/fig6_complexity.png", ("probes/complexity.csv",),
-               "Complexity measures vs robust generalization gap",
+               "Complexity measures against the robust generalization gap",
                "One panel per measure, each model a point at (train - test PGD accuracy, measure), marker = true or "
-               "random labels, Kendall's tau in the title: a measure that explained robust generalization would "
-               "rise with the gap across both label kinds.", "Fig. 6"),
-        Figure("figures/flatness_curve.png", ("probes/flatness.curve.csv",), "Weight loss landscape",
-               "Adversarial (solid) and natural (dashed) loss and accuracy at theta + lam d along random "
-               "filter-normalized directions; a flatter adversarial curve is Wu et al.'s predictor of a small "
-               "robust gap.", "Fig. 6's flatness measure"),
-        Figure("figures/flatness.png", ("probes/flatness.csv",), "Flatness summary",
-               "Mean increase of the loss at lam = +-r over its value at theta, per model.",
-               "Fig. 6's flatness measure"),
-        Figure("figures/curvature_samples.png", ("probes/curvature.samples.csv",), "Input-space curvature per sample",
-               "Histogram of each sample's dominant eigenvalue of the input Hessian of the loss (Moosavi-Dezfooli "
-               "et al. 2019): adversarial training flattens the loss in input space.",
-               "Fig. 6's curvature measure", kind="curvature_samples"),
-        Figure("figures/curvature.png", ("probes/curvature.csv",), "Input-space curvature summary",
-               "Mean, median and mean |lambda| of the per-sample curvature, per model.", "Fig. 6's curvature measure"),
-        Figure("figures/hessian.png", ("probes/hessian.csv",), "Weight Hessian of the adversarial loss",
-               "Top eigenvalue (left) and trace (right) of the Hessian of the adversarial loss with respect to "
-               "the weights, whole model (pyhessian) and per layer, for the PGD-AT model.",
-               "Fig. 6's Hessian measures"),
-        Figure("figures/hessian_density.png", ("probes/hessian.density.csv",), "Hessian eigenvalue density",
-               "The spectrum of the same Hessian by stochastic Lanczos quadrature: mass far from 0 means sharp "
-               "directions.", "Fig. 6's Hessian measures (PyHessian's density)", kind="hessian_density"),
+               "random labels, Kendall's tau in the title.", "Fig. 6", finding="fig6_flatness"),
         Figure("figures/fig7c_hardness.png", ("probes/hardness/per_sample.csv",), "Hard samples across seeds",
-               "Training samples sorted by the first PGD-AT model's adversarial loss (line) with the second seed's "
-               "loss on the same samples (points): the two models find the same samples hard.", "Fig. 7(c)",
-               kind="hardness"),
-        Figure("figures/hardness_consistency.png", ("probes/hardness/consistency.csv",),
-               "Rank agreement between the seeds",
-               "Kendall's tau between the two models' per-sample adversarial losses and the overlap of their k "
-               "hardest samples (the paper reports tau = 0.85 for two PGD-AT seeds on the CIFAR-10 training set).",
-               "Sec. 4.1, Fig. C.2"),
-        Figure("probes/hardness/hardest.png", (), "The hardest training samples",
-               "The training samples the two models find hardest (best mean rank of adversarial loss, rank 1 = "
-               "hardest), natural above and adversarial below (drawn by atprobe hardness itself).", "Fig. C.3",
-               made_by="hardness"),
+               "Training samples sorted by the first PGD-AT model's adversarial loss (line) with the second "
+               "seed's loss on the same samples (points).", "Fig. 7(c), Sec. 4.1", kind="hardness",
+               finding="sec41_hardness"),
+        Figure("figures/table1_curves.png", ("runs/pgd_at-true/curves.csv", "runs/pgd_at-te-true/curves.csv"),
+               "Robust overfitting: PGD-AT and PGD-AT+TE",
+               "Natural and PGD accuracy per epoch, train (solid) and test (dashed), with the learning-rate "
+               "decays: robust overfitting is the test PGD accuracy falling after its peak.", "Table 1, Fig. 1",
+               finding="table1_te"),
+        Figure("figures/table1.png", ("probes/table.csv",), "Best and final checkpoints",
+               "Test accuracy of each run's best.pt (chosen by its PGD test accuracy) and final.pt.", "Table 1",
+               kind="table", finding="table1_te"),
     ]
+
+
+#: the steps whose tables each finding reads (besides the figures' plot steps)
+def finding_steps(budget: Budget) -> dict[str, tuple[str, ...]]:
+    pgd_r, trades_r = gradcos_runs(budget)
+    return {
+        "fig2_random_labels": ("train pgd_at-random", "train trades-random"),
+        "fig3b_gradient_ratio": ("train pgd_at-random", "train trades-random"),
+        "fig4a_stability_init": ("stability at init",),
+        "fig4b_gradcos": (f"train {pgd_r}", f"train {trades_r}", f"gradcos {pgd_r}", f"gradcos {trades_r}"),
+        "fig5_clean_loss": ("train pgd_at-random", "train pgd_at-eq6-random"),
+        "fig6_flatness": (*(f"train {r}" for r in fig6_runs(budget)), "complexity"),
+        "sec41_hardness": ("train pgd_at-true", "train pgd_at-true-seed1", "hardness"),
+        "table1_te": ("train pgd_at-true", "train pgd_at-te-true", "table"),
+    }
 
 
 def expected_files(config: DemoConfig, budget: Budget) -> list[str]:
@@ -661,7 +709,7 @@ def expected_files(config: DemoConfig, budget: Budget) -> list[str]:
     files: list[str] = []
     for step in steps(config, budget, config.device):
         files.extend(step.outputs)
-    files += ["demo.json", "report.md", "index.html"]
+    files += [FINDINGS_CSV, "findings.meta.json", "demo.json", "demo.plan.json", "report.md", "index.html"]
     return sorted(set(files))
 
 
@@ -678,30 +726,71 @@ def _first_line(exc: BaseException) -> str:
     return line if isinstance(exc, AtprobeError) else f"{type(exc).__name__}: {line}".rstrip(": ")
 
 
+def demo_command(config: DemoConfig, budget: Budget) -> list[str]:
+    """The ``atprobe demo`` command line of ``config`` (recorded in findings.meta.json)."""
+    args = ["atprobe", "demo", "--out", str(config.out), "--budget", budget.name, "--dataset", config.dataset]
+    args += [] if config.data_dir is None else ["--data-dir", str(config.data_dir)]
+    args += ["--download"] if config.download else []
+    return args + ["--device", config.device, "--seed", str(config.seed)]
+
+
+def _plan_record(config: DemoConfig, budget: Budget, plan: Sequence[Step]) -> dict[str, Any]:
+    """What a resumed demo must match: the budget and every step's command line."""
+    return {"budget": dataclasses.asdict(budget), "dataset": config.dataset, "seed": config.seed,
+            "steps": [step.command for step in plan]}
+
+
+def _start(config: DemoConfig, budget: Budget, plan: Sequence[Step]) -> Path:
+    """Check the output folder (new, or with ``resume`` a demo of this very plan) and record the plan."""
+    record = _plan_record(config, budget, plan)
+    plan_file = config.out / "demo.plan.json"
+    if config.resume:
+        if not plan_file.is_file():
+            raise AtprobeError(f"cannot resume {config.out}: no demo.plan.json there (is it an atprobe demo folder?)")
+        try:
+            old = json.loads(plan_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AtprobeError(f"cannot resume {config.out}: its demo.plan.json is damaged") from None
+        if old != record:
+            raise AtprobeError(f"cannot resume {config.out}: it holds a demo of another budget, dataset, seed or "
+                               "version (its demo.plan.json differs); give a new --out")
+        return config.out.resolve()
+    check_new_directory(config.out, [config.data_dir], hint="give a new --out (the demo never overwrites), or "
+                        "--resume to continue a demo there")
+    out = config.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(record, out / "demo.plan.json")
+    return out
+
+
 def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) -> Path:
-    """Run every step of the demo into ``config.out`` and return the path of its report
-    (``report.md``; ``index.html`` beside it). ``progress`` gets one line per step. A failing
-    step stops the demo with an :class:`AtprobeError` naming the step; the report is
-    written last, so a report means a complete demo."""
+    """Run every step of the demo into ``config.out``, judge every finding, and return the
+    path of its report (``report.md``; ``index.html`` and ``findings.csv`` beside it).
+    ``progress`` gets one line per step. A failing step stops the demo with an
+    :class:`AtprobeError` naming the step; the findings and the report are written last, so
+    a report means a complete demo. With ``config.resume``, steps whose files are all there
+    are skipped."""
     from atprobe.runtime import resolve_device
 
     say = progress or (lambda line: None)
     device = resolve_device(config.device)
-    budget = config.budget or budget_for(config.dataset, device.type, config.quick)
+    budget = config.resolve_budget(device.type)
     if config.data_dir is not None:
         config = dataclasses.replace(config, data_dir=config.data_dir.resolve())
         if not config.data_dir.exists() and not config.download:
             raise AtprobeError(f"--data-dir {config.data_dir} does not exist "
                                "(add --download to fetch the dataset there)")
-    check_new_directory(config.out, [config.data_dir], hint="give a new --out (the demo never overwrites)")
-    out = config.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     plan = steps(config, budget, config.device)
+    out = _start(config, budget, plan)
     say(f"atprobe demo: {len(plan)} steps into {config.out} ({config.dataset}, {device}, budget "
         f"{budget.name}: {budget.describe()})")
     records: list[StepRecord] = []
     start = time.perf_counter()
     for k, step in enumerate(plan, 1):
+        if config.resume and all((out / f).is_file() for f in step.outputs):
+            say(f"[{k:>2}/{len(plan)}] {step.name}: done before, skipped")
+            records.append(StepRecord(step.name, step.command, 0.0, skipped=True))
+            continue
         say(f"[{k:>2}/{len(plan)}] {step.name}: {step.what}")
         t0 = time.perf_counter()
         try:
@@ -711,53 +800,132 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) 
         except Exception as exc:  # noqa: BLE001 - one line naming the step, whatever went wrong
             raise AtprobeError(f"demo step {k}/{len(plan)} '{step.name}' failed: {_first_line(exc)}") from None
         records.append(StepRecord(step.name, step.command, round(time.perf_counter() - t0, 2)))
+    measured = measure_findings(out, budget)
     total = time.perf_counter() - start
-    path = report(out, config, budget, str(device), records, total)
+    write_findings(out, config, budget, measured)
+    path = report(out, config, budget, str(device), records, total, measured)
+    for f in rules.FINDINGS:
+        say(f"  {f.number}. {f.source}: {measured[f.key].verdict}")
     say(f"done in {total:.0f} s: open {config.out / 'index.html'} (or {config.out / 'report.md'})")
     return path
+
+
+# --------------------------------------------------------------------------- the findings
+
+
+def _read(out: Path, path: str) -> pd.DataFrame:
+    return pd.read_csv(out / path)
+
+
+def _run_config(out: Path, run: str) -> dict[str, Any]:
+    return json.loads((out / "runs" / run / "config.json").read_text())
+
+
+def _fit_rule(out: Path, leader: str, lagger: str, names: tuple[str, str]) -> rules.Measured:
+    """Figs. 2 and 5 from the two runs' curves: n is each run's --train-eval-n, the robust
+    metric its --eval-attack."""
+    configs = [_run_config(out, r) for r in (leader, lagger)]
+    attacks = {c["eval_attack"] for c in configs}
+    if len(attacks) != 1:
+        raise AtprobeError(f"runs {leader} and {lagger} measured robust accuracy with different attacks")
+    ns = [int(c["train_eval_n"]) for c in configs]
+    if min(ns) <= 0:
+        raise AtprobeError("the random-label runs must measure their training accuracy on a stated number of "
+                           "samples (--train-eval-n > 0)")
+    return rules.fits_where_other_lags(_read(out, f"runs/{leader}/curves.csv"), _read(out, f"runs/{lagger}/curves.csv"),
+                                       ns[0], ns[1], f"{attacks.pop()}_acc", names)
+
+
+def measure_findings(out: str | Path, budget: Budget) -> dict[str, rules.Measured]:
+    """Every finding's statistic and verdict, from the tables the demo's steps wrote in ``out``
+    (each rule of ``atprobe.findings`` on the tables its finding names)."""
+    out = Path(out)
+    pgd_r, trades_r = gradcos_runs(budget)
+    return {
+        "fig2_random_labels": _fit_rule(out, "trades-random", "pgd_at-random", ("TRADES", "PGD-AT")),
+        "fig3b_gradient_ratio": rules.gradratio_rule(_read(out, "runs/pgd_at-random/gradratio.csv"),
+                                                     _read(out, "runs/trades-random/gradratio.csv")),
+        "fig4a_stability_init": rules.stability_rule(_read(out, "probes/stability_init.csv")),
+        "fig4b_gradcos": rules.gradcos_rule(_read(out, f"probes/gradcos_{pgd_r}.csv"),
+                                            _read(out, f"probes/gradcos_{trades_r}.csv")),
+        "fig5_clean_loss": _fit_rule(out, "pgd_at-eq6-random", "pgd_at-random", ("Eq. 6", "PGD-AT")),
+        "fig6_flatness": rules.complexity_rule(_read(out, "probes/complexity.csv")),
+        "sec41_hardness": rules.hardness_rule(_read(out, "probes/hardness/consistency.csv")),
+        "table1_te": rules.overfitting_rule(_read(out, "probes/table.csv"), "runs/pgd_at-true", "runs/pgd_at-te-true",
+                                            budget.curve_attack),
+    }
+
+
+def _finding_figures(budget: Budget) -> dict[str, list[Figure]]:
+    shown: dict[str, list[Figure]] = {f.key: [] for f in rules.FINDINGS}
+    for fig in figures(budget):
+        if fig.finding is not None:
+            shown[fig.finding].append(fig)
+    return shown
+
+
+def findings_frame(measured: Mapping[str, rules.Measured], budget: Budget) -> pd.DataFrame:
+    """``findings.csv``: :func:`atprobe.findings.findings_table` with each finding's first
+    figure (a path relative to the demo's folder)."""
+    table = rules.findings_table(measured)
+    shown = _finding_figures(budget)
+    table["figure"] = [shown[k][0].file if shown[k] else "" for k in table["key"]]
+    return table
+
+
+def write_findings(out: Path, config: DemoConfig, budget: Budget, measured: Mapping[str, rules.Measured]) -> Path:
+    """``findings.csv`` and its ``.meta.json`` (the demo's command, versions, seed, the SHA-256
+    of every run's final.pt and best.pt, and the commands behind each finding)."""
+    from atprobe.checkpoint import file_sha256
+
+    table = findings_frame(measured, budget)
+    commands = {s.name: s.command for s in steps(config, budget, config.device)}
+    behind = {key: [commands[name] for name in names] for key, names in finding_steps(budget).items()}
+    hashes = [{"path": f"runs/{r.name}/{name}", "sha256": file_sha256(out / "runs" / r.name / name)}
+              for r in runs(budget) for name in ("best.pt", "final.pt")]
+    meta = run_meta(seed=config.seed, argv=demo_command(config, budget),
+                    config={"budget": dataclasses.asdict(budget), "dataset": config.dataset},
+                    extra={"run_by": RUN_BY, "run_checkpoints": hashes, "commands": behind,
+                           "verdicts": list(rules.VERDICTS), "rows": len(table), "columns": list(table.columns)})
+    return write_tables([(table, out / FINDINGS_CSV, meta)])[0]
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def _eval_table(out: Path) -> list[list[str]]:
-    """Rows (model, attack: accuracy ...) of probes/eval.csv, for the report's summary."""
-    import pandas as pd
-
-    df = pd.read_csv(out / "probes" / "eval.csv")
-    attacks = list(dict.fromkeys(df["attack"]))
-    rows = [["model", *attacks]]
-    for ckpt, part in df.groupby("checkpoint", sort=False):
-        acc = dict(zip(part["attack"], part["accuracy"]))
-        rows.append([Path(str(ckpt)).parent.name, *(f"{acc[a]:.3f}" for a in attacks)])
-    return rows
-
-
 def _md_table(rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
     return "\n".join(lines)
 
 
-def _html_table(rows: list[list[str]]) -> str:
+def _html_table(rows: list[list[str]], raw: bool = False) -> str:
+    """``raw``: the body cells are HTML already (links)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _figure_command(fig: Figure, records: dict[str, StepRecord]) -> str:
-    name = fig.made_by if fig.made_by is not None else f"plot {Path(fig.file).stem}"
-    return records[name].command
+def _value(m: rules.Measured, unit: str) -> str:
+    if not math.isfinite(m.statistic):
+        return "undefined"
+    digits = 1 if unit == "points" else 3
+    return f"{m.statistic:.{digits}f} {unit}"
 
 
 def report(out: Path, config: DemoConfig, budget: Budget, device: str, records: Sequence[StepRecord],
-           total_s: float) -> Path:
+           total_s: float, measured: Mapping[str, rules.Measured]) -> Path:
     """Write ``demo.json`` (config, budget, every command and its time), ``report.md`` and
-    ``index.html`` into ``out``; return the path of ``report.md``. Every figure of
-    :func:`figures` must exist."""
+    ``index.html`` into ``out``; return the path of ``report.md``. The report opens with the
+    findings table (finding, paper, measured, verdict, figure, commands); a section per
+    finding follows. Every figure of :func:`figures` must exist."""
     out = Path(out)
     by_name = {r.name: r for r in records}
-    figs = figures()
+    figs = figures(budget)
     missing = [f.file for f in figs if not (out / f.file).is_file()]
     if missing:
         raise AtprobeError(f"the report's figure {missing[0]} is missing")
@@ -767,64 +935,82 @@ def report(out: Path, config: DemoConfig, budget: Budget, device: str, records: 
     write_json({
         "config": {"out": str(config.out), "dataset": config.dataset,
                    "data_dir": None if config.data_dir is None else str(config.data_dir),
-                   "device": config.device, "resolved_device": device, "seed": config.seed, "quick": config.quick,
-                   "download": config.download},
+                   "device": config.device, "resolved_device": device, "seed": config.seed,
+                   "budget": budget.name, "download": config.download, "resume": config.resume},
         "budget": dataclasses.asdict(budget),
         "total_seconds": round(total_s, 1),
         "steps": [dataclasses.asdict(r) for r in records],
     }, out / "demo.json")
 
+    shown = _finding_figures(budget)
+    behind = finding_steps(budget)
+    plot_of = {f.file: f"plot {Path(f.file).stem}" for f in figs}
     data_text = config.dataset + ("" if config.data_dir is None else f" ({config.data_dir.name})")
-    intro = (f"Everything below was made by `atprobe demo` in {total_s:.0f} s on {device} "
-             f"(training {train_s:.0f} s, probes {probe_s:.0f} s, figures {plot_s:.0f} s): "
-             f"five models trained on {data_text}: {budget.describe()}; every probe run on them, "
-             f"every table drawn. Each figure mirrors a figure of {PAPER}; at this size the numbers show what "
-             "each probe measures, not the paper's effects, which need full-size training "
-             "(`--dataset cifar10 --device cuda`).")
-    runs_rows = [["run", "what"]] + [[f"runs/{r.name}", r.what] for r in RUNS]
-    eval_rows = _eval_table(out)
-    layout = [
-        ("runs/NAME/", "each training run: config.json, curves.csv (+ gradratio.csv), epoch_*.pt, final.pt"),
-        ("probes/", "every probe's CSV with its .meta.json (the exact command, versions, seed, checkpoint hashes)"),
-        ("figures/", "every figure, drawn by `atprobe plot` from those CSVs"),
-        ("demo.json", "the demo's configuration, budget, and every command with its time in seconds"),
-    ]
+    skipped = sum(r.skipped for r in records)
+    counts = {v: sum(m.verdict == v for m in measured.values()) for v in rules.VERDICTS}
+    intro = (f"`atprobe demo --budget {budget.name}` measured eight findings of {PAPER} on {data_text} in "
+             f"{total_s:.0f} s on {device} (training {train_s:.0f} s, probes {probe_s:.0f} s, figures {plot_s:.0f} s"
+             + (f"; {skipped} steps done by an earlier run" if skipped else "") + f"): {budget.describe()}. "
+             + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". Each verdict comes from a rule fixed in "
+             "`atprobe.findings` before anything was measured (docs/demo.md): `reproduced` is the paper's effect "
+             "beyond the measurement's noise, `contradicted` the opposite effect as clearly, `not at this size` "
+             "anything else.")
 
-    md = [f"# atprobe demo report ({config.dataset}, budget {budget.name})", "", intro, "",
-          "Every file here was written by the command shown with it; run that command inside this folder to "
-          "re-make the file (`.meta.json` beside each CSV records it too). " + MORE, "",
-          "## The models", "", _md_table(runs_rows), "", "Test accuracy (`atprobe eval`):", "",
-          _md_table(eval_rows), "", "## Figures", ""]
-    for fig in figs:
-        md += [f"### {fig.title}", "", f"![{fig.title}]({fig.file})", "",
-               f"{fig.caption} *Mirrors {fig.paper}.*", "", f"`{_figure_command(fig, by_name)}`", ""]
-    md += ["## Files", "", _md_table([["path", "what"], *[list(x) for x in layout]]), "",
-           "## Steps", "", _md_table([["step", "command", "seconds"]]
-                                     + [[r.name, f"`{r.command}`", f"{r.seconds:.1f}"] for r in records]), ""]
+    def anchor(key: str) -> str:
+        return f"finding-{key.replace('_', '-')}"
+
+    md_rows = [["#", "finding", "paper", "measured", "verdict", "figure"]]
+    html_rows = [["#", "finding", "paper", "measured", "verdict", "figure"]]
+    for f in rules.FINDINGS:
+        m = measured[f.key]
+        fig = shown[f.key][0].file if shown[f.key] else ""
+        md_rows.append([str(f.number), f"[{f.source}](#{anchor(f.key)}): {f.claim}", f.paper,
+                        f"{_value(m, f.unit)}: {m.detail}", f"**{m.verdict}**", f"[png]({fig})" if fig else ""])
+        html_rows.append([str(f.number), f'<a href="#{anchor(f.key)}">{html.escape(f.source)}</a>: '
+                          f"{html.escape(f.claim)}", html.escape(f.paper),
+                          f"{html.escape(_value(m, f.unit))}: {html.escape(m.detail)}",
+                          f'<b class="v-{m.verdict.replace(" ", "-")}">{html.escape(m.verdict)}</b>',
+                          f'<a href="{html.escape(fig)}">png</a>' if fig else ""])
+
+    runs_rows = [["run", "what"]] + [[f"runs/{r.name}", r.what] for r in runs(budget)]
+    md = [f"# atprobe demo: the findings of Dong et al. (ICLR 2022), budget {budget.name}", "", intro, "",
+          f"The same table is `{FINDINGS_CSV}` (its `.meta.json` records the commands behind each finding).", "",
+          _md_table(md_rows), ""]
+    body = [f"<h1>atprobe demo: the findings of Dong et al. (ICLR 2022), budget {html.escape(budget.name)}</h1>",
+            f"<p>{_code(intro)}</p>",
+            f"<p>The same table is <code>{FINDINGS_CSV}</code> (its <code>.meta.json</code> records the commands "
+            "behind each finding).</p>", _html_table(html_rows, raw=True)]
+    for f in rules.FINDINGS:
+        m = measured[f.key]
+        commands = [by_name[name].command for name in behind[f.key]]
+        commands += [by_name[plot_of[fig.file]].command for fig in shown[f.key] if fig.file in plot_of]
+        md += [f'<a id="{anchor(f.key)}"></a>', "", f"## {f.number}. {f.source}: {m.verdict}", "",
+               f"**Claim.** {f.claim} **Paper:** {f.paper}.", "",
+               f"**Statistic.** {f.statistic} ({f.unit}). **Rule.** {f.rule}; otherwise not at this size.", "",
+               f"**Measured.** {_value(m, f.unit)}: {m.detail}.", ""]
+        body += [f'<section id="{anchor(f.key)}"><h2>{f.number}. {html.escape(f.source)}: '
+                 f'<span class="v-{m.verdict.replace(" ", "-")}">{html.escape(m.verdict)}</span></h2>',
+                 f"<p><b>Claim.</b> {html.escape(f.claim)} <b>Paper:</b> {html.escape(f.paper)}.</p>",
+                 f"<p><b>Statistic.</b> {html.escape(f.statistic)} ({html.escape(f.unit)}). <b>Rule.</b> "
+                 f"{html.escape(f.rule)}; otherwise not at this size.</p>",
+                 f"<p><b>Measured.</b> {html.escape(_value(m, f.unit))}: {html.escape(m.detail)}.</p>"]
+        for fig in shown[f.key]:
+            md += [f"![{fig.title}]({fig.file})", "", f"*{fig.title}.* {fig.caption} *Mirrors {fig.paper}.*", ""]
+            body += [f'<a href="{html.escape(fig.file)}"><img src="{html.escape(fig.file)}" '
+                     f'alt="{html.escape(fig.title)}"></a>',
+                     f"<p><em>{html.escape(fig.title)}.</em> {html.escape(fig.caption)} "
+                     f"<em>Mirrors {html.escape(fig.paper)}.</em></p>"]
+        md += ["Commands (run inside this folder to re-make the files):", "", "```bash", *commands, "```", ""]
+        body += ["<p>Commands (run inside this folder to re-make the files):</p>",
+                 f"<pre>{html.escape(chr(10).join(commands))}</pre></section>"]
+    step_rows = [["step", "command", "seconds"]] + [
+        [r.name, f"`{r.command}`", "skipped" if r.skipped else f"{r.seconds:.1f}"] for r in records]
+    md += ["## The runs", "", _md_table(runs_rows), "", "## Every step", "", _md_table(step_rows), ""]
+    body += ["<h2>The runs</h2>", _html_table(runs_rows), "<h2>Every step</h2>",
+             _html_table([[a, b.strip("`"), c] for a, b, c in step_rows])]
     md_path = atomic_write_bytes(out / "report.md", "\n".join(md).encode())
-
-    def p(text: str) -> str:
-        # `code` spans of the Markdown text as <code>
-        parts = html.escape(text).split("`")
-        return "".join(f"<code>{s}</code>" if i % 2 else s for i, s in enumerate(parts))
-
-    body = [f"<h1>atprobe demo report ({html.escape(config.dataset)}, budget {html.escape(budget.name)})</h1>",
-            f"<p>{p(intro)}</p>",
-            "<p>Every file here was written by the command shown with it; run that command inside this folder to "
-            f"re-make the file (the <code>.meta.json</code> beside each CSV records it too). {p(MORE)}</p>",
-            "<h2>The models</h2>", _html_table(runs_rows), "<p>Test accuracy (<code>atprobe eval</code>):</p>",
-            _html_table(eval_rows), "<h2>Figures</h2>"]
-    for fig in figs:
-        body += [f'<section><h3>{html.escape(fig.title)}</h3>',
-                 f'<a href="{html.escape(fig.file)}"><img src="{html.escape(fig.file)}" '
-                 f'alt="{html.escape(fig.title)}"></a>',
-                 f"<p>{p(fig.caption)} <em>Mirrors {html.escape(fig.paper)}.</em></p>",
-                 f"<pre>{html.escape(_figure_command(fig, by_name))}</pre></section>"]
-    body += ["<h2>Files</h2>", _html_table([["path", "what"], *[[a, b.replace('`', '')] for a, b in layout]]),
-             "<h2>Steps</h2>",
-             _html_table([["step", "command", "seconds"]] + [[r.name, r.command, f"{r.seconds:.1f}"] for r in records])]
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>atprobe demo report</title>
+<html lang="en"><head><meta charset="utf-8"><title>atprobe demo: findings</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1250px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
@@ -833,6 +1019,7 @@ td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; vertic
 pre {{ background: #f4f4f4; padding: 0.4em 0.6em; white-space: pre-wrap; word-break: break-all; }}
 code {{ background: #f4f4f4; padding: 0 0.2em; }}
 section {{ margin-bottom: 2.2em; }}
+.v-reproduced {{ color: #1a7f37; }} .v-contradicted {{ color: #cf222e; }} .v-not-at-this-size {{ color: #9a6700; }}
 </style></head>
 <body>
 {chr(10).join(body)}
@@ -840,3 +1027,9 @@ section {{ margin-bottom: 2.2em; }}
 """
     atomic_write_bytes(out / "index.html", page.encode())
     return md_path
+
+
+def _code(text: str) -> str:
+    """``code`` spans of Markdown text as <code>, the rest escaped."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{s}</code>" if i % 2 else s for i, s in enumerate(parts))

@@ -148,7 +148,7 @@ def demo_run(tmp_path_factory):
     """``atprobe demo --quick`` run once per session, in-process through the click group
     (tests/test_demo.py and tests/test_notebook.py read its outputs): ``(out, result)``."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    return out, run_cli("demo", "--out", out, "--quick", "--device", "cpu")
+    return out, run_cli("demo", "--out", out, "--budget", "quick", "--device", "cpu")
 
 
 def keyed_start(x, config, seed, ids, restart=0):

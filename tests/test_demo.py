@@ -1,15 +1,17 @@
 """`atprobe demo`: one run at the CI size (the session fixture ``demo_run`` in conftest),
-every expected file written and readable, each CSV's meta recording its step's command, the
-figures valid PNGs, the report showing every figure; bad options and a failing step give one
-line. Each step's command line, parsed and run by its click command with the library calls
-recorded, makes the very call the demo makes (the two cannot drift), and the demo leaves the
+checked for what it must hold, not for exact file counts: findings.csv has every finding, a
+finite statistic and a verdict from the allowed set, each the rule of atprobe.findings on the
+tables beside it; the report opens with the findings table and shows every figure; each
+CSV's meta records its step's command. Each step's command line, parsed and run by its click
+command with the library calls recorded, makes the very call the demo makes (the two cannot
+drift); --resume skips finished steps and refuses another demo's folder; the demo leaves the
 working directory and ``sys.argv`` alone."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 import struct
@@ -21,20 +23,26 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from atprobe import findings as rules
 from atprobe.cli.main import cli
 from atprobe.demo import (
     BUDGETS,
+    FINDINGS_CSV,
+    PAPER_RUNS,
     RUN_BY,
     RUNS,
     Budget,
     DemoConfig,
     PlotCall,
     ProbeCall,
+    TableCall,
     TrainCall,
     budget_for,
     expected_files,
     figures,
+    measure_findings,
     run_demo,
+    runs,
     steps,
 )
 from atprobe.errors import AtprobeError
@@ -50,7 +58,7 @@ def demo(demo_run):
 
 
 def _plan(out: Path):
-    return steps(DemoConfig(out=out, quick=True, device="cpu"), QUICK, "cpu")
+    return steps(DemoConfig(out=out, budget="quick", device="cpu"), QUICK, "cpu")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -69,22 +77,50 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+def test_findings_table(demo):
+    """Every finding present, in order, with a finite statistic and a verdict of the allowed set;
+    the same as the rules give on the tables the demo wrote; its meta records the demo."""
+    out, _ = demo
+    table = pd.read_csv(out / FINDINGS_CSV)
+    assert list(table["finding"]) == list(range(1, 9))
+    assert list(table["key"]) == [f.key for f in rules.FINDINGS]
+    assert table["measured"].map(math.isfinite).all(), table[["key", "measured"]]
+    assert set(table["verdict"]) <= set(rules.VERDICTS)
+    assert table["detail"].str.len().gt(10).all() and table["paper"].str.len().gt(5).all()
+    measured = measure_findings(out, QUICK)
+    assert list(table["verdict"]) == [measured[k].verdict for k in table["key"]]
+    assert table["measured"].tolist() == pytest.approx([measured[k].statistic for k in table["key"]])
+    for fig in table["figure"]:
+        png_size(out / fig)
+    meta = json.loads(meta_path(out / FINDINGS_CSV).read_text())
+    assert meta["command"][:2] == ["atprobe", "demo"] and meta["run_by"] == RUN_BY and meta["seed"] == 0
+    assert meta["rows"] == 8 and meta["columns"] == list(table.columns)
+    assert {c["path"] for c in meta["run_checkpoints"]} == {f"runs/{r.name}/{f}" for r in RUNS
+                                                            for f in ("best.pt", "final.pt")}
+    assert all(len(c["sha256"]) == 64 for c in meta["run_checkpoints"])
+    plan = {s.command for s in _plan(out)}
+    assert set(meta["commands"]) == set(table["key"])
+    assert all(c in plan for cs in meta["commands"].values() for c in cs)
+
+
+@pytest.mark.slow
 def test_progress_one_line_per_step(demo):
     out, result = demo
     plan = _plan(out)
     lines = result.stderr.strip().splitlines()
     numbered = [line for line in lines if re.match(r"^\[ ?\d+/\d+\] ", line)]
-    assert len(numbered) == len(plan) == 34
+    assert len(numbered) == len(plan)
     assert [line.split("] ", 1)[1].split(":", 1)[0] for line in numbered] == [s.name for s in plan]
-    assert lines[0].startswith("atprobe demo: 34 steps") and "budget quick" in lines[0]
+    assert lines[0].startswith(f"atprobe demo: {len(plan)} steps") and "budget quick" in lines[0]
+    verdicts = lines[len(plan) + 1:-1]
+    assert len(verdicts) == 8 and all(line.rsplit(": ", 1)[1] in rules.VERDICTS for line in verdicts)
     assert lines[-1].startswith("done in ") and "index.html" in lines[-1]
-    assert len(lines) == len(plan) + 2  # the steps' own output is silenced (-q)
 
 
 @pytest.mark.slow
 def test_every_expected_file_exists(demo):
     out, _ = demo
-    files = expected_files(DemoConfig(out=out, quick=True, device="cpu"), QUICK)
+    files = expected_files(DemoConfig(out=out, budget="quick", device="cpu"), QUICK)
     missing = [f for f in files if not (out / f).is_file()]
     assert not missing
     tables = [f for f in files if f.endswith(".csv")]
@@ -95,7 +131,7 @@ def test_every_expected_file_exists(demo):
         assert not any(c.startswith("Unnamed") for c in df.columns), f  # no stray index column
         meta = json.loads(meta_path(out / f).read_text())
         assert meta["columns"] == list(df.columns) and meta["rows"] == len(df), f
-    for f in files:  # every image, the report's figures and those a command draws beside its tables
+    for f in files:
         if f.endswith(".png"):
             png_size(out / f)
     written = min((out / f).stat().st_mtime for f in ("report.md", "index.html"))
@@ -109,43 +145,42 @@ def test_csvs_parse_and_meta_records_the_step(demo):
         for f in step.outputs:
             if not f.endswith(".csv"):
                 continue
-            df = pd.read_csv(out / f)
-            assert len(df) > 0, f
             meta = json.loads(meta_path(out / f).read_text())
             # the equivalent command line, not the process's argv (the demo's, or pytest's)
             assert meta["command"] == ["atprobe", *step.args] and meta["run_by"] == RUN_BY, f
-            assert meta["rows"] == len(df) and meta["columns"] == list(df.columns), f
     for run in RUNS:
-        curves = pd.read_csv(out / "runs" / run.name / "curves.csv")
-        assert sorted(curves["epoch"].unique()) == list(range(1, QUICK.epochs + 1))
         config = json.loads((out / "runs" / run.name / "config.json").read_text())
         assert config["label_noise"] == (1.0 if run.random_labels else 0.0), run
         assert config["method"] == run.method and config["seed"] == run.seed_offset, run
+        assert config["mix_clean"] == run.mix_clean and config["te"] == run.te, run
+        # Sec. 3.1 for the random labels: no augmentation, no weight decay, a constant rate
+        if run.random_labels:
+            assert (config["augment"], config["weight_decay"], config["schedule"]) == (False, 0.0, "constant")
+        else:
+            assert config["schedule"] == "piecewise" and config["milestones"] == [1, 2]
 
 
 @pytest.mark.slow
-def test_tables_hold_what_the_report_says(demo):
+def test_tables_hold_what_the_findings_read(demo):
     out, _ = demo
-    ev = pd.read_csv(out / "probes" / "eval.csv")
-    assert set(ev["checkpoint"]) == {f"runs/{r.name}/final.pt" for r in RUNS}
-    assert set(ev["attack"]) == set(QUICK.eval_attacks)
-    assert (ev["n"] == QUICK.eval_n).all() and ev["accuracy"].between(0, 1).all()
-    gn = pd.read_csv(out / "probes" / "gradnorm_training.csv")
-    assert sorted(gn["epoch"].unique()) == list(range(1, QUICK.epochs + 1))
-    assert gn["checkpoint"].nunique() == 2 * QUICK.epochs
-    noisy = pd.read_csv(out / "probes" / "gradnorm_random.csv")
-    assert {"clean", "noisy"} <= set(noisy["group"])
-    for method in ("pgd_at", "trades"):
-        gc = pd.read_csv(out / "probes" / f"gradcos_{method}.csv")
-        assert len(gc) == QUICK.epochs - 1 and (gc["loss"] == method).all() and gc["cos_mean"].between(-1, 1).all()
+    for name, loss in (("pgd_at-random", "pgd_at"), ("trades-random", "trades")):
+        gc = pd.read_csv(out / "probes" / f"gradcos_{name}.csv")
+        assert len(gc) == QUICK.random_epochs - 1 and (gc["loss"] == loss).all()
+        assert (gc["labels"] == "trained").all() and gc["cos_mean"].between(-1, 1).all()
+        ratio = pd.read_csv(out / "runs" / name / "gradratio.csv")
+        assert len(ratio) == QUICK.grad_ratio_iters and (ratio["method"] == loss).all()
+    stab = pd.read_csv(out / "probes" / "stability_init.csv")
+    assert set(stab["loss"]) == {"pgd_at", "trades", "clean"} and stab["bn_stats"].str.startswith("recompute").all()
     cx = pd.read_csv(out / "probes" / "complexity.csv")
     noise = cx.drop_duplicates("checkpoint").set_index("checkpoint")["label_noise"]
     assert noise.to_dict() == {f"runs/{r.name}/final.pt": (1.0 if r.random_labels else 0.0) for r in RUNS}
-    assert set(cx["measure"]) == set(QUICK.complexity_measures)
+    table = pd.read_csv(out / "probes" / "table.csv")
+    assert list(table["run"].unique()) == ["runs/pgd_at-true", "runs/pgd_at-te-true"]
+    assert set(table["attack"]) == {"natural", QUICK.curve_attack} and (table["n"] == QUICK.curve_n).all()
     pairs = pd.read_csv(out / "probes" / "hardness" / "consistency.csv")
-    assert len(pairs) == 1 and -1 <= pairs["kendall_tau"].iloc[0] <= 1
+    assert len(pairs) == 1 and pairs["n"].iloc[0] == QUICK.hardness_n
     record = json.loads((out / "demo.json").read_text())
-    assert record["budget"] == json.loads(json.dumps(dataclasses.asdict(QUICK))) and len(record["steps"]) == 34
+    assert record["budget"]["name"] == "quick" and len(record["steps"]) == len(_plan(out))
     assert record["total_seconds"] >= sum(s["seconds"] for s in record["steps"]) - 1
 
 
@@ -154,120 +189,95 @@ def test_figures_are_valid_images(demo):
     out, _ = demo
     from atprobe import plot
 
-    for fig in figures():  # every figure the report names, and the tables it is drawn from
+    for fig in figures(QUICK):  # every figure the report names, and the tables it is drawn from
         w, h = png_size(out / fig.file)
         assert 200 <= w <= 3000 and 150 <= h <= 3000, (fig.file, w, h)
-        assert fig.csvs or fig.made_by, fig.file
+        assert fig.finding in {f.key for f in rules.FINDINGS}, fig.file
         for csv in fig.csvs:
             df = pd.read_csv(out / csv)
-            assert len(df) > 0, (fig.file, csv)
             kind = fig.kind or plot.detect_kind(df)  # raises when the columns match no kind
             assert set(plot.KINDS[kind].columns) <= set(df.columns), (fig.file, csv, kind)
-    # atprobe plot draws (figure inches x dpi) pixels: every figure at the budget's dpi
-    w, h = png_size(out / "figures" / "fig4a_stability.png")
     import matplotlib.image
 
-    pixels = matplotlib.image.imread(out / "figures" / "fig4a_stability.png")
-    assert pixels.shape[:2] == (h, w) and pixels.std() > 0.01  # something drawn, not a blank canvas
+    pixels = matplotlib.image.imread(out / "figures" / "fig4a_stability_init.png")
+    assert pixels.std() > 0.01  # something drawn, not a blank canvas
 
 
 @pytest.mark.slow
-def test_report_shows_every_figure(demo):
+def test_report_opens_with_the_findings(demo):
     out, _ = demo
     md = (out / "report.md").read_text()
     page = (out / "index.html").read_text()
+    first_table = md.split("\n\n| #")[1].split("\n\n")[0]
+    rows = [r for r in first_table.splitlines()[2:] if r.startswith("| ")]
+    table = pd.read_csv(out / FINDINGS_CSV)
+    assert len(rows) == 8
+    for row, (_, f) in zip(rows, table.iterrows()):
+        assert f"**{f['verdict']}**" in row and f"[png]({f['figure']})" in row and f["source"] in row
+    assert md.index("| # |") < md.index("## 1. ")  # the findings table comes first
+    for f in rules.FINDINGS:  # a section per finding: rule, measured, figures and the commands
+        section = md.split(f"## {f.number}. {f.source}: ")[1].split("\n## ")[0]
+        assert f.rule in section and "```bash\natprobe " in section
     md_images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     html_images = re.findall(r'<img src="([^"]+)"', page)
-    wanted = [f.file for f in figures()]
-    assert md_images == wanted and html_images == wanted
-    for f in wanted:
-        assert (out / f).is_file() and png_size(out / f)[0] > 0
-    for fig in figures():  # one line on what it shows and the paper figure, and the command
-        assert fig.caption in md and f"Mirrors {fig.paper}." in md
-    shown = md.split("## Figures")[1].split("## Files")[0]
-    assert shown.count("\n`atprobe plot ") == len([f for f in figures() if f.made_by is None])
-    assert shown.count("\n`atprobe hardness ") == 1
-    assert "pgd_at-random" in md and "| model | natural | pgd5 |" in md
+    wanted = [fig.file for fig in figures(QUICK)]
+    assert sorted(md_images) == sorted(wanted) and sorted(html_images) == sorted(wanted)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.index("<table>") < page.index('<section id="finding-')
 
 
 def test_budgets_and_config():
-    assert budget_for("synthetic", "cpu") is BUDGETS["synthetic-cpu"]
-    assert budget_for("cifar10", "cpu") is BUDGETS["real-cpu"]
-    assert budget_for("cifar10", "cuda") is BUDGETS["cuda"] and BUDGETS["cuda"].arch == "resnet18"
-    assert budget_for("cifar10", "cuda", quick=True) is QUICK
-    assert "hessian" not in BUDGETS["synthetic-cpu"].complexity_measures and BUDGETS["cuda"].complexity_measures == ()
-    with pytest.raises(AtprobeError, match="epochs must be >= 2"):
-        Budget(name="x", epochs=1)
+    assert budget_for("auto", "cpu") is BUDGETS["cpu"] and budget_for("auto", "cuda") is BUDGETS["gpu"]
+    assert budget_for("paper", "cpu") is BUDGETS["paper"] and BUDGETS["gpu"].arch == "resnet18"
+    assert DemoConfig().dataset == "synthetic" and DemoConfig(data_dir="/d").dataset == "cifar10"
+    with pytest.raises(AtprobeError, match="random_epochs must be >= 2"):
+        Budget(name="x", random_epochs=1)
     with pytest.raises(AtprobeError, match="integer"):
         Budget(name="x", probe_n=3.5)
     with pytest.raises(AtprobeError, match="alpha must be a finite number"):
         Budget(name="x", alpha="4/255")  # typed: a float, no longer a string for click
-    with pytest.raises(AtprobeError, match="tuple of names"):
-        Budget(name="x", eval_attacks="natural,pgd10")
     with pytest.raises(AtprobeError, match="lambdas"):
-        Budget(name="x", flatness_lambdas="-0.5:0.5")
-    assert Budget(name="x", lr=1).lr == 1.0 and isinstance(Budget(name="x", lr=1).lr, float)
-    assert BUDGETS["cuda"].describe().count("step 2/255") == 1 and "lr 0.1 " in QUICK.describe()
+        Budget(name="x", stability_lambdas="-0.5:0.5")
     with pytest.raises(AtprobeError, match="unknown dataset"):
         DemoConfig(dataset="imagenet")
     with pytest.raises(AtprobeError, match="npz needs --data-dir"):
         DemoConfig(dataset="npz")
     with pytest.raises(AtprobeError, match="--download is for real datasets"):
         DemoConfig(download=True)
-    plan = steps(DemoConfig(dataset="cifar10", data_dir="/data/c10", download=True), BUDGETS["real-cpu"], "cpu")
+    with pytest.raises(AtprobeError, match="unknown budget"):
+        DemoConfig(budget="huge")
+    with pytest.raises(AtprobeError, match="paper budget trains on CIFAR-10"):
+        DemoConfig(budget="paper").resolve_budget("cuda")
+    assert "lr 0.1" in QUICK.describe() and "presets" in BUDGETS["paper"].describe()
+    plan = steps(DemoConfig(data_dir="/data/c10", download=True), BUDGETS["cpu"], "cpu")
     train = next(s for s in plan if s.name == "train pgd_at-true")
     assert ("--dataset", "cifar10") == train.args[train.args.index("--dataset"):][:2]
     assert all("/data/c10" in s.args for s in plan if s.args[0] != "plot")
     assert [s.args[0] for s in plan if "--download" in s.args] == ["train"] * len(RUNS)
-    gpu = {s.args[0]: s.args for s in steps(DemoConfig(), BUDGETS["cuda"], "cuda")}
-    assert "--n" not in gpu["eval"] and "--all" in gpu["hardness"] and "--measures" not in gpu["complexity"]
+    gpu = {s.args[0]: s.args for s in steps(DemoConfig(), BUDGETS["gpu"], "cuda")}
+    assert "--n" not in gpu["table"] and "--all" in gpu["hardness"]
 
 
-def test_bad_options_one_line(tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "x.txt").write_text("x")
-    line = cli_error("demo", "--out", full)
-    assert "already exists and is not an empty folder" in line and (full / "x.txt").read_text() == "x"
-    assert len(list(full.iterdir())) == 1
-    assert "mnist" in cli_error("demo", "--out", tmp_path / "a", "--dataset", "mnist")
-    assert "seed" in cli_error("demo", "--out", tmp_path / "b", "--seed", "x")
-    assert "tpu" in cli_error("demo", "--out", tmp_path / "c", "--device", "tpu")
-    line = cli_error("demo", "--out", tmp_path / "d", "--dataset", "cifar10", "--data-dir", tmp_path / "nowhere")
-    assert "does not exist" in line
-
-
-def test_failing_step_is_named(tmp_path):
-    """A step that fails stops the demo with one line naming it, and no report."""
-    empty = tmp_path / "data"
-    empty.mkdir()
-    out = tmp_path / "out"
-    line = cli_error("demo", "--out", out, "--dataset", "cifar10", "--data-dir", empty, "--quick", "--device", "cpu")
-    assert line.startswith("Error: demo step 1/34 'train pgd_at-true' failed: ")
-    assert not (out / "report.md").exists() and not (out / "index.html").exists()
-
-
-@pytest.mark.slow
-def test_gradnorm_bars_have_their_std_whiskers(demo):
-    """atprobe.plot.gradnorm's bar mode (one epoch per checkpoint) draws a ± std whisker on every
-    norm bar (three lines each: the bar and two caps) at the bar's mean, matched to its hue level."""
-    from atprobe import plot
-
-    out, _ = demo
-    table = pd.read_csv(out / "probes" / "gradnorm_random.csv")
-    norms = table[table["quantity"].isin(plot.GRADS)]
-    wide = norms.pivot_table(index=["checkpoint", "group", "quantity"], columns="statistic", values="value")
-    fig = plot.gradnorm(table)
-    ax = fig.axes[0]
-    assert len(ax.lines) == 3 * len(wide)  # per whisker: the point and two caps
-    drawn = sorted(round(float(line.get_ydata()[0]), 9) for line in ax.lines)
-    expected = sorted(round(v, 9) for m, sd in zip(wide["mean"], wide["std"])
-                      for v in (m, m - min(sd, 0.95 * m), m + sd))
-    assert drawn == expected
-
-
-# --------------------------------------------------------------------------- the command lines make the same calls
+def test_paper_budget_is_the_presets():
+    """The paper budget trains each run from its preset (Table A.1's twelve for Fig. 6, the first
+    20 epochs of Fig. 2's runs for gradcos), and its probes attack with PGD-10 at 2/255."""
+    budget = BUDGETS["paper"]
+    plan = {s.name: s for s in steps(DemoConfig(data_dir="/data"), budget, "cuda")}
+    assert [r.name for r in runs(budget)] == [r.name for r in RUNS + PAPER_RUNS]
+    for run in runs(budget):
+        step = plan[f"train {run.name}"]
+        assert step.args[step.args.index("--preset") + 1] == run.preset
+        assert step.call.config.preset == run.preset
+    first = plan["train pgd_at-random-first"].call.config.resolved()
+    assert (first.epochs, first.schedule, first.save_every, first.lr) == (20, "constant", 1, 0.1)
+    assert plan["train pgd_at-true-seed1"].call.config.seed == 1
+    complexity = plan["complexity"].call.checkpoints
+    assert len(complexity) == 12 and all("tableA1-" in c for c in complexity)
+    assert plan["gradcos pgd_at-random-first"].call.checkpoints == ("runs/pgd_at-random-first",)
+    assert plan["stability at init"].args[plan["stability at init"].args.index("--init") + 1] == "wrn-28-10"
+    assert plan["train pgd_at-random"].call.config.resolved().threat.steps == 10
+    table = plan["table"].args
+    assert "pgd10" in plan["hardness"].args and table[table.index("--attack") + 1] == "natural,pgd10"
 
 
 class _Recorded:
@@ -309,10 +319,11 @@ def _command_call(step, monkeypatch) -> _Recorded:
         monkeypatch.setattr(atprobe.plot, "plot", recorded.hook("plot"))
         monkeypatch.setattr(atprobe.plot, "save_figure", recorded.hook("save_figure"))
     else:
-        function = step.call.function
+        function = "table" if command == "table" else step.call.function
         tables = _FakeTables(recorded)
         result = (tables, None, []) if function == "hardness" else tables
-        monkeypatch.setattr(module, "Study", recorded.hook("Study", result=lambda *a, **k: "the study"))
+        if command != "table":  # table builds its study inside studies.table
+            monkeypatch.setattr(module, "Study", recorded.hook("Study", result=lambda *a, **k: "the study"))
         monkeypatch.setattr(module, "set_determinism", recorded.hook("set_determinism"))
         monkeypatch.setattr(studies, function, recorded.hook("probe", result=result))
         monkeypatch.setattr(studies, "write_hardness", recorded.hook("write_hardness"))
@@ -322,20 +333,21 @@ def _command_call(step, monkeypatch) -> _Recorded:
 
 
 @pytest.mark.parametrize("config, budget", [
-    (DemoConfig(quick=True, device="cpu"), QUICK),
-    (DemoConfig(seed=3), BUDGETS["cuda"]),  # --all, eval on the whole split, every complexity measure, 2/255
-    (DemoConfig(dataset="cifar10", data_dir="/data/c10", download=True), BUDGETS["real-cpu"]),
-], ids=["quick", "cuda", "real-cpu-data-dir"])
+    (DemoConfig(budget="quick", device="cpu"), QUICK),
+    (DemoConfig(seed=3), BUDGETS["gpu"]),  # --all, the whole test split, PGD-10 at 2/255
+    (DemoConfig(data_dir="/data/c10", download=True), BUDGETS["cpu"]),
+    (DemoConfig(data_dir="/data/c10", seed=2), BUDGETS["paper"]),
+], ids=["quick", "gpu", "cpu-data-dir", "paper"])
 def test_each_command_line_makes_the_demos_call(config, budget, monkeypatch):
     """The command line a step shows (report, meta), parsed by its click command, builds the
-    very config and call the demo makes: same defaults, same typed values (4/255, 0.1, grids)."""
+    very config and call the demo makes: same defaults, same typed values (2/255, 0.1, grids)."""
     import torch
 
     from atprobe.study import ModelSource
 
     cpu = torch.device("cpu")
     plan = steps(config, budget, "cpu")
-    assert {type(s.call) for s in plan} == {TrainCall, ProbeCall, PlotCall}
+    assert {type(s.call) for s in plan} == {TrainCall, ProbeCall, TableCall, PlotCall}
     for step in plan:
         call, recorded = step.call, _command_call(step, monkeypatch).calls
         if isinstance(call, TrainCall):
@@ -347,6 +359,12 @@ def test_each_command_line_makes_the_demos_call(config, budget, monkeypatch):
             assert tuple(csvs) == call.csvs and kwargs == {"kind": call.kind, "title": None}, step.name
             (_, output), kwargs = recorded["save_figure"]
             assert Path(output) == Path(call.output) and kwargs == {"dpi": call.dpi}, step.name
+        elif isinstance(call, TableCall):
+            (run_dirs, spec, eval_config, device), kwargs = recorded["probe"]
+            assert tuple(run_dirs) == call.runs and spec == call.spec and eval_config == call.config, step.name
+            assert device == cpu and kwargs["data"] == call.data and kwargs["seed"] == call.seed, step.name
+            assert recorded["set_determinism"][0] == (call.seed,), step.name
+            assert recorded["write"][0][0] == call.output, step.name
         else:
             (checkpoints, models, data), _ = recorded["Study"]
             assert tuple(checkpoints) == call.checkpoints, step.name
@@ -360,25 +378,69 @@ def test_each_command_line_makes_the_demos_call(config, budget, monkeypatch):
             assert written == call.output, step.name
 
 
-@pytest.mark.slow  # a whole (tiny) demo run (~25 s)
-def test_run_demo_leaves_cwd_and_argv_alone(tmp_path, monkeypatch):
+TINY = Budget(name="tiny", steps=1, alpha=4 / 255, batch_size=32, random_n=32, random_epochs=2, random_eval_every=1,
+              grad_ratio_iters=1, true_n=32, true_epochs=2, curve_n=16, curve_attack="pgd1", train_eval_n=16,
+              probe_n=4, complexity_n=8, hardness_n=16, stability_lambdas="-0.05:0.05:3", stability_directions=1,
+              dpi=40)
+
+
+@pytest.mark.slow  # a whole (tiny) demo run, twice (~40 s)
+def test_run_demo_leaves_cwd_and_argv_alone_and_resumes(tmp_path, monkeypatch):
     """Every step is a library call with paths under --out: the working directory, sys.argv
-    and the folder the demo was started from are as they were (a tiny budget, ~20 s)."""
+    and the folder the demo was started from are as they were. --resume skips every finished
+    step (a deleted table is made again) and refuses a folder of another demo."""
     started_in = tmp_path / "started_in"
     started_in.mkdir()
     monkeypatch.chdir(started_in)
     argv = ["sentinel-program", "--sentinel"]
     monkeypatch.setattr(sys, "argv", argv)
-    tiny = Budget(name="tiny", train_n=32, epochs=2, batch_size=32, steps=1, curve_n=16, curve_attack="pgd1",
-                  grad_ratio_iters=1, eval_n=16, eval_attacks=("natural",), probe_n=4, noisy_n=8, complexity_n=8,
-                  hardness_n=16, complexity_measures=("spectral", "gap"), stability_lambdas="-0.05:0.05:3",
-                  flatness_lambdas="-0.5:0.5:3", flatness_directions=1, curvature_iterations=2,
-                  hessian_iterations=2, hessian_trace_samples=2, hessian_density_steps=3, dpi=40)
     out = tmp_path / "out"
-    report = run_demo(DemoConfig(out=out, device="cpu", budget=tiny))
+    report = run_demo(DemoConfig(out=out, device="cpu", budget=TINY))
     assert os.getcwd() == str(started_in) and sys.argv is argv and argv == ["sentinel-program", "--sentinel"]
     assert list(started_in.iterdir()) == []
     assert report == out.resolve() / "report.md" and (out / "index.html").is_file()
     for meta in out.rglob("*.meta.json"):
         record = json.loads(meta.read_text())
-        assert record["command"][0] == "atprobe" and record["run_by"] == RUN_BY, meta
+        assert record["run_by"] == RUN_BY, meta
+    first = pd.read_csv(out / FINDINGS_CSV)
+    final = (out / "runs" / "pgd_at-true" / "final.pt").stat().st_mtime_ns
+    (out / "probes" / "table.csv").unlink()
+    lines: list[str] = []
+    run_demo(DemoConfig(out=out, device="cpu", budget=TINY, resume=True), progress=lines.append)
+    skipped = [line for line in lines if line.endswith("done before, skipped")]
+    assert len(skipped) == len(steps(DemoConfig(), TINY, "cpu")) - 1 and not any("] table:" in s for s in skipped)
+    assert (out / "runs" / "pgd_at-true" / "final.pt").stat().st_mtime_ns == final
+    pd.testing.assert_frame_equal(pd.read_csv(out / FINDINGS_CSV), first)
+    with pytest.raises(AtprobeError, match="another budget, dataset, seed"):
+        run_demo(DemoConfig(out=out, device="cpu", budget=TINY, resume=True, seed=1))
+    with pytest.raises(AtprobeError, match="already exists and is not an empty folder"):
+        run_demo(DemoConfig(out=out, device="cpu", budget=TINY))
+
+
+def test_bad_options_one_line(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    line = cli_error("demo", "--out", full)
+    assert "already exists and is not an empty folder" in line and (full / "x.txt").read_text() == "x"
+    assert len(list(full.iterdir())) == 1
+    assert "no demo.plan.json" in cli_error("demo", "--out", full, "--resume", "--budget", "quick")
+    assert "mnist" in cli_error("demo", "--out", tmp_path / "a", "--dataset", "mnist")
+    assert "seed" in cli_error("demo", "--out", tmp_path / "b", "--seed", "x")
+    assert "tpu" in cli_error("demo", "--out", tmp_path / "c", "--device", "tpu")
+    assert "huge" in cli_error("demo", "--out", tmp_path / "e", "--budget", "huge")
+    assert "CIFAR-10" in cli_error("demo", "--out", tmp_path / "f", "--budget", "paper")
+    line = cli_error("demo", "--out", tmp_path / "d", "--dataset", "cifar10", "--data-dir", tmp_path / "nowhere")
+    assert "does not exist" in line
+    assert not any((tmp_path / x).exists() for x in "abcdef")
+
+
+def test_failing_step_is_named(tmp_path):
+    """A step that fails stops the demo with one line naming it, and no findings or report."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "out"
+    line = cli_error("demo", "--out", out, "--data-dir", empty, "--budget", "quick", "--device", "cpu")
+    n = len(steps(DemoConfig(data_dir=empty), QUICK, "cpu"))
+    assert line.startswith(f"Error: demo step 1/{n} 'train pgd_at-random' failed: ")
+    assert not (out / "report.md").exists() and not (out / FINDINGS_CSV).exists()
