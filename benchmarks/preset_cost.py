@@ -50,15 +50,23 @@ def passes_per_training_image(method: str, steps: int) -> int:
     return {"pgd_at": 2 * steps + 3, "trades": 1 + 2 * steps + 6, "fgsm_rs": 5, "standard": 3}[method]
 
 
-def run_flops(name: str) -> tuple[float, float]:
-    """(FLOPs of the whole run, FLOPs of one forward pass) of preset ``name``."""
-    c = preset_config(name).resolved(num_classes=CLASSES[preset_config(name).dataset])
+def config_flops(config) -> tuple[float, float]:
+    """(FLOPs of the whole run, FLOPs of one forward pass) of a ``TrainConfig`` (its
+    ``train_n`` images when set; the curves every ``eval_every`` epochs)."""
+    c = config.resolved(num_classes=CLASSES[config.dataset])
     n_train, n_test = SIZES[c.dataset]
+    n_train = c.train_n or n_train
     f = forward_flops(c.arch, CLASSES[c.dataset])
     eval_steps = parse_attack(c.eval_attack, c.threat).steps
     evaluated = (c.eval_n or n_test) + (c.train_eval_n or n_train)
-    per_epoch = n_train * passes_per_training_image(c.method, c.threat.steps) + evaluated * (2 * eval_steps + 2)
-    return c.epochs * per_epoch * f, f
+    evals = len(range(c.eval_every, c.epochs + 1, c.eval_every)) + (c.epochs % c.eval_every != 0)
+    training = c.epochs * n_train * passes_per_training_image(c.method, c.threat.steps)
+    return (training + evals * evaluated * (2 * eval_steps + 2)) * f, f
+
+
+def run_flops(name: str) -> tuple[float, float]:
+    """(FLOPs of the whole run, FLOPs of one forward pass) of preset ``name``."""
+    return config_flops(preset_config(name))
 
 
 def main() -> None:
