@@ -142,6 +142,8 @@ class Budget:
             value = getattr(self, name)
             if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise AtprobeError(f"budget {name} must be an integer, got {value!r}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise AtprobeError(f"budget {name} must be True or False, got {value!r}")
             if kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                         or value < 0 or (value == 0 and name != "true_weight_decay"):
@@ -300,10 +302,6 @@ PAPER_RUNS: tuple[Run, ...] = FIRST_RUNS + TABLE_A1_RUNS
 def runs(budget: Budget) -> tuple[Run, ...]:
     """The training runs of ``budget``, in the order the demo trains them."""
     return RUNS + (FIRST_RUNS if budget.gradcos_first else ()) + (TABLE_A1_RUNS if budget.presets else ())
-
-
-def _run(name: str) -> Run:
-    return next(r for r in RUNS + PAPER_RUNS if r.name == name)
 
 
 def gradcos_runs(budget: Budget) -> tuple[str, str]:

@@ -145,7 +145,7 @@ def cli_rejects(fragment: str, *args, output: Path) -> None:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """``atprobe demo --quick`` run once per session, in-process through the click group
+    """``atprobe demo --budget quick`` run once per session, in-process through the click group
     (tests/test_demo.py and tests/test_notebook.py read its outputs): ``(out, result)``."""
     out = tmp_path_factory.mktemp("demo") / "out"
     return out, run_cli("demo", "--out", out, "--budget", "quick", "--device", "cpu")

@@ -234,6 +234,8 @@ def test_budgets_and_config():
         Budget(name="x", random_epochs=1)
     with pytest.raises(AtprobeError, match="integer"):
         Budget(name="x", probe_n=3.5)
+    with pytest.raises(AtprobeError, match="True or False"):
+        Budget(name="x", true_augment="yes")
     with pytest.raises(AtprobeError, match="alpha must be a finite number"):
         Budget(name="x", alpha="4/255")  # typed: a float, no longer a string for click
     with pytest.raises(AtprobeError, match="lambdas"):
