@@ -318,9 +318,16 @@ def _numbers(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
+def _probe(arch: str, dropout: float = 0.0) -> nn.Module:
+    """``arch`` with shapes but no storage (the meta device): its key names and layers, free of
+    the memory and time of a real build (a WRN-70-16 has 267M parameters)."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes=10, dropout=dropout)
+
+
 def _infer_num_classes(arch: str, state: Mapping[str, torch.Tensor], dropout: float) -> int | None:
     """The classifier's output size, read off the last weight layer of the architecture."""
-    probe = build_model(arch, num_classes=10, dropout=dropout)
+    probe = _probe(arch, dropout)
     layers = weight_layers(probe)
     if not layers:
         return None
@@ -505,7 +512,7 @@ def load_checkpoint(
             # The TRADES/MART WideResNet registers a stage (sub_block1) that forward never
             # runs; its weights are dead, so they are dropped rather than reported.
             state = {k: v for k, v in state.items() if not k.startswith("sub_block1.")}
-        carried = _carried_normalization(state, set(build_model(arch).state_dict()))
+        carried = _carried_normalization(state, set(_probe(arch).state_dict()))
         if carried is not None:
             given = mean is not None
             keys, mean, std = carried

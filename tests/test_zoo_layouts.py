@@ -61,6 +61,15 @@ def _prefixed(model: torch.nn.Module, prefix: str) -> OrderedDict:
     return OrderedDict((prefix + k, v.float()) for k, v in model.state_dict().items())
 
 
+def _carrying(model: torch.nn.Module, prefix: str, keys: tuple[str, str], mean, std,
+              shape: tuple[int, ...] = (1, 3, 1, 1)) -> OrderedDict:
+    """The state_dict under ``prefix`` with the normalization saved as ``keys`` (a persistent buffer pair)."""
+    state = _prefixed(model, prefix)
+    state[keys[0]] = torch.tensor(mean).view(shape)
+    state[keys[1]] = torch.tensor(std).view(shape)
+    return state
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     # The file holds float32 weights: the loaded model equals the saved one to float32 rounding.
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -131,9 +140,7 @@ def test_sequential_with_saved_normalization_values_uses_them(tmp_path):
     # A Sequential whose normalization layer registers persistent buffers: module.0.mean/std.
     model = _saved_float(_model("cnn-small", seed=7))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    state = _prefixed(model, "module.1.")
-    state["module.0.mean"] = torch.tensor(mean).view(1, 3, 1, 1)
-    state["module.0.std"] = torch.tensor(std).view(1, 3, 1, 1)
+    state = _carrying(model, "module.1.", ("module.0.mean", "module.0.std"), mean, std)
     torch.save({"model_state_dict": state}, tmp_path / "seq.pt")
     ck = load_checkpoint(tmp_path / "seq.pt", arch="cnn-small")
     _close(_logits(ck), _expected(model, mean, std))
@@ -145,9 +152,7 @@ def test_robustbench_mu_sigma_buffers_are_the_normalization(tmp_path):
     # checkpoint): torch.save(model.state_dict()) of such a model holds them with the weights.
     model = _saved_float(_model("resnet18", seed=8))
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-    state = _prefixed(model, "")
-    state["mu"] = torch.tensor(mean).view(1, 3, 1, 1)
-    state["sigma"] = torch.tensor(std).view(1, 3, 1, 1)
+    state = _carrying(model, "", ("mu", "sigma"), mean, std)
     torch.save(state, tmp_path / "prime.pt")
     ck = load_checkpoint(tmp_path / "prime.pt", arch="resnet18")  # no --normalize needed
     _close(_logits(ck), _expected(model, mean, std))
@@ -161,9 +166,7 @@ def test_robustbench_mu_sigma_buffers_are_the_normalization(tmp_path):
 def test_deepmind_mean_std_buffers_are_the_normalization(tmp_path):
     # DeepMind's classes (DMWideResNet, DMPreActResNet) register persistent mean/std of shape (3, 1, 1).
     model = _saved_float(_model("wrn-16-2", seed=9))
-    state = _prefixed(model, "module.")
-    state["module.mean"] = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-    state["module.std"] = torch.tensor(CIFAR_STD).view(3, 1, 1)
+    state = _carrying(model, "module.", ("module.mean", "module.std"), CIFAR_MEAN, CIFAR_STD, shape=(3, 1, 1))
     torch.save(state, tmp_path / "dm.pt")
     ck = load_checkpoint(tmp_path / "dm.pt", arch="auto")
     _close(_logits(ck), _expected(model, CIFAR_MEAN, CIFAR_STD))
@@ -356,9 +359,7 @@ def test_every_signature_is_exercised():
 
 def test_cli_auto_says_its_choice_on_stderr_and_in_the_meta(tmp_path):
     model = _saved_float(_model("cnn-small", seed=11))
-    state = _prefixed(model, "module.")
-    state["module.mu"] = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    state["module.sigma"] = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    state = _carrying(model, "module.", ("module.mu", "module.sigma"), CIFAR_MEAN, CIFAR_STD)
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "zoo.pt")
     out = tmp_path / "e.csv"
     result = run_cli("eval", tmp_path / "zoo.pt", "--arch", "auto", "--dataset", "synthetic", "--attack", "natural",
