@@ -125,12 +125,15 @@ def _mlp(state: _State) -> tuple[str | None, str]:
 class Signature:
     """One family: the keys that identify it (all of ``has``, none of ``lacks``) and
     ``size(state) -> (name or None, detail)``, the architecture the shapes and counts give
-    (None: the family, at a size no standard name covers)."""
+    (None: the family, at a size no standard name covers). ``normalizes_inside``: every
+    public class of the family normalizes its inputs in ``forward`` (so weights saved
+    without the values still expect normalized inputs)."""
 
     family: str
     has: tuple[str, ...]
     lacks: tuple[str, ...]
     size: Callable[[_State], tuple[str | None, str]]
+    normalizes_inside: bool = False
 
     def identifies(self, state: _State) -> bool:
         return all(k in state for k in self.has) and not any(k in state for k in self.lacks)
@@ -144,9 +147,11 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("WideResNet (TRADES / MART)", ("conv1.weight", "block1.layer.0.conv1.weight", "fc.weight"), (),
               _trades_wrn),
     Signature("DeepMind WideResNet (Gowal et al. / Rebuffi et al.)",
-              ("init_conv.weight", "layer.0.block.0.conv_0.weight", "logits.weight"), (), _dm_wrn),
+              ("init_conv.weight", "layer.0.block.0.conv_0.weight", "logits.weight"), (), _dm_wrn,
+              normalizes_inside=True),
     Signature("DeepMind PreActResNet (Rebuffi et al.)",
-              ("conv_2d.weight", "layer_0.0.conv_2d_1.weight", "logits.weight"), (), _dm_preact),
+              ("conv_2d.weight", "layer_0.0.conv_2d_1.weight", "logits.weight"), (), _dm_preact,
+              normalizes_inside=True),
     Signature("kuangliu VGG", ("features.0.weight", "classifier.weight"), ("fc.weight",), _vgg),
     Signature("kuangliu DenseNet", ("conv1.weight", "dense1.0.conv1.weight", "trans1.conv.weight", "linear.weight"),
               (), _densenet),
@@ -182,15 +187,19 @@ def _candidates_text() -> str:
     return ", ".join(list_architectures()) + f", {WRN_PATTERN}"
 
 
+def identified(state: _State) -> list[Signature]:
+    """The families whose keys ``state`` has."""
+    return [sig for sig in SIGNATURES if sig.identifies(state)]
+
+
 def infer_arch(state: _State, where: str = "the weights") -> Inferred:
     """The one architecture ``state`` (prefixes already stripped) identifies; a one-line
     :class:`AtprobeError` listing the candidates when none or several do. ``where`` names the
     weights in the message (the checkpoint's path)."""
     found: list[tuple[Signature, str | None, str]] = []
-    for sig in SIGNATURES:
-        if sig.identifies(state):
-            name, detail = sig.size(state)
-            found.append((sig, name, detail))
+    for sig in identified(state):
+        name, detail = sig.size(state)
+        found.append((sig, name, detail))
     fits = [(sig, arch, detail) for sig, name, detail in found if (arch := _buildable(name))]
     if len(fits) == 1:
         sig, arch, detail = fits[0]

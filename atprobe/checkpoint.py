@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from atprobe.arch_inference import AUTO, infer_arch
+from atprobe.arch_inference import AUTO, identified, infer_arch
 from atprobe.errors import AtprobeError
 from atprobe.io import atomic_write
 from atprobe.models import IN_CHANNELS, build_model, canonical_arch, weight_layers
@@ -512,7 +512,9 @@ def load_checkpoint(
             # The TRADES/MART WideResNet registers a stage (sub_block1) that forward never
             # runs; its weights are dead, so they are dropped rather than reported.
             state = {k: v for k, v in state.items() if not k.startswith("sub_block1.")}
-        carried = _carried_normalization(state, set(_probe(arch).state_dict()))
+        probe = _probe(arch)
+        carried = _carried_normalization(state, set(probe.state_dict()))
+        inside = [sig.family for sig in identified(state) if sig.normalizes_inside]
         if carried is not None:
             given = mean is not None
             keys, mean, std = carried
@@ -524,6 +526,11 @@ def load_checkpoint(
                 f"{path}: the weights are module {unwrapped.behind} of a Sequential whose normalization layer "
                 "saved no values (the layout of adversarial_robustness_pytorch trained with --normalize): "
                 "pass --normalize dataset"
+            )
+        elif inside and mean is None and getattr(getattr(probe, "normalize", None), "mean", None) is None:
+            raise AtprobeError(
+                f"{path}: {inside[0]} weights expect normalized inputs (the classes of that family normalize "
+                "inside forward, with the dataset mean/std) and this file saved no values: pass --normalize dataset"
             )
         if num_classes is None:
             num_classes = _infer_num_classes(arch, state, 0.0) or 10
