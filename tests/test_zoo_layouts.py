@@ -80,6 +80,16 @@ def _saved_float(model: torch.nn.Module) -> torch.nn.Module:
     return model.float().double().eval()
 
 
+def _needs_normalize(path, arch: str, model: torch.nn.Module, match: str):
+    """``path`` loaded as ``arch`` without normalization is the one-line error ``match``; with
+    ``--normalize dataset`` (CIFAR-10's values) its logits are the model's on normalized inputs."""
+    with pytest.raises(AtprobeError, match=match):
+        load_checkpoint(path, arch=arch)
+    ck = load_checkpoint(path, arch=arch, mean=CIFAR_MEAN, std=CIFAR_STD)
+    _close(_logits(ck), _expected(model, CIFAR_MEAN, CIFAR_STD))
+    return ck
+
+
 # ---------------------------------------------------------------------------- layouts
 
 
@@ -120,10 +130,8 @@ def test_sequential_behind_an_unsaved_normalization_needs_normalize(tmp_path):
     # Normalization keeps mean/sigma as plain attributes, so module.0 saves nothing.
     model = _saved_float(_model("resnet18", seed=5))
     torch.save({"model_state_dict": _prefixed(model, "module.1.")}, tmp_path / "weights-best.pt")
-    with pytest.raises(AtprobeError, match="pass --normalize dataset"):
-        load_checkpoint(tmp_path / "weights-best.pt", arch="resnet18")
-    ck = load_checkpoint(tmp_path / "weights-best.pt", arch="auto", mean=CIFAR_MEAN, std=CIFAR_STD)
-    _close(_logits(ck), _expected(model, CIFAR_MEAN, CIFAR_STD))
+    ck = _needs_normalize(tmp_path / "weights-best.pt", "auto", model,
+                          "normalization layer saved no values.*--normalize dataset")
     assert ck.arch == "resnet18" and "the model is its module 1" in ck.notes["layout"]
 
 
@@ -199,10 +207,8 @@ def test_a_family_that_normalizes_inside_needs_its_values(tmp_path, monkeypatch)
         for sig in inference.SIGNATURES))
     model = _saved_float(_model("cnn-small", seed=12))
     torch.save({"model_state_dict": _prefixed(model, "module.0.")}, tmp_path / "swish.pt")
-    with pytest.raises(AtprobeError, match="atprobe cnn-small weights expect normalized inputs.*--normalize dataset"):
-        load_checkpoint(tmp_path / "swish.pt", arch="cnn-small")
-    ck = load_checkpoint(tmp_path / "swish.pt", arch="cnn-small", mean=CIFAR_MEAN, std=CIFAR_STD)
-    _close(_logits(ck), _expected(model, CIFAR_MEAN, CIFAR_STD))
+    _needs_normalize(tmp_path / "swish.pt", "cnn-small", model,
+                     "atprobe cnn-small weights expect normalized inputs.*--normalize dataset")
     torch.save(_carrying(model, "", ("mean", "std"), CIFAR_MEAN, CIFAR_STD), tmp_path / "dm.pt")  # values saved
     _close(_logits(load_checkpoint(tmp_path / "dm.pt", arch="cnn-small")), _expected(model, CIFAR_MEAN, CIFAR_STD))
 
