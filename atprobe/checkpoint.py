@@ -315,7 +315,7 @@ def _carried_normalization(state: Mapping[str, torch.Tensor], own: set[str]
 
 
 def _numbers(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def _probe(arch: str, dropout: float = 0.0) -> nn.Module:

@@ -181,6 +181,20 @@ def test_deepmind_mean_std_buffers_are_the_normalization(tmp_path):
     assert ck.arch == "wrn-16-2"
 
 
+@pytest.mark.parametrize(("keys", "shape"), [(("mu", "sigma"), (3,)), (("mean", "std"), (1, 3, 1, 1)),
+                                            (("normalize.mean", "normalize.std"), (1, 3, 1, 1)),
+                                            (("mu", "sigma"), (1,))])
+def test_every_saved_normalization_pair_and_shape(tmp_path, keys, shape):
+    model = _saved_float(_model("mlp", seed=13))
+    mean, std = ((0.5,), (0.25,)) if shape == (1,) else ((0.3, 0.4, 0.5), (0.2, 0.3, 0.4))
+    torch.save(_carrying(model, "module.", tuple("module." + k for k in keys), mean, std, shape=shape),
+               tmp_path / "n.pt")
+    ck = load_checkpoint(tmp_path / "n.pt", arch="mlp")
+    channels = 3 // len(mean)  # one saved value stands for every channel
+    _close(_logits(ck), _expected(model, mean * channels, std * channels))
+    assert ck.notes["normalization"].startswith(f"normalization from the file ({keys[0]}, {keys[1]})")
+
+
 def test_robustbench_model_prefix_with_dead_sub_block(tmp_path):
     # RobustBench strips 'module.' then 'model.' (Chen2020Efficient); its TRADES-style WRN carries sub_block1.
     model = _saved_float(_model("wrn-10-1", seed=10))
