@@ -29,7 +29,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,17 +37,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from atprobe.arch_inference import AUTO, identified, infer_arch
 from atprobe.errors import AtprobeError
 from atprobe.io import atomic_write
-from atprobe.models import build_model, canonical_arch, weight_layers
+from atprobe.models import IN_CHANNELS, build_model, canonical_arch, weight_layers
 
 FORMAT = "atprobe-checkpoint"
 FORMAT_VERSION = 1
 
-# Where public training scripts keep the weights inside a saved dict.
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "model_state")
+# Where public training scripts keep the weights inside a saved dict, in the order tried
+# (docs/checkpoints.md names the release behind each): "last"/"best" is the fast-AT layout.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "model_state", "last", "best")
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# A wrapper module that holds the network as ``.model`` (RobustBench's Chen2020Efficient and
+# ImageNet wrappers): stripped only when every weight sits under it.
+_MODEL_PREFIX = "model."
+# Input normalization saved with the weights, as (mean key, std key): RobustBench's model
+# classes register mu/sigma, DeepMind's classes mean/std, a wrapper's Normalize module
+# normalize.mean/normalize.std.
+_NORMALIZATION_KEYS = (("mu", "sigma"), ("mean", "std"), ("normalize.mean", "normalize.std"))
+_NORMALIZATION_NAMES = frozenset(k for pair in _NORMALIZATION_KEYS for k in pair)
+_SEQUENTIAL_KEY = re.compile(r"(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class Checkpoint:
     epoch: int | None = None
     native: bool = True
     raw: dict = field(default_factory=dict, repr=False)  # the whole native dict (resume state)
+    # What loading a foreign file decided by itself ("arch", "layout", "normalization"): one
+    # line on stderr when a study opens it, and recorded in the .meta.json.
+    notes: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -212,26 +226,108 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    def is_state(d: Any) -> bool:
-        return isinstance(d, Mapping) and len(d) > 0 and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
-        )
+def _is_state(d: Any) -> bool:
+    return isinstance(d, Mapping) and len(d) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+    )
 
-    if is_state(obj):
-        return dict(obj)
+
+def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The weights in a saved object and the key of the dict they were under (None: the
+    object is the state_dict itself)."""
+    if _is_state(obj):
+        return dict(obj), None
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
-            if key in obj and is_state(obj[key]):
-                return dict(obj[key])
+            if key in obj and _is_state(obj[key]):
+                return dict(obj[key]), key
         keys = ", ".join(sorted(map(str, obj.keys()))[:8])
         raise AtprobeError(f"{path}: no state_dict found in the saved dict (keys: {keys})")
     raise AtprobeError(f"{path}: not a checkpoint (it holds a {type(obj).__name__}, not a dict of weights)")
 
 
+@dataclass(frozen=True)
+class _Unwrapped:
+    """The weights out of their wrappers: ``state`` (with any saved normalization kept as
+    top-level keys), ``behind`` (the model's index in a Sequential whose earlier modules
+    saved nothing: a normalization layer without persistent values) and what was done."""
+
+    state: dict[str, torch.Tensor]
+    behind: int | None
+    notes: tuple[str, ...]
+
+
+def _is_normalization(key: str) -> bool:
+    return key in _NORMALIZATION_NAMES
+
+
+def _unwrap(state: Mapping[str, torch.Tensor]) -> _Unwrapped:
+    """Strip the wrappers releases save their weights in: DataParallel/compile prefixes, a
+    ``Sequential(normalization, model)`` (or ``Sequential(model)``), a ``model.`` wrapper."""
+    state = _strip_prefixes(state)
+    notes: list[str] = []
+    behind = None
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = _SEQUENTIAL_KEY.fullmatch(key)
+        if m is None:
+            groups = {}
+            break
+        groups.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    if groups:
+        models = [i for i, sub in groups.items() if not all(map(_is_normalization, sub))]
+        if len(models) == 1:
+            index = models[0]
+            merged = {k: v for i, sub in groups.items() if i != index for k, v in sub.items()}
+            merged.update(groups[index])
+            state = merged
+            saved = sorted(i for i in groups if i != index)
+            notes.append(f"a Sequential: the model is its module {index}"
+                         + (f", normalization values in module {saved[0]}" if saved else ""))
+            if index > 0 and not saved:
+                behind = index
+    weights = [k for k in state if not _is_normalization(k)]
+    if weights and all(k.startswith(_MODEL_PREFIX) for k in weights):
+        state = {(k[len(_MODEL_PREFIX):] if k.startswith(_MODEL_PREFIX) else k): v for k, v in state.items()}
+        notes.append("weights under a 'model.' wrapper")
+    return _Unwrapped(state, behind, tuple(notes))
+
+
+def _values(t: torch.Tensor) -> list[float] | None:
+    """A per-channel constant as floats: 3 values in any shape ((3,), (3,1,1), (1,3,1,1)),
+    or one for all channels; None for anything else."""
+    flat = t.detach().reshape(-1).to(torch.float64)
+    if t.is_floating_point() and flat.numel() in (1, IN_CHANNELS):
+        return [float(v) for v in flat.expand(IN_CHANNELS)]
+    return None
+
+
+def _carried_normalization(state: Mapping[str, torch.Tensor], own: set[str]
+                           ) -> tuple[tuple[str, str], list[float], list[float]] | None:
+    """The (mean, std) the file saved with the weights, as the first pair of
+    ``_NORMALIZATION_KEYS`` it holds that the architecture does not own as weights."""
+    for mean_key, std_key in _NORMALIZATION_KEYS:
+        if mean_key in state and std_key in state and mean_key not in own and std_key not in own:
+            mean, std = _values(state[mean_key]), _values(state[std_key])
+            if mean is not None and std is not None:
+                return (mean_key, std_key), mean, std
+    return None
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def _probe(arch: str, dropout: float = 0.0) -> nn.Module:
+    """``arch`` with shapes but no storage (the meta device): its key names and layers, free of
+    the memory and time of a real build (a WRN-70-16 has 267M parameters)."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes=10, dropout=dropout)
+
+
 def _infer_num_classes(arch: str, state: Mapping[str, torch.Tensor], dropout: float) -> int | None:
     """The classifier's output size, read off the last weight layer of the architecture."""
-    probe = build_model(arch, num_classes=10, dropout=dropout)
+    probe = _probe(arch, dropout)
     layers = weight_layers(probe)
     if not layers:
         return None
@@ -328,6 +424,10 @@ def _check_native_fields(obj: Mapping[str, Any], path: Path) -> None:
                            "weights (torch.save(model.state_dict(), PATH)) and load them with --arch")
 
 
+def _is_auto(arch: str | None) -> bool:
+    return isinstance(arch, str) and arch.strip().lower() == AUTO
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -337,14 +437,19 @@ def load_checkpoint(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> Checkpoint:
-    """Read a native checkpoint, or a foreign one given ``arch``.
+    """Read a native checkpoint, or a foreign one given ``arch`` (``"auto"``: inferred from
+    the keys and shapes, :func:`atprobe.arch_inference.infer_arch`).
 
-    Foreign files: a bare state_dict, or a dict holding one under ``state_dict``,
-    ``model_state_dict``, ``model`` or ``net``; ``module.`` and ``_orig_mod.`` prefixes are
-    removed. ``num_classes`` defaults to the classifier's output size found in the weights;
-    ``mean``/``std`` set the model's input normalization (None: the weights expect [0,1]
-    inputs as they are). For a native checkpoint, ``arch``/``num_classes`` must agree with
-    the file if given, and ``dataset`` overrides the recorded dataset.
+    Foreign files: a bare state_dict, or a dict holding one under one of ``_STATE_DICT_KEYS``
+    (``state_dict``, ``model_state_dict``, ..., ``last``); ``module.`` and ``_orig_mod.``
+    prefixes, a ``Sequential(normalization, model)`` and a ``model.`` wrapper are removed
+    (docs/checkpoints.md has each layout with its release). ``num_classes`` defaults to the
+    classifier's output size found in the weights; ``mean``/``std`` set the model's input
+    normalization (None: the weights expect [0,1] inputs as they are), unless the file saved
+    its own (``mu``/``sigma``, ``mean``/``std``), which is used instead. What was decided
+    without being asked is in ``Checkpoint.notes``. For a native checkpoint,
+    ``arch``/``num_classes`` must agree with the file if given (``auto`` always does), and
+    ``dataset`` overrides the recorded dataset.
     """
     path = Path(path)
     obj = _read(path)
@@ -361,7 +466,7 @@ def load_checkpoint(
             raise AtprobeError(f"{path}: damaged atprobe checkpoint, missing {', '.join(lacking)}")
         _check_native_fields(obj, path)
         file_arch = canonical_arch(obj["arch"])
-        if arch is not None and canonical_arch(arch) != file_arch:
+        if arch is not None and not _is_auto(arch) and canonical_arch(arch) != file_arch:
             raise AtprobeError(f"{path}: checkpoint holds a {file_arch}, not a {canonical_arch(arch)}")
         kwargs = dict(obj["arch_kwargs"])
         if num_classes is not None and int(num_classes) != int(kwargs.get("num_classes", 10)):
@@ -386,15 +491,47 @@ def load_checkpoint(
     else:
         if arch is None:
             raise AtprobeError(
-                f"{path} is not an atprobe checkpoint: pass --arch NAME (and --num-classes, --dataset) "
-                "to load it as foreign weights"
+                f"{path} is not an atprobe checkpoint: pass --arch NAME or --arch auto (and --num-classes, "
+                "--dataset) to load it as foreign weights"
             )
+        found, under = _find_state_dict(obj, path)
+        unwrapped = _unwrap(found)
+        state = unwrapped.state
+        notes: dict[str, str] = {}
+        layout = ([f"weights under '{under}'" + (" (of 'last', 'best': the 'last' ones)"
+                                                 if under == "last" and "best" in obj else "")]
+                  if under else []) + list(unwrapped.notes)
+        if layout:
+            notes["layout"] = "; ".join(layout)
+        if _is_auto(arch):
+            inferred = infer_arch(state, str(path))
+            arch = inferred.arch
+            notes["arch"] = inferred.line
         arch = canonical_arch(arch)
-        state = _strip_prefixes(_find_state_dict(obj, path))
         if arch.startswith("wrn-"):
             # The TRADES/MART WideResNet registers a stage (sub_block1) that forward never
             # runs; its weights are dead, so they are dropped rather than reported.
             state = {k: v for k, v in state.items() if not k.startswith("sub_block1.")}
+        probe = _probe(arch)
+        carried = _carried_normalization(state, set(probe.state_dict()))
+        inside = [sig.family for sig in identified(state) if sig.normalizes_inside]
+        if carried is not None:
+            given = mean is not None
+            keys, mean, std = carried
+            state = {k: v for k, v in state.items() if k not in keys}
+            notes["normalization"] = (f"normalization from the file ({keys[0]}, {keys[1]}): mean {_numbers(mean)}, "
+                                      f"std {_numbers(std)}" + (" (used instead of --normalize)" if given else ""))
+        elif unwrapped.behind is not None and mean is None:
+            raise AtprobeError(
+                f"{path}: the weights are module {unwrapped.behind} of a Sequential whose normalization layer "
+                "saved no values (the layout of adversarial_robustness_pytorch trained with --normalize): "
+                "pass --normalize dataset"
+            )
+        elif inside and mean is None and getattr(getattr(probe, "normalize", None), "mean", None) is None:
+            raise AtprobeError(
+                f"{path}: {inside[0]} weights expect normalized inputs (the classes of that family normalize "
+                "inside forward, with the dataset mean/std) and this file saved no values: pass --normalize dataset"
+            )
         if num_classes is None:
             num_classes = _infer_num_classes(arch, state, 0.0) or 10
         kwargs = {
@@ -412,6 +549,7 @@ def load_checkpoint(
             dataset=dataset,
             state_dict=state,
             native=False,
+            notes=notes,
         )
     # Build once now so an architecture mismatch is reported at load time, not mid-probe.
     ckpt.build_model("cpu")

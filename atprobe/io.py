@@ -117,7 +117,8 @@ def run_meta(
         "seed": seed,
         "versions": versions(),
         "checkpoints": [
-            {"path": str(c.path), "sha256": c.sha256, "arch": c.arch, "native": c.native}
+            {"path": str(c.path), "sha256": c.sha256, "arch": c.arch, "native": c.native,
+             **({"load": dict(c.notes)} if getattr(c, "notes", None) else {})}
             for c in checkpoints
         ],
         "config": dict(config or {}),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -245,6 +246,9 @@ class Study:
         self._load = _loader(models, data)
         self.checkpoints: list[Checkpoint] = (expand_checkpoints(checkpoints, self._load, root) if checkpoints
                                               else [])
+        for ckpt in self.checkpoints:  # what loading decided unasked (--arch auto, saved normalization): said once
+            if ckpt.notes:
+                print(f"{ckpt.path}: {'; '.join(ckpt.notes.values())}", file=sys.stderr)
 
     # ------------------------------------------------------------------ data
 

@@ -152,12 +152,14 @@ def foreign_options(func: Callable) -> Callable:
     passed as ``models``."""
 
     @click.option("--arch", default=None, metavar="NAME",
-                  help="Architecture of foreign checkpoints (bare state_dicts), e.g. wrn-34-10.")
+                  help="Architecture of foreign checkpoints (bare state_dicts), e.g. wrn-34-10; auto = "
+                       "inferred from the keys and shapes (the choice is printed and recorded).")
     @click.option("--num-classes", type=click.IntRange(2, COUNT_MAX), default=None,
                   help="Classes of foreign checkpoints (default: read off the classifier weights).")
     @click.option("--normalize", type=click.Choice(["none", "dataset"]), default="none", show_default=True,
                   help="Input normalization for foreign checkpoints: none = the weights take [0,1] "
-                       "images (TRADES, MART, AWP); dataset = subtract the dataset mean, divide by std.")
+                       "images (TRADES, MART, AWP); dataset = subtract the dataset mean, divide by std. "
+                       "A file that saved its own (mu/sigma, mean/std) uses that.")
     @functools.wraps(func)
     def wrapper(*args, arch, num_classes, normalize, **kwargs):
         return func(*args, models=ModelSource(arch, num_classes, normalize), **kwargs)

@@ -19,7 +19,8 @@ RAISERS = {"AtprobeError", "UsageError", "BadParameter", "OneLineError"}
 
 #: Module (path prefix) -> the group of docs/errors.md its messages belong to; the first match wins.
 GROUPS = [
-    ("atprobe/checkpoint.py", "Checkpoints"), ("atprobe/models/", "Checkpoints"), ("atprobe/foldbn.py", "Checkpoints"),
+    ("atprobe/checkpoint.py", "Checkpoints"), ("atprobe/arch_inference.py", "Checkpoints"),
+    ("atprobe/models/", "Checkpoints"), ("atprobe/foldbn.py", "Checkpoints"),
     ("atprobe/study.py", "Input files"), ("atprobe/studies.py", "Input files"), ("atprobe/plot/", "Input files"),
     ("cli/plot.py", "Input files"),
     ("atprobe/data/", "Data and labels"), ("atprobe/bnstats.py", "Data and labels"),
