@@ -197,4 +197,5 @@ def test_train_overwrite_puts_the_complete_new_run_in_place(tmp_path):
 def test_demo_out_checks_its_folder_before_any_work(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     refused(tmp_path, "is a file", "demo", "--out", tmp_path / "file.txt", "--budget", "quick")
-    refused(tmp_path, "file.txt is a file, not a folder", "demo", "--out", tmp_path / "file.txt" / "d", "--budget", "quick")
+    refused(tmp_path, "file.txt is a file, not a folder", "demo", "--out", tmp_path / "file.txt" / "d",
+            "--budget", "quick")
