@@ -83,6 +83,21 @@ def test_x_y_either_layout_either_dtype(tmp_path: Path, dtype, layout: str) -> N
         np.testing.assert_array_equal(got.numpy(), _nchw((nhwc / 255).astype(dtype)).astype(np.float32))
 
 
+def test_uint8_channel_stats_match_numpy() -> None:
+    """The histogram statistics of uint8 images against float64 numpy, over several chunks,
+    on skewed channels (a near-constant one, a two-valued one)."""
+    from atprobe.data.load import _channel_stats
+
+    x = RNG.integers(0, 256, (37, 3, 5, 7), dtype=np.uint8)
+    x[:, 1] = 200
+    x[0, 1, 0, 0] = 3
+    x[:, 2] = np.where(RNG.random((37, 5, 7)) < 0.1, 255, 0)
+    mean, std = _channel_stats(torch.from_numpy(x), chunk=8)
+    xf = x.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, xf.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(std, xf.std(axis=(0, 2, 3)), rtol=1e-11)
+
+
 # ---------------------------------------------------------------------------- .npy pairs (TRADES)
 
 
