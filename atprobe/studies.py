@@ -175,9 +175,9 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
              bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
     (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``)."""
-    if config.noisy_vs_clean and (spec.labels != "trained" or spec.split == "test"):
-        raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained on the "
-                           "train or val split")
+    if config.noisy_vs_clean and (spec.labels == "true" or spec.split == "test"):
+        raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained (or a label "
+                           "file) on the train or val split")
     chunks: list[int] = []
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
 
@@ -441,7 +441,7 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
                              "labels_differing_from_true": differ})
 
     def why(name: str) -> str:
-        if used[name] == "trained":
+        if used[name] in ("trained", "file"):
             return f" ({differ[name]} of {len(base)} differ from the true labels)"
         if spec.labels == "true":
             return ""

@@ -35,7 +35,7 @@ from torch import nn
 
 from atprobe import bnstats
 from atprobe.checkpoint import Checkpoint, load_checkpoint
-from atprobe.data import Dataset, Split, load_dataset
+from atprobe.data import Dataset, Split, check_corruption, check_labels, load_dataset, read_label_file
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.io import config_record, run_meta, write_tables
 from atprobe.outputs import EPOCH_FILE, is_run_directory, sibling
@@ -51,6 +51,7 @@ __all__ = [
     "SampleSpec",
     "Study",
     "Tables",
+    "check_labels_option",
     "config_record",
     "expand_checkpoints",
     "model_names",
@@ -84,12 +85,31 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class DataSource:
-    """Which dataset (default: the one the checkpoints record), where it lives, and whether
-    a missing one may be downloaded."""
+    """Which dataset (default: the one the checkpoints record), where it lives, whether
+    a missing one may be downloaded, and for ``cifar10c``/``cifar100c`` which corruption at
+    which severity (checked here, before any work)."""
 
     dataset: str | None = None
     data_dir: str | None = None
     download: bool = False
+    corruption: str | None = None
+    severity: int | None = None
+
+    def __post_init__(self) -> None:
+        check_corruption(self.dataset, self.corruption, self.severity)
+
+    def load(self, name: str | None = None, **options: Any) -> Dataset:
+        """``load_dataset`` of ``name`` (default this source's dataset) from here, with ``options``."""
+        return load_dataset(name or self.dataset, self.data_dir, download=self.download, corruption=self.corruption,
+                            severity=self.severity, **options)
+
+
+def check_labels_option(labels: str | os.PathLike) -> str | os.PathLike:
+    """``labels`` if it is a label mode (:data:`LABEL_MODES`) or names a ``.npy`` file (read later)."""
+    if labels not in LABEL_MODES and not str(labels).lower().endswith(".npy"):
+        raise AtprobeError(f"the labels must be trained, true or the path of a .npy file of labels, "
+                           f"got {str(labels)!r}")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -97,7 +117,9 @@ class SampleSpec:
     """The samples a probe sees: the first ``n`` of ``split`` (default ``default_n``, or the
     whole split when it is smaller; ``default_n=None``: the whole split) with the
     ``trained`` labels of each checkpoint (train/val rows; test labels are never
-    corrupted) or the ``true`` ones."""
+    corrupted), the ``true`` ones, or those of a label file: ``labels`` is then the path of
+    a ``.npy`` vector with one label per row of the original train split (the noisy labels
+    a run saved, e.g. memorization-AT's ``noisy_label.npy``), read and checked here."""
 
     split: str = "train"
     n: int | None = None
@@ -106,12 +128,23 @@ class SampleSpec:
 
     def __post_init__(self) -> None:
         check_choice(self.split, SPLITS, "split")
-        check_choice(self.labels, LABEL_MODES, "label mode")
         if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
             raise AtprobeError(f"--n must be >= 1, got {self.n}")
+        if check_labels_option(self.labels) not in LABEL_MODES:
+            if self.split == "test":
+                raise AtprobeError(f"--labels {self.labels}: a label file relabels the train split (train/val "
+                                   "rows); the test split keeps its true labels")
+            _ = self.file_labels  # read and checked now, before any work
+
+    @cached_property
+    def file_labels(self) -> torch.Tensor | None:
+        """The labels of the label file (int64, one per original train row), or None."""
+        return None if self.labels in LABEL_MODES else read_label_file(self.labels)
 
     def labels_used(self, ckpt: Checkpoint) -> str:
-        """Which labels ``ckpt`` gets: ``trained`` or ``true``."""
+        """Which labels ``ckpt`` gets: ``trained``, ``true`` or ``file``."""
+        if self.labels not in LABEL_MODES:
+            return "file"
         if self.labels == "trained" and self.split != "test" and ckpt.labels is not None:
             return "trained"
         return "true"
@@ -219,7 +252,7 @@ def _loader(models: ModelSource, data: DataSource) -> Callable[[Path], Checkpoin
     if models.normalize == "dataset":
         if data.dataset is None:
             raise AtprobeError("--normalize dataset needs --dataset")
-        stats = load_dataset(data.dataset, data.data_dir)
+        stats = data.load()
         mean, std = stats.mean, stats.std
 
     def load(path: Path) -> Checkpoint:
@@ -273,9 +306,9 @@ class Study:
         with the validation split the first checkpoint's run carved (``val_size``/``val_seed``)."""
         cfg = self.checkpoints[0].train_config if self.checkpoints else {}
         cfg = cfg or {}
-        return load_dataset(self.dataset_name, self.data_source.data_dir, download=self.data_source.download,
-                            val_size=int(cfg.get("val_size", 0) or 0), val_seed=int(cfg.get("val_seed", 0) or 0),
-                            synthetic_seed=int(cfg.get("synthetic_seed", 0) or 0))
+        return self.data_source.load(self.dataset_name, val_size=int(cfg.get("val_size", 0) or 0),
+                                     val_seed=int(cfg.get("val_seed", 0) or 0),
+                                     synthetic_seed=int(cfg.get("synthetic_seed", 0) or 0))
 
     def base(self, spec: SampleSpec) -> Split:
         """The samples of ``spec`` with the true labels."""
@@ -297,8 +330,15 @@ class Study:
         """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``; a
         one-line error when a label is not one of the model's classes."""
         base = self.base(spec) if base is None else base
-        if spec.labels_used(ckpt) == "true":
+        used = spec.labels_used(ckpt)
+        if used == "true":
             return self._check_classes(ckpt, base.with_labels(base.true_y), spec, "true")
+        if used == "file":
+            ds = self.dataset
+            n = len(ds.train) + (0 if ds.val is None else len(ds.val))
+            labels = check_labels(spec.file_labels, n, ds.num_classes, f"--labels {spec.labels}")
+            samples = base.with_labels(labels.to(base.index.device)[base.index])
+            return self._check_classes(ckpt, samples, spec, f"{spec.labels}")
         labels = ckpt.labels
         if labels.numel() <= int(base.index.max()):
             raise AtprobeError(f"{ckpt.path}: it stores {labels.numel()} training labels, fewer than the "

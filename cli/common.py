@@ -12,11 +12,11 @@ import click
 from tqdm import tqdm
 
 from atprobe import bnstats
-from atprobe.data import DATASETS
+from atprobe.data import CORRUPTIONS, PROBE_DATASETS
 from atprobe.errors import SEED_MAX, AtprobeError
 from atprobe.outputs import check_outputs, table_files
 from atprobe.runtime import resolve_device
-from atprobe.study import DEFAULT_N, LABEL_MODES, SPLITS, DataSource, ModelSource, SampleSpec
+from atprobe.study import DEFAULT_N, LABEL_MODES, SPLITS, DataSource, ModelSource, SampleSpec, check_labels_option
 from atprobe.threat import NORMS, STARTS, ThreatModel
 
 
@@ -77,6 +77,19 @@ class Device(click.ParamType):
         return str(value).strip().lower() if self.keep_spec else device
 
 
+class Labels(click.ParamType):
+    """``trained``, ``true`` or ``FILE.npy`` (``atprobe.study.check_labels_option``), a usage error otherwise;
+    the file itself is read and checked by ``atprobe.study.SampleSpec``."""
+
+    name = "labels"
+
+    def convert(self, value: Any, param, ctx) -> str:
+        try:
+            return str(check_labels_option(value))
+        except AtprobeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def device_option(func: Callable | None = None, *, keep_spec: bool = False,
                   help: str = "Where to compute; auto = first GPU if any, else CPU.") -> Callable:
     """``--device``: the one declaration of it (see :class:`Device`)."""
@@ -132,17 +145,24 @@ def common_options(func: Callable) -> Callable:
 
 
 def data_options(func: Callable) -> Callable:
-    """``--dataset``, ``--data-dir``, ``--download``: one ``atprobe.study.DataSource`` passed as ``data``."""
+    """``--dataset``, ``--data-dir``, ``--download``, ``--corruption``, ``--severity``: one
+    ``atprobe.study.DataSource`` passed as ``data``."""
 
-    @click.option("--dataset", type=click.Choice(DATASETS), default=None,
-                  help="Dataset to use (default: the one the checkpoints record).")
+    @click.option("--dataset", type=click.Choice(PROBE_DATASETS), default=None,
+                  help="Dataset to use (default: the one the checkpoints record); cifar10c/cifar100c: "
+                       "CIFAR-10-C/CIFAR-100-C (--corruption, --severity).")
     @click.option("--data-dir", type=click.Path(), default=None,
                   help="Where datasets live (default $ATPROBE_DATA_DIR or ~/.cache/atprobe/data); "
-                       "for npz, the .npz file or a folder with train.npz/test.npz.")
+                       "for npz, the .npz file, a folder with train.npz/test.npz, or an image .npy "
+                       "with its labels beside it (cifar10_X.npy + cifar10_Y.npy).")
     @click.option("--download", is_flag=True, help="Fetch a missing dataset (MD5-verified).")
+    @click.option("--corruption", default=None, metavar="NAME",
+                  help=f"cifar10c/cifar100c: the corruption, one of {', '.join(CORRUPTIONS)}.")
+    @click.option("--severity", type=int, default=None, metavar="1..5",
+                  help="cifar10c/cifar100c: the severity, 1 (mild) to 5.")
     @functools.wraps(func)
-    def wrapper(*args, dataset, data_dir, download, **kwargs):
-        return func(*args, data=DataSource(dataset, data_dir, download), **kwargs)
+    def wrapper(*args, dataset, data_dir, download, corruption, severity, **kwargs):
+        return func(*args, data=DataSource(dataset, data_dir, download, corruption, severity), **kwargs)
 
     return wrapper
 
@@ -178,8 +198,10 @@ def sample_options(func: Callable | None = None, *, split: str = "train", defaul
         @click.option("--split", type=click.Choice(SPLITS), default=split, show_default=True,
                       help="Which split the samples come from.")
         @click.option("--n", type=count(), default=None, help=f"The first N samples of the split (default {what}).")
-        @click.option("--labels", type=click.Choice(LABEL_MODES), default="trained", show_default=True,
-                      help="On train/val: the labels the checkpoint was trained on, or the true ones.")
+        @click.option("--labels", type=Labels(), default="trained", show_default=True,
+                      metavar="|".join(LABEL_MODES) + "|FILE.npy",
+                      help="On train/val: the labels the checkpoint was trained on, the true ones, or those of "
+                           "a .npy file with one label per train image (e.g. memorization-AT's noisy_label.npy).")
         @functools.wraps(f)
         def wrapper(*args, split, n, labels, all_samples=False, **kwargs):
             if all_samples and n is not None:

@@ -7,9 +7,16 @@ import pathlib
 
 from atprobe.errors import AtprobeError
 
+#: The datasets a model can be trained on.
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "npz", "synthetic")
+#: The datasets that only probe models: a corrupted test split (``atprobe.data.corrupted``) beside
+#: the clean dataset's train split.
+TEST_ONLY_DATASETS: tuple[str, ...] = ("cifar10c", "cifar100c")
+#: Every name :func:`~atprobe.data.load_dataset` accepts.
+PROBE_DATASETS: tuple[str, ...] = DATASETS + TEST_ONLY_DATASETS
 #: Classes of the datasets whose class count is known before reading them (npz: read off its labels).
-NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10, "cifar10c": 10,
+                               "cifar100c": 100}
 
 
 def default_data_dir() -> pathlib.Path:
@@ -29,6 +36,6 @@ def resolve_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
 
 def check_name(name: str) -> str:
     key = str(name).strip().lower()
-    if key not in DATASETS:
-        raise AtprobeError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if key not in PROBE_DATASETS:
+        raise AtprobeError(f"unknown dataset {name!r}; choose one of {', '.join(PROBE_DATASETS)}")
     return key

@@ -1,10 +1,17 @@
-"""Training-label corruption and the seeded train/validation partition."""
+"""Training-label corruption, given training labels (a vector, a ``.npy`` file) and the seeded
+train/validation partition."""
 
 from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
 
 import torch
 
 from atprobe.data.checks import check_int, check_rate
+from atprobe.data.npz import load_npy
+from atprobe.data.types import np_to_tensor
 from atprobe.errors import AtprobeError, check_seed
 
 
@@ -64,3 +71,32 @@ def validation_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, to
         raise AtprobeError(f"val_size must be in [0, {n}) for a train split of {n} samples, got {val_size}")
     perm = torch.randperm(n, generator=_cpu_generator(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def check_labels(labels: Any, n: int, num_classes: int, what: str = "labels") -> torch.Tensor:
+    """``labels`` as an int64 CPU vector if they are integers, one per row of the original train
+    split (``n``) and classes ``0..num_classes-1``; a one-line error naming ``what`` otherwise."""
+    t = torch.as_tensor(labels).detach().cpu()
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise AtprobeError(f"{what} must be integers, got {t.dtype}")
+    if t.shape != (n,):
+        raise AtprobeError(f"{what} must cover the whole original train split ({n},), got {tuple(t.shape)}")
+    t = t.to(torch.int64)
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise AtprobeError(f"{what} must be in 0..{num_classes - 1}, got {int(t.min())}..{int(t.max())}")
+    return t
+
+
+def read_label_file(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The training labels a run saved as one ``.npy`` vector (the memorization-AT code's
+    ``noisy_label.npy``: int64 ``(50000,)``): an integer ``(N,)`` or ``(N, 1)`` array, read
+    without unpickling. Its length and classes are checked against a dataset by :func:`check_labels`."""
+    path = pathlib.Path(path)
+    y = load_npy(path)
+    if y.dtype.kind not in "iu":
+        raise AtprobeError(f"{path}: labels must be integers, got dtype {y.dtype}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise AtprobeError(f"{path}: labels must be a vector (N,), got shape {y.shape}")
+    return np_to_tensor(y.astype("int64"))

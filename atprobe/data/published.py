@@ -47,7 +47,7 @@ _LAYOUTS: dict[str, _Layout] = {
 }
 
 
-def _locate(key: str, root: pathlib.Path) -> pathlib.Path | None:
+def locate_published(key: str, root: pathlib.Path) -> pathlib.Path | None:
     """The first candidate folder holding every file of the dataset, else None."""
     for sub in _LAYOUTS[key].subdirs:
         folder = root / sub if sub else root
@@ -118,7 +118,7 @@ def download_dataset(
     if key not in _LAYOUTS:
         raise AtprobeError(f"dataset {key!r} cannot be downloaded (only {', '.join(_LAYOUTS)})")
     root = resolve_dir(data_dir)
-    found = _locate(key, root)
+    found = locate_published(key, root)
     if found is not None:
         return found
     try:
@@ -129,7 +129,7 @@ def download_dataset(
         path = fetch_url(res.url, root / res.filename, res.md5, fetch=fetch)
         if res.extract:
             extract_tar(path, root)
-    found = _locate(key, root)
+    found = locate_published(key, root)
     if found is None:
         raise AtprobeError(
             f"downloaded {_PRETTY[key]} but {', '.join(_LAYOUTS[key].files)} are still missing under {root}"
@@ -146,7 +146,7 @@ def load_published(
     else an error says where we looked and how to get it.
     """
     root = resolve_dir(data_dir)
-    folder = _locate(key, root)
+    folder = locate_published(key, root)
     if folder is None:
         if not download:
             raise _missing_error(key, root)
