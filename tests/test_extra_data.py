@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from atprobe.checkpoint import load_checkpoint
-from atprobe.data.batches import extra_rows
+from atprobe.data.batches import extra_positions, extra_rows
 from atprobe.threat import ThreatModel
 from atprobe.train import StepCallback, TrainConfig, Trainer, train
 from tests.conftest import cli_error
@@ -64,10 +64,12 @@ def test_each_step_trains_on_the_mixed_batch(tmp_path, extra_file):
     assert len(seen) == trainer.iters_per_epoch == 4  # ceil(128 / 32) batches: an epoch of the original size
     for g, (x, y) in enumerate(seen):
         assert x.shape[0] == 32
-        rows = extra_rows(config.seed, g, 24, len(images))  # floor(32 * 0.75) extra images, after 8 originals
+        rows = extra_rows(config.seed, g, 24, len(images))  # floor(32 * 0.75) extra images, 3 of every 4 rows
+        at = extra_positions(32, 24)
+        assert at.tolist() == [False, True, True, True] * 8
         expected = torch.from_numpy(images[rows].transpose(0, 3, 1, 2).astype(np.float32)) / 255
-        assert torch.equal(x[8:], expected)
-        assert torch.equal(y[8:], torch.from_numpy(labels[rows]))
+        assert torch.equal(x[at], expected)
+        assert torch.equal(y[at], torch.from_numpy(labels[rows]))
 
 
 @pytest.mark.slow

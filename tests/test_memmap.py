@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from atprobe.data.batches import extra_count, extra_rows, iterate_mixed_batches, original_rows
+from atprobe.data.batches import extra_count, extra_positions, extra_rows, iterate_mixed_batches, original_rows
 from atprobe.data.memmap import (
     MappedRows,
     ResidentRows,
@@ -165,7 +165,9 @@ def test_each_batch_has_the_exact_ratio_and_the_right_images(tmp_path):
     for g, b in enumerate(batches):
         assert len(b) == 20
         is_extra = b.index >= 1000
-        assert int(is_extra.sum()) == n_extra and bool(is_extra[n_extra - 20:].all())  # originals first
+        assert int(is_extra.sum()) == n_extra
+        assert torch.equal(is_extra, extra_positions(20, n_extra))  # spread: 14 of 20 = 7 of every 10 rows
+        assert int(is_extra[:10].sum()) == 7
         rows = (b.index[is_extra] - 1000).numpy()
         np.testing.assert_array_equal(rows, extra_rows(3, g, n_extra, 300))  # batch g's own draw
         expected = torch.from_numpy(images[rows].transpose(0, 3, 1, 2).astype(np.float32)) / 255
@@ -195,6 +197,15 @@ def test_batches_are_a_function_of_seed_and_batch_number(tmp_path):
     # The keyed draws themselves: uniform rows with replacement, original order per pass.
     assert torch.equal(torch.from_numpy(extra_rows(3, 5, 14, 300)), torch.from_numpy(extra_rows(3, 5, 14, 300)))
     assert torch.equal(original_rows(3, 8, 6, 50, CPU), torch.cat([original_rows(3, 8, 6, 50, CPU)]))
+
+
+@pytest.mark.parametrize("batch,n_extra", [(20, 14), (128, 89), (7, 3), (5, 0), (9, 8)])
+def test_extra_positions_spread_the_ratio_over_every_run_of_rows(batch, n_extra):
+    mask = extra_positions(batch, n_extra).tolist()
+    assert sum(mask) == n_extra
+    for start in range(batch):
+        for stop in range(start + 1, batch + 1):  # any contiguous share holds its proportion within one image
+            assert abs(sum(mask[start:stop]) - (stop - start) * n_extra / batch) < 1 + 1e-9
 
 
 def test_fraction_zero_gives_original_batches_only(tmp_path):

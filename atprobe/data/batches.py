@@ -165,6 +165,15 @@ def extra_count(batch_size: int, fraction: float) -> int:
     return int(batch_size * check_extra_fraction(fraction) + 1e-9)
 
 
+def extra_positions(batch_size: int, n_extra: int) -> torch.Tensor:
+    """Where a batch's extra images go: position ``i`` is extra when ``floor((i + 1) n_extra / B)``
+    exceeds ``floor(i n_extra / B)``. The extra images are spread evenly, so every run of rows
+    (a process's share under ``torchrun``, whose BatchNorm sees only its own) has the batch's
+    ratio to within one image; the order within a batch changes nothing else."""
+    i = torch.arange(batch_size)
+    return ((i + 1) * n_extra) // batch_size > (i * n_extra) // batch_size
+
+
 def _keyed_seed(seed: int, stream: int, counter: int) -> int:
     return splitmix64(splitmix64(splitmix64(check_seed(seed)) ^ stream) ^ counter) & SEED_MAX
 
@@ -213,9 +222,10 @@ def iterate_mixed_batches(
     """Batches of ``batch_size`` with :func:`extra_count` extra (generated) images each, the rest
     from ``split``: global batches ``first_batch .. first_batch + n_batches - 1``.
 
-    Batch ``g`` holds first the original rows :func:`original_rows` then the extra rows
-    :func:`extra_rows` (labels from ``extra_labels``, ``true_y`` the same, ``index`` =
-    ``index_base`` + extra row, so keyed attack starts never collide with an original sample's).
+    Batch ``g`` holds the original rows :func:`original_rows` and the extra rows :func:`extra_rows`
+    (labels from ``extra_labels``, ``true_y`` the same, ``index`` = ``index_base`` + extra row, so
+    keyed attack starts never collide with an original sample's), each in its draw order, the
+    extra ones at :func:`extra_positions`.
     Every draw is keyed by ``seed`` and ``g``: the same batch whatever ``first_batch`` it is
     reached from (epochs, resume) and whether ``extra`` is resident or mapped. The extra rows of
     batch ``g + 1`` are fetched before batch ``g`` is handed out (the mapped path's prefetch).
@@ -237,6 +247,10 @@ def _mixed_batches(split: Split, extra: ResidentRows | MappedRows, labels: torch
                    generator: torch.Generator | None, channels_last: bool) -> Iterator[Batch]:
     device, n, n_rows = split.x.device, len(split), labels.shape[0]
     passes: dict[int, torch.Tensor] = {}
+    is_extra = extra_positions(batch_size, n_extra)
+    # Batch position of each original row, then of each extra row: one gather assembles a batch.
+    placement = torch.argsort(torch.cat([(~is_extra).nonzero().squeeze(1), is_extra.nonzero().squeeze(1)]))
+    placement = placement.to(device)
     fetch = (lambda g: extra.fetch(extra_rows(seed, g, n_extra, n_rows))) if n_extra else None
     pending = fetch(first) if fetch and n_batches > 0 else None
     for g in range(first, first + n_batches):
@@ -251,9 +265,8 @@ def _mixed_batches(split: Split, extra: ResidentRows | MappedRows, labels: torch
             if x.dtype != torch.uint8:
                 x_extra = x_extra.to(x.dtype).div_(255)
             y_extra = labels.index_select(0, extra_idx)
-            x = torch.cat([x, x_extra])
-            y, true_y, index = torch.cat([y, y_extra]), torch.cat([true_y, y_extra]), torch.cat([index, index_base
-                                                                                                 + extra_idx])
+            x, y, true_y, index = (torch.cat(parts).index_select(0, placement) for parts in
+                                   ((x, x_extra), (y, y_extra), (true_y, y_extra), (index, index_base + extra_idx)))
         if augment:
             x = random_crop_flip(x, generator)
         if x.dtype == torch.uint8:
