@@ -16,7 +16,7 @@ Each figure is images/s over ``--iters`` steps (after one warm-up step), the med
 ``--repeats``; the ratio is mapped / in-memory. ``--method standard`` (the default) is the
 cheapest step, where the data path's cost shows most. The file sits in the page cache after
 the first pass unless it is larger than the host's memory, so this measures the mapped path's
-copies, not the disk.
+copies, not the disk. A second table times the batches alone (no model): the data path's own rate.
 """
 
 from __future__ import annotations
@@ -50,14 +50,18 @@ def extra_file(directory: pathlib.Path, n: int) -> pathlib.Path:
 
 
 def images_per_second(batches, config, model, optimizer, device) -> float:
-    """Images/s of the steps over ``batches``, the first one a warm-up, batch production included."""
+    """Images/s of the steps over ``batches``, the first one a warm-up, batch production included;
+    ``model=None``: of the batches alone (the data path's own rate)."""
     seen, start = 0, None
     for i, batch in enumerate(batches):
-        step = training_loss(model, batch.x, batch.y, config, epoch=0, amp=config.amp,
-                             starts=training_starts(config, 0, batch.index))
-        optimizer.zero_grad(set_to_none=True)
-        step.loss.backward()
-        optimizer.step()
+        if model is None:
+            batch.x.sum()  # consume the batch, as a step would
+        else:
+            step = training_loss(model, batch.x, batch.y, config, epoch=0, amp=config.amp,
+                                 starts=training_starts(config, 0, batch.index))
+            optimizer.zero_grad(set_to_none=True)
+            step.loss.backward()
+            optimizer.step()
         if i == 0:
             sync(device)
             start = time.perf_counter()
@@ -100,18 +104,19 @@ def main() -> None:
                                      generator=make_generator(repeat, device), channels_last=True)
 
     kinds = ("in-memory", "extra resident", "extra mapped")
-    rates: dict[str, list[float]] = {k: [] for k in kinds}
-    for repeat in range(args.repeats):
-        for kind in kinds:  # interleaved, so a load change on the machine hits all three alike
-            batches = (b for _, b in zip(range(n), feed(kind, repeat)))
-            rates[kind].append(images_per_second(batches, config, model, optimizer, device))
-    median = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{args.arch} {args.method} batch={args.batch_size} fraction={args.fraction} extra_n={args.extra_n} "
-          f"({extra.images.nbytes / 2**20:.0f} MB) device={name}:")
-    for kind in kinds:
-        print(f"  {kind:15s} {median[kind]:9.1f} img/s  (repeats: {', '.join(f'{r:.1f}' for r in rates[kind])})")
-    print(f"  ratio mapped / in-memory {median['extra mapped'] / median['in-memory']:.3f}, "
-          f"mapped / resident {median['extra mapped'] / median['extra resident']:.3f}")
+    for what, step_model in (("training", model), ("batches only", None)):
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        for repeat in range(args.repeats):
+            for kind in kinds:  # interleaved, so a load change on the machine hits all three alike
+                batches = (b for _, b in zip(range(n), feed(kind, repeat)))
+                rates[kind].append(images_per_second(batches, config, step_model, optimizer, device))
+        median = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"{what}: {args.arch} {args.method} batch={args.batch_size} fraction={args.fraction} "
+              f"extra_n={args.extra_n} ({extra.images.nbytes / 2**20:.0f} MB) device={name}, median of {args.repeats}:")
+        for kind in kinds:
+            print(f"  {kind:15s} {median[kind]:10.1f} img/s  (range {min(rates[kind]):.1f}-{max(rates[kind]):.1f})")
+        print(f"  ratio mapped / in-memory {median['extra mapped'] / median['in-memory']:.3f}, "
+              f"mapped / resident {median['extra mapped'] / median['extra resident']:.3f}")
 
 
 if __name__ == "__main__":
