@@ -648,7 +648,9 @@ def saved_config(out: Path) -> TrainConfig:
         raise AtprobeError(f"cannot resume {out}: {exc}; put this run's last.pt back, or {_RESTART}") from None
     own = config.to_json()
     recorded = last.train_config
-    differ = [k for k in own if k not in recorded or recorded[k] != own[k]]
+    # An option added after the run was written is absent from its last.pt: at its default it differs in nothing.
+    defaults = TrainConfig().to_json()
+    differ = [k for k in own if (recorded[k] != own[k] if k in recorded else own[k] != defaults.get(k))]
     if differ:
         shown = "; ".join(f"{k} {recorded.get(k)!r} in last.pt, {own[k]!r} in config.json" for k in differ[:3])
         raise AtprobeError(f"cannot resume {out}: last.pt is from another run, its training options are not "

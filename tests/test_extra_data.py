@@ -83,6 +83,17 @@ def test_resume_with_extra_data_gives_the_same_weights(tmp_path, extra_file):
     assert all(torch.equal(value, resumed[key]) for key, value in full.items())
 
 
+def test_a_run_written_before_the_extra_options_resumes(tmp_path):
+    cfg = TrainConfig(epochs=2, **FAST)
+    with pytest.raises(InterruptedError):
+        train(cfg, tmp_path / "old", device="cpu", progress=_interrupt_after(1))
+    last = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    for name in ("extra_data", "extra_fraction", "extra_budget_mb"):  # as a last.pt of an older atprobe
+        del last["train_config"][name]
+    torch.save(last, tmp_path / "old" / "last.pt")
+    assert load_checkpoint(train(cfg, tmp_path / "old", device="cpu", resume=True) / "final.pt").epoch == 2
+
+
 def _interrupt_after(stop_epoch):
     def progress(epoch, epochs, metrics):
         if epoch == stop_epoch:
