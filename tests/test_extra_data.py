@@ -119,6 +119,8 @@ def _bad_file(tmp_path, kind):
     ("ok", ["--extra-fraction", "-0.2"], r"extra fraction must be in [0, 1), got -0.2"),
     (None, ["--extra-fraction", "0.5"], "--extra-fraction needs --extra-data FILE"),
     ("ok", ["--te"], "does not work with --extra-data"),
+    ("ok", ["--extra-budget-mb", "-1"], "extra-budget-mb must be a finite number >= 0, got -1"),
+    (None, ["--extra-budget-mb", "10"], "--extra-budget-mb needs --extra-data FILE"),
     ("shape", [], "extra images have shape (H, W, C) = (32, 28, 3), the training images (32, 32, 3)"),
     ("labels", [], "extra labels must be in 0..9, got 0..12"),
     ("compressed", [], "member image.npy is compressed"),

@@ -5,6 +5,7 @@ file's own rows, determinism, and one-line errors for bad files and fractions.""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,12 +13,14 @@ import torch
 
 from atprobe.data.batches import extra_count, extra_positions, extra_rows, iterate_mixed_batches, original_rows
 from atprobe.data.memmap import (
+    AUTO_BUDGET_FRACTION,
     MappedRows,
     ResidentRows,
     image_rows,
     load_extra_data,
     map_npy,
     map_npz_member,
+    memory_budget,
 )
 from atprobe.data.types import make_split
 from atprobe.errors import AtprobeError
@@ -71,6 +74,28 @@ def test_npy_is_mapped(tmp_path):
     mapped = map_npy(tmp_path / "a.npy")
     assert isinstance(mapped, np.memmap)
     np.testing.assert_array_equal(mapped, a)
+
+
+def test_a_folder_of_npy_files_is_the_same_extra_data(tmp_path):
+    images, labels = _write_extra(tmp_path / "e.npz", 40)
+    (tmp_path / "dir").mkdir()
+    np.save(tmp_path / "dir" / "image.npy", images)
+    np.save(tmp_path / "dir" / "label.npy", labels)
+    a, b = (load_extra_data(p, (3, 8, 8), 10) for p in (tmp_path / "e.npz", tmp_path / "dir"))
+    assert isinstance(b.images, np.memmap)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert torch.equal(a.labels, b.labels)
+    (tmp_path / "dir" / "label.npy").unlink()
+    with pytest.raises(AtprobeError, match="needs image.npy and label.npy"):
+        load_extra_data(tmp_path / "dir", (3, 8, 8), 10)
+
+
+def test_the_budget_is_the_option_or_a_share_of_the_memory():
+    assert memory_budget(CPU, 3) == 3 * 2**20 and memory_budget(CPU, 0) == 0
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory_budget(CPU) == int(AUTO_BUDGET_FRACTION["cpu"] * physical)
+    assert isinstance(image_rows(_images(10), CPU), ResidentRows)  # 1.9 kB: resident by default
+    assert isinstance(image_rows(_images(10), CPU, budget_mb=0), MappedRows)
 
 
 def test_compressed_or_missing_members_are_one_line_errors(tmp_path):
