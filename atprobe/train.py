@@ -258,7 +258,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {"sgd": {"lr": 0.1, "weight_de
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 #: The share of each batch drawn from --extra-data unless given: 0.7, Wang et al. (2023)'s
-#: ``--unsup-fraction`` for CIFAR-10 with 1M-20M generated images (and Gowal et al. 2021's 0.7).
+#: ``--unsup-fraction`` for CIFAR-10 with 1M-20M generated images (Gowal et al. 2021 report the same share).
 EXTRA_FRACTION_DEFAULT = 0.7
 #: Training samples in the curves unless ``train_eval_n`` or ``eval_n`` says otherwise.
 TRAIN_CURVE_N = 1000
