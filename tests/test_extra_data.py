@@ -5,6 +5,7 @@ options are one-line errors before anything is written."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +132,20 @@ def test_bad_extra_data_is_a_one_line_error(tmp_path, kind, args, pattern):
                      *data, *args)
     assert pattern in line, line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two training runs in subprocesses
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_ranks_with_extra_data_match_one_process(tmp_path, extra_file):
+    from tests.test_ddp import ARGS, TOLERANCE, _free_port, _run
+
+    extra = ["--method", "pgd_at", "--extra-data", str(extra_file[0]), "--extra-budget-mb", "1"]
+    single = _run([sys.executable, "-m", "atprobe.cli.main", "train", "--out", str(tmp_path / "one"), *ARGS, *extra])
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m", "atprobe.cli.main", "train", "--out", str(tmp_path / "two"),
+                *ARGS, *extra])
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key, value in a.items():  # batch 51 = 26 + 25 rows, 35 of them extra, spread over both shares
+        torch.testing.assert_close(b[key], value, rtol=0, atol=TOLERANCE["pgd_at+te"]["weights"])
