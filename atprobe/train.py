@@ -29,6 +29,8 @@ from atprobe import objectives
 from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import DATASETS, NUM_CLASSES, Batch, Dataset, Split, iterate_batches, load_dataset
+from atprobe.data.batches import check_extra_fraction, iterate_mixed_batches
+from atprobe.data.memmap import ExtraData, MappedRows, image_rows, load_extra_data
 from atprobe.distributed import DistContext, MultiForward, ddp_wrapped, distributed_context
 from atprobe.errors import AtprobeError, check_choice, check_seed
 from atprobe.evaluate import EvalConfig, evaluate
@@ -100,6 +102,9 @@ class TrainConfig:
     val_size: int = 0
     val_seed: int = 0
     train_n: int = 0  # train on the first N training samples only (0 = all)
+    extra_data: str | None = None  # generated images + labels (.npz or folder), memory-mapped, mixed into each batch
+    extra_fraction: float | None = None  # share of each batch from extra_data; default 0.7 (Wang et al. 2023)
+    extra_budget_mb: float | None = None  # extra images up to this size live on the device; default: automatic
     eval_n: int = 0  # test/val samples of the curves and of best.pt's selection (0 = the whole split)
     train_eval_n: int | None = None  # train samples of the curves (0 = all); default eval_n if given, else 1000
     eval_attack: str = "pgd10"  # robust metric of the curves and of best.pt
@@ -134,6 +139,8 @@ class TrainConfig:
         if te_weight is None and (num_classes or NUM_CLASSES.get(c.dataset)):
             te_weight = TE_REG_WEIGHT / (num_classes or NUM_CLASSES[c.dataset])
         train_eval_n = c.train_eval_n if c.train_eval_n is not None else (c.eval_n or TRAIN_CURVE_N)
+        extra_fraction = c.extra_fraction if c.extra_fraction is not None or c.extra_data is None \
+            else EXTRA_FRACTION_DEFAULT
         out = replace(
             c,
             arch=canonical_arch(c.arch),
@@ -146,6 +153,7 @@ class TrainConfig:
             te_end=int(te_end),
             mix_epochs=int(mix_epochs),
             te_weight=None if te_weight is None else float(te_weight),
+            extra_fraction=None if extra_fraction is None else float(extra_fraction),
         )
         parse_attack(out.eval_attack, out.threat)
         return out
@@ -193,6 +201,21 @@ class TrainConfig:
             check_seed(getattr(c, name), name.replace("_", "-"))
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
+        self._check_extra_options()
+
+    def _check_extra_options(self) -> None:
+        c = self
+        if c.extra_data is None:
+            for name in ("extra_fraction", "extra_budget_mb"):
+                if getattr(c, name) is not None:
+                    raise AtprobeError(f"--{name.replace('_', '-')} needs --extra-data FILE")
+            return
+        if c.extra_fraction is not None:
+            check_extra_fraction(c.extra_fraction)
+        if c.te:
+            raise AtprobeError("--te keeps an ensemble per original sample; it does not work with --extra-data")
+        if c.extra_budget_mb is not None and not (math.isfinite(c.extra_budget_mb) and c.extra_budget_mb >= 0):
+            raise AtprobeError(f"extra-budget-mb must be a finite number >= 0, got {c.extra_budget_mb}")
 
     def attack_config(self) -> PGDConfig:
         """The inner maximization of this method (training attack) under ``threat``:
@@ -234,6 +257,9 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {"sgd": {"lr": 0.1, "weight_de
 #: Adam's moment coefficients and epsilon: PyTorch's defaults (Kingma & Ba's).
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+#: The share of each batch drawn from --extra-data unless given: 0.7, Wang et al. (2023)'s
+#: ``--unsup-fraction`` for CIFAR-10 with 1M-20M generated images (Gowal et al. 2021 report the same share).
+EXTRA_FRACTION_DEFAULT = 0.7
 #: Training samples in the curves unless ``train_eval_n`` or ``eval_n`` says otherwise.
 TRAIN_CURVE_N = 1000
 #: What best.pt and the curves record of ``init_from``.
@@ -622,7 +648,9 @@ def saved_config(out: Path) -> TrainConfig:
         raise AtprobeError(f"cannot resume {out}: {exc}; put this run's last.pt back, or {_RESTART}") from None
     own = config.to_json()
     recorded = last.train_config
-    differ = [k for k in own if k not in recorded or recorded[k] != own[k]]
+    # An option added after the run was written is absent from its last.pt: at its default it differs in nothing.
+    defaults = TrainConfig().to_json()
+    differ = [k for k in own if (recorded[k] != own[k] if k in recorded else own[k] != defaults.get(k))]
     if differ:
         shown = "; ".join(f"{k} {recorded.get(k)!r} in last.pt, {own[k]!r} in config.json" for k in differ[:3])
         raise AtprobeError(f"cannot resume {out}: last.pt is from another run, its training options are not "
@@ -670,6 +698,7 @@ class Trainer:
         self.callbacks: list[StepCallback] = (
             [GradRatioLog(self.model, config)] if ctx.main and config.log_grad_ratio else [])
         self.train_split = train_split.to(device)
+        self._prepare_extra_data()
         self._prepare_evaluation()
         wrapped = ddp_wrapped(self.model, ctx, device)
         self.forward_model = torch.compile(wrapped) if config.compile else wrapped
@@ -678,6 +707,32 @@ class Trainer:
         self.iters_per_epoch = math.ceil(len(self.train_split) / config.batch_size)
         self.iteration = 0  # global step count of this process's run (the grad-ratio log's x axis)
         self.init_record: dict[str, Any] = {}  # init_from's path, SHA-256 and epoch, once loaded
+
+    def _prepare_extra_data(self) -> None:
+        """``--extra-data``: the file mapped and checked against the dataset, its images resident on
+        the device if they fit ``--extra-budget-mb`` (default: automatic), else streamed from the map;
+        its labels on the device. Extra samples get indices after the original train split's."""
+        c = self.config
+        self.extra: ExtraData | None = None
+        if c.extra_data is None:
+            return
+        self.extra = load_extra_data(c.extra_data, self.data.image_shape, self.data.num_classes)
+        self.extra_rows = image_rows(self.extra.images, self.device, c.extra_budget_mb)
+        self.extra_labels = self.extra.labels.to(self.device)
+        self.meta.update({"extra_data": str(self.extra.path.resolve()), "extra_n": len(self.extra),
+                          "extra_path": "mapped" if isinstance(self.extra_rows, MappedRows) else "resident"})
+
+    def _batches(self, epoch: int):
+        """The epoch's training batches: the shuffled split, or with --extra-data global batches
+        ``epoch * iters_per_epoch ...`` of the original + extra mix."""
+        c = self.config
+        if self.extra is None:
+            return iterate_batches(self.train_split, c.batch_size, shuffle=True, augment=c.augment,
+                                   generator=self.state.data_gen, channels_last=True)
+        return iterate_mixed_batches(self.train_split, self.extra_rows, self.extra_labels, c.batch_size,
+                                     c.extra_fraction, seed=c.seed, first_batch=epoch * self.iters_per_epoch,
+                                     n_batches=self.iters_per_epoch, index_base=len(self.labels), augment=c.augment,
+                                     generator=self.state.data_gen, channels_last=True)
 
     def _prepare_evaluation(self) -> None:
         """The curves' eval sets (the first ``train_eval_n`` training samples, the first ``eval_n``
@@ -751,13 +806,12 @@ class Trainer:
         self.ctx.barrier()
 
     def epoch(self) -> EpochStats:
-        """One pass over the shuffled, augmented training batches; returns the global metrics."""
-        c, epoch = self.config, self.state.epoch
+        """One epoch of shuffled, augmented training batches (``iters_per_epoch`` of them, with or
+        without extra data); returns the global metrics."""
+        epoch = self.state.epoch
         self.model.train()
         stats = EpochStats.zeros(self.device)
-        batches = iterate_batches(self.train_split, c.batch_size, shuffle=True, augment=c.augment,
-                                  generator=self.state.data_gen, channels_last=True)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(self._batches(epoch)):
             # Under DDP every rank draws the same global batch (shared generator) and keeps
             # its rows: the run equals a single process with the same global batch.
             if len(batch) < self.ctx.world_size:
@@ -869,7 +923,7 @@ def plan_run_dir(out: Path, config: TrainConfig, *, overwrite: bool = False) -> 
     non-empty ``out`` is refused, except with ``overwrite`` when it is a run directory: then
     the new run is written to the sibling ``OUT.overwrite`` and put in ``out``'s place only
     once it is complete (:func:`atprobe.outputs.replace_directory`, in :func:`train`)."""
-    inputs = [config.init_from, config.data_dir]
+    inputs = [config.init_from, config.data_dir, config.extra_data]
     if not (overwrite and out.is_dir() and any(out.iterdir())):
         check_new_directory(out, inputs, option="--out",
                             hint=f"continue the run with --resume {out}, or replace it with --overwrite")

@@ -22,6 +22,7 @@ Examples:
   atprobe train --preset fig2-trades-random --epochs 50 --out runs/f2      # explicit options win
   atprobe train --list-presets
   atprobe train --resume runs/pgd                                          # continue after a stop
+  atprobe train --arch resnet18 --dataset cifar10 --extra-data 1m.npz --extra-fraction 0.7 --out runs/gen
 """
 
 D = TrainConfig()
@@ -96,6 +97,14 @@ def _given(ctx: click.Context) -> set[str]:
 @click.option("--val-seed", type=SEED, default=D.val_seed, show_default=True)
 @click.option("--train-n", type=count(), default=D.train_n, show_default=True,
               help="Train on the first N training samples only (0 = all).")
+@click.option("--extra-data", type=click.Path(exists=True), default=None, metavar="FILE",
+              help="Generated images and labels (.npz with image/label, uncompressed; or a folder with image.npy, "
+                   "label.npy), memory-mapped and mixed into every batch (docs/training.md).")
+@click.option("--extra-fraction", type=NUMBER, default=None,
+              help="Share of each batch from --extra-data, in [0, 1): floor(batch x fraction) images (default 0.7).")
+@click.option("--extra-budget-mb", type=NUMBER, default=None,
+              help="Extra images up to this size are kept on the device, larger ones streamed from the file "
+                   "(default: half the free GPU memory; a quarter of RAM on the CPU).")
 @click.option("--eval-n", type=count(), default=D.eval_n, show_default=True,
               help="Test (and val) samples of the curves and of best.pt's selection (0 = the whole split).")
 @click.option("--train-eval-n", type=count(), default=None,
