@@ -476,3 +476,28 @@ def test_weight_layers_see_the_padded_input() -> None:
     with torch.no_grad():
         model(torch.rand(1, 3, 32, 32))
     assert seen["shape"] == (1, 16, 33, 33) and conv.padding == (0, 0) and conv.stride == (2, 2)
+
+
+def test_documented_eval_command_runs_and_agrees(tmp_path, cifar_dir) -> None:
+    """``atprobe eval CKPT --arch dm-wrn-... --normalize dataset`` (docs/models.md) on a bare
+    state_dict gives, image by image, the prediction and loss of the functional forward."""
+    import pandas as pd
+    from conftest import run_cli
+
+    from atprobe.data import load_dataset
+
+    n = 8
+    sd = random_state(dm_wrn_layout(10, 1), seed=5)
+    torch.save(sd, tmp_path / "dm.pt")
+    run_cli("eval", tmp_path / "dm.pt", "--arch", "dm-wrn-10-1", "--normalize", "dataset", "--dataset", "cifar10",
+            "--data-dir", cifar_dir, "--split", "test", "--n", n, "--attack", "natural", "--device", "cpu",
+            "--per-sample", "-o", tmp_path / "eval.csv", "--quiet")
+    rows = pd.read_csv(tmp_path / "eval.samples.csv").sort_values("index")
+    test = load_dataset("cifar10", cifar_dir).test
+    with torch.no_grad():
+        logits = ref_dm_wrn(_as64(sd), test.x[:n].double() / 255, 10, 1)
+    assert rows["index"].tolist() == list(range(n))
+    assert rows["prediction"].tolist() == logits.argmax(1).tolist()
+    # Random weights predict one class for most images; the per-image loss is the sharp check.
+    loss = F.cross_entropy(logits, test.y[:n], reduction="none")
+    torch.testing.assert_close(torch.tensor(rows["loss"].to_numpy()), loss, rtol=1e-4, atol=1e-5)
