@@ -8,22 +8,22 @@ an epsilon ball means what the papers say it means.
 The normalization buffers are *non-persistent*, so ``model.state_dict()`` has
 exactly the keys of the public codebase each architecture comes from:
 
-===================  ================================================================
-name                 layout
-===================  ================================================================
-``resnet18``         kuangliu/pytorch-cifar ``ResNet18``
-``resnet50``         kuangliu/pytorch-cifar ``ResNet50`` (Bottleneck; Engstrom et al. 2019)
-``preact_resnet18``  Rice et al. 2020 (``overfitting`` repo) ``PreActResNet18``
-``preact_resnet18_nobn``  fast-AT ``PreActResNet18`` (Wong et al. 2020 via RobustBench,
-                     Andriushchenko & Flammarion 2020): no final ``bn``, raw-input shortcut
-``wrn-D-W``          TRADES / MART ``WideResNet(depth=D, widen_factor=W)``, D = 6n+4
-``dm-wrn-D-W``       DeepMind / RobustBench ``DMWideResNet(depth=D, width=W)`` with Swish
-``dm-preact-resnet18``  DeepMind / RobustBench ``DMPreActResNet`` (also ``-34``) with Swish
-``vgg16``            kuangliu/pytorch-cifar ``VGG('VGG16')`` (with BatchNorm)
-``dense121``         kuangliu/pytorch-cifar ``DenseNet121`` (growth rate 32)
-``cnn-small``        atprobe's own small CPU-friendly CNN (4 conv + BN, FC 256)
-``mlp``              atprobe's own 3072-512-256-C ReLU MLP (no BN)
-===================  ================================================================
+==========================  =========================================================
+name                        layout
+==========================  =========================================================
+``resnet18``                kuangliu/pytorch-cifar ``ResNet18``
+``resnet50``                kuangliu/pytorch-cifar ``ResNet50`` (Bottleneck; Engstrom et al. 2019)
+``preact_resnet18``         Rice et al. 2020 (``overfitting`` repo) ``PreActResNet18``
+``preact_resnet18_nobn``    fast-AT ``PreActResNet18`` (Wong et al. 2020 as RobustBench loads
+                            it, Andriushchenko & Flammarion 2020): no final ``bn``, raw-input shortcut
+``wrn-D-W``                 TRADES / MART ``WideResNet(depth=D, widen_factor=W)``, D = 6n+4
+``dm-wrn-D-W``              DeepMind / RobustBench ``DMWideResNet(depth=D, width=W)``, Swish
+``dm-preact-resnet18/34``   DeepMind / RobustBench ``DMPreActResNet``, Swish
+``vgg16``                   kuangliu/pytorch-cifar ``VGG('VGG16')`` (with BatchNorm)
+``dense121``                kuangliu/pytorch-cifar ``DenseNet121`` (growth rate 32)
+``cnn-small``               atprobe's own small CPU-friendly CNN (4 conv + BN, FC 256)
+``mlp``                     atprobe's own 3072-512-256-C ReLU MLP (no BN)
+==========================  =========================================================
 
 so a foreign checkpoint's ``state_dict`` loads with ``strict=True`` (after the usual
 ``module.`` prefix stripping, and for TRADES/MART WideResNets after dropping their
