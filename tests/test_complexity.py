@@ -169,7 +169,8 @@ def test_product_overflow_is_inf_with_a_reason_and_log10_is_finite():
 # ------------------------------------------------------------------------- BN folding
 
 
-@pytest.mark.parametrize("arch", ["cnn-small", "resnet18", "preact_resnet18"])
+@pytest.mark.parametrize("arch", ["cnn-small", "resnet18", "preact_resnet18", "dm-wrn-10-1", "dm-preact-resnet18",
+                                  "preact_resnet18_nobn"])
 def test_folding_leaves_eval_outputs_unchanged(arch, cnn):
     if arch == "cnn-small":
         model = cnn
@@ -182,7 +183,10 @@ def test_folding_leaves_eval_outputs_unchanged(arch, cnn):
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    expected_left = {"cnn-small": 0, "resnet18": 0, "preact_resnet18": 9}[arch]  # 8 block-opening BNs + final
+    # block-opening BNs (their input is a residual sum) and a final BN stay: preact 8 + 1; DeepMind WRN-10-1
+    # 3 + 1, PreActResNet-18 8 + 1; the fast-AT PreActResNet-18 has no final BN: 8
+    expected_left = {"cnn-small": 0, "resnet18": 0, "preact_resnet18": 9, "dm-wrn-10-1": 4, "dm-preact-resnet18": 9,
+                     "preact_resnet18_nobn": 8}[arch]
     assert left == expected_left and n_bn > left
     # the norm layers of the model, folded, are the raw layers of the folded copy
     a = norm_layers(model, fold=True)

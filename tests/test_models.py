@@ -91,9 +91,16 @@ def test_list_architectures_is_canonical_and_complete() -> None:
     archs = list_architectures()
     assert archs == [
         "resnet18",
+        "resnet50",
         "preact_resnet18",
+        "preact_resnet18_nobn",
         "wrn-28-10",
         "wrn-34-10",
+        "dm-wrn-28-10",
+        "dm-wrn-70-16",
+        "dm-wrn-106-16",
+        "dm-preact-resnet18",
+        "dm-preact-resnet34",
         "vgg16",
         "dense121",
         "cnn-small",
@@ -127,9 +134,9 @@ def test_canonical_arch_aliases(alias: str, canonical: str) -> None:
 
 def test_unknown_arch_error_lists_choices() -> None:
     with pytest.raises(AtprobeError) as info:
-        build_model("resnet50")
+        build_model("resnet51")
     msg = str(info.value)
-    assert "'resnet50'" in msg and "\n" not in msg
+    assert "'resnet51'" in msg and "\n" not in msg
     for arch in list_architectures():
         assert arch in msg
     assert WRN_PATTERN in msg
@@ -533,6 +540,15 @@ PINNED_STATE_DICT_LAYOUT = {
     "cnn-small": (28, 'ffe946236a357b46'),
     "mlp": (6, 'a5a400152864eb42'),
     "wrn-16-1": (82, '3ec72f9ac1b71272'),
+    # The zoo layouts, recorded when they were added (tests/test_zoo_models.py derives them
+    # key by key from the public definitions).
+    "resnet50": (320, '1c92fb35fd9a17e5'),
+    "preact_resnet18_nobn": (102, '0398a9d7e8c61c4b'),
+    "dm-wrn-28-10": (155, 'b90096af5bd9e339'),
+    "dm-wrn-70-16": (407, '62373a5f03f997ad'),
+    "dm-wrn-106-16": (623, '505e307ded209294'),
+    "dm-preact-resnet18": (107, 'b8835d34ad2ec9fb'),
+    "dm-preact-resnet34": (203, '51473b6a92c55ca5'),
 }
 
 
@@ -708,7 +724,7 @@ def test_forward_has_no_inplace_ops(arch: str) -> None:
     assert _inplace_ops(_meta_model(arch, mean=CIFAR_MEAN, std=CIFAR_STD)) == []
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn-small"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn-small", "dm-wrn-10-1"])  # dm: Swish, SAME pads, shortcut convs
 def test_per_sample_gradients_with_vmap(arch: str) -> None:
     """vmap(grad(functional_call)) works (no in-place ops) and matches a per-example loop."""
     model = _randomize_bn(build_model(arch, mean=CIFAR_MEAN, std=CIFAR_STD)).double().eval()
@@ -763,6 +779,10 @@ def test_no_dropout_modules_when_p_is_zero(arch: str) -> None:
         ("preact_resnet18", "linear"),
         ("vgg16", "classifier"),
         ("dense121", "linear"),
+        ("resnet50", "linear"),
+        ("preact_resnet18_nobn", "linear"),
+        ("dm-wrn-16-1", "logits"),
+        ("dm-preact-resnet18", "logits"),
     ],
 )
 def test_dropout_sits_before_the_classifier(arch: str, head: str) -> None:

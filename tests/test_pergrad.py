@@ -398,7 +398,8 @@ def test_ghost_and_direct_norms_agree():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn-10-2", "dense121"])
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn-10-2", "dense121", "dm-wrn-10-1",
+                                  "preact_resnet18_nobn"])
 def test_hooks_equal_vmap_on_every_architecture(arch):
     torch.manual_seed(0)
     model = randomize_bn(build_model(arch, 10, mean=(0.5,) * 3, std=(0.25,) * 3).double()).eval()

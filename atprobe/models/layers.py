@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from atprobe.errors import AtprobeError
 
@@ -190,6 +191,19 @@ def residual_stage(
     )
 
 
+def wrn_blocks_per_stage(depth: int, width: int) -> int:
+    """Blocks in each of the three stages of a WideResNet-``depth``-``width``: (depth - 4) / 6.
+
+    The rule both WideResNet layouts (TRADES's and DeepMind's) share: depth 6n+4 with
+    n >= 1, widen factor >= 1.
+    """
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise AtprobeError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+    if width < 1:
+        raise AtprobeError(f"WideResNet widen factor must be >= 1, got {width}")
+    return (depth - 4) // 6
+
+
 def resnet_stages(
     block: Callable[..., nn.Module], num_blocks: Sequence[int], in_planes: int = 64
 ) -> list[nn.Sequential]:
@@ -200,3 +214,29 @@ def resnet_stages(
         stages.append(residual_stage(block, in_planes, planes, num_blocks[i], stride))
         in_planes = planes * getattr(block, "expansion", 1)
     return stages
+
+
+
+# --------------------------------------------------------------------------- #
+# TensorFlow-style "SAME" 3x3 convolutions (the DeepMind models)
+# --------------------------------------------------------------------------- #
+
+
+def same_conv3x3(in_planes: int, out_planes: int, stride: int) -> nn.Conv2d:
+    """A bias-free 3x3 convolution that, with :func:`same_pad`, is TensorFlow's ``SAME``.
+
+    Stride 1: ``padding=1`` (one pixel on every side, already ``SAME``). Stride 2:
+    ``padding=0``, and :func:`same_pad` adds one pixel on the right and bottom only, as the
+    DeepMind PyTorch ports (Gowal et al. 2020, ``model_zoo.py``) do: their weights were
+    trained in JAX with that padding, and PyTorch's symmetric ``padding=1`` would shift
+    every output by a pixel. The pad stays outside the module so that hooks (per-sample
+    gradients, operator norms) see the input the convolution really computes on.
+    """
+    if stride not in (1, 2):
+        raise AtprobeError(f"SAME 3x3 convolutions are defined here for stride 1 or 2, got {stride}")
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1 if stride == 1 else 0, bias=False)
+
+
+def same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``x`` as :func:`same_conv3x3` ``conv`` must see it: zero-padded right and bottom at stride 2."""
+    return F.pad(x, (0, 1, 0, 1)) if conv.stride[0] == 2 else x

@@ -1,4 +1,5 @@
-"""Rice, Wong & Kolter 2020 PreActResNet-18 (``overfitting`` repo): pre-activation stages and a final ``bn``."""
+"""Pre-activation ResNet-18s: Rice, Wong & Kolter 2020 (``overfitting`` repo) with a final ``bn``, and the
+fast-AT layout (Wong et al. 2020 as RobustBench loads it, Andriushchenko & Flammarion 2020) without it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class PreActBlock(nn.Module):
     """Pre-activation block: bn-relu-conv-bn-relu-conv, shortcut taken after the first bn-relu."""
 
     expansion = 1
+    #: Whether the projection shortcut reads the block's raw input instead of bn1-relu of it.
+    shortcut_from_input = False
     shortcut: nn.Sequential | None
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -36,12 +39,22 @@ class PreActBlock(nn.Module):
         out = self.conv2(F.relu(self.bn2(out)))
         # Upstream computes the shortcut before conv1; computing it here is the same
         # math and makes execution order equal registration order (see weight_layers).
-        shortcut = x if self.shortcut is None else self.shortcut(pre)
-        return out + shortcut
+        if self.shortcut is None:
+            return out + x
+        return out + self.shortcut(x if self.shortcut_from_input else pre)
+
+
+class InputShortcutPreActBlock(PreActBlock):
+    """The fast-AT pre-activation block (RobustBench's ``PreActBlock``, Andriushchenko &
+    Flammarion's ``models.py``): same keys as :class:`PreActBlock`, but the projection
+    shortcut is applied to the block's raw input ``x``, before ``bn1``-relu."""
+
+    shortcut_from_input = True
 
 
 class PreActResNet(Classifier):
-    """Rice et al. PreActResNet: stem conv, four pre-act stages, final ``bn``-relu, ``linear``."""
+    """PreActResNet: stem conv, four pre-act stages, final ``bn``-relu (``final_bn=False``:
+    neither, the stages feed the pooling directly), ``linear``."""
 
     def __init__(
         self,
@@ -49,6 +62,7 @@ class PreActResNet(Classifier):
         num_blocks: Sequence[int],
         num_classes: int = 10,
         *,
+        final_bn: bool = True,
         dropout: float = 0.0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -57,13 +71,14 @@ class PreActResNet(Classifier):
         self.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=3, stride=1, padding=1, bias=False)
         # Stages in registration order layer1..4: that order fixes keys and seeded init.
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet_stages(block, num_blocks)
-        self.bn = BatchNorm2d(512 * block.expansion)
+        self.bn = BatchNorm2d(512 * block.expansion) if final_bn else None
         self.dropout = optional_dropout(dropout)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
+        if self.bn is not None:
+            out = F.relu(self.bn(out))
         out = torch.flatten(F.avg_pool2d(out, 4), 1)
         return self.linear(apply_optional(self.dropout, out))

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atprobe.errors import AtprobeError
-from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, residual_stage
+from atprobe.models.layers import IN_CHANNELS, BatchNorm2d, Classifier, residual_stage, wrn_blocks_per_stage
 
 
 class WideBasicBlock(nn.Module):
@@ -85,13 +84,9 @@ class WideResNet(Classifier):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise AtprobeError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
-        if widen_factor < 1:
-            raise AtprobeError(f"WideResNet widen factor must be >= 1, got {widen_factor}")
+        n = wrn_blocks_per_stage(depth, widen_factor)
         super().__init__(num_classes, mean, std)
         n_channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        n = (depth - 4) // 6
         self.conv1 = nn.Conv2d(IN_CHANNELS, n_channels[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, n_channels[0], n_channels[1], WideBasicBlock, 1, dropRate)
         self.block2 = NetworkBlock(n, n_channels[1], n_channels[2], WideBasicBlock, 2, dropRate)
