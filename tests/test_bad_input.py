@@ -344,13 +344,25 @@ def test_signal_during_training_then_resume(sig, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_probe_leaves_nothing(sig, inputs, tmp_path):
     """A long probe stopped by a signal writes no output, no meta file and no temp file."""
     child = atprobe("stability", inputs["cnn"], "--lambdas", "-1:1:401", "--n", "64", "--steps", "2",
                     "--device", "cpu", "-q", "-o", tmp_path / "stability.csv", cwd=tmp_path)
-    time.sleep(4)  # past the imports, inside the probe
+    # past the imports, inside the probe: by CPU time, not wall time (a loaded machine imports slowly)
+    deadline = time.monotonic() + 90
+    while _cpu_seconds(child.pid) < 6 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert child.poll() is None, child.communicate()
     child.send_signal(sig)
     _, stderr = child.communicate(timeout=60)
