@@ -414,6 +414,11 @@ def print_table(rows: list[Row], name: str) -> None:
           + (f": failed {', '.join(failed)}" if failed else ""))
 
 
+def exit_status(rows: list[Row]) -> int:
+    """1 when any row that ran failed, else 0 (skips do not count)."""
+    return 1 if any(r.status == "fail" for r in rows) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--min-tflops", type=float, default=MIN_TFLOPS, help="floor of the throughput rows")
@@ -440,7 +445,7 @@ def main() -> int:
     rows += memory_rows(device)
     rows += speed_rows(device, sizes, args.min_tflops)
     print_table(rows, name)
-    return 1 if any(r.status == "fail" for r in rows) else 0
+    return exit_status(rows)
 
 
 if __name__ == "__main__":
