@@ -246,9 +246,10 @@ def probe_runs(model: nn.Module, split, device: torch.device, sizes: Sizes, trai
     }
 
 
-def small_trainer(device: torch.device, sizes: Sizes, workdir: Path) -> Trainer:
-    """A trainer (nothing written) of a few batches, for the checks around ``Trainer.epoch``."""
-    config = TrainConfig(arch="cnn-small", epochs=2, train_n=4 * 64, batch_size=64, threat=ThreatModel(steps=2),
+def small_trainer(device: torch.device, workdir: Path) -> Trainer:
+    """A trainer (nothing written) of four batches, for the checks around ``Trainer.epoch``, which
+    they call three times (the layout check, the sync check's run outside the debug mode and in it)."""
+    config = TrainConfig(arch="cnn-small", epochs=4, train_n=4 * 64, batch_size=64, threat=ThreatModel(steps=2),
                          eval_n=10)
     return Trainer(config, workdir / "trainer", DistContext(), device)
 
@@ -436,7 +437,7 @@ def main() -> int:
         study, ckpt, model = trained_model(device, sizes, workdir)
         split = test_samples(study, ckpt, sizes.eval_n, device)
         rows += precision_rows(model, split, sizes.probe_precision_n, device)
-        trainer = small_trainer(device, sizes, workdir)
+        trainer = small_trainer(device, workdir)
         train_split = test_samples(study, ckpt, sizes.probe_n, device)
         runs = probe_runs(model, train_split, device, sizes, trainer, amp=device.type == "cuda")
         models = {k: model for k in runs} | {"train epoch": trainer.model}
