@@ -16,7 +16,7 @@ Checks (thresholds are the constants below; docs/benchmarks.md explains them):
   flags flipped <= ``MAX_FLIPS``) and ``complexity``'s margin (the same on the margins). bf16 on
   CUDA is atprobe's own ``amp=True``; on the CPU, where atprobe's autocast is a no-op, the
   whole call runs inside ``torch.autocast("cpu", torch.bfloat16)`` (``eval_precision.predictions``).
-* ``channels_last <path>``: a forward pre-hook on the model's first convolution sees a
+* ``channels_last <path>``: a forward hook on the model's first convolution sees a
   channels_last input and weight in every call of eval, a training epoch, ``stability`` and
   ``hessian``.
 * ``bf16 in effect <path>`` (CUDA): the same hook sees bf16 outputs in every call of eval with
@@ -134,14 +134,15 @@ def trained_model(device: torch.device, sizes: Sizes, workdir: Path):
     through the study layer as every command loads it: ``(study, checkpoint, model)``."""
     config = TrainConfig(arch="cnn-small", dataset="synthetic", method="pgd_at", epochs=sizes.epochs,
                          batch_size=128, schedule="cosine", threat=ThreatModel(steps=sizes.train_steps),
-                         train_n=sizes.train_n, eval_n=100, train_eval_n=100, eval_attack="pgd3")
+                         train_n=sizes.train_n, eval_n=100, train_eval_n=100, eval_attack="pgd3",
+                         eval_every=sizes.epochs)  # curves only at the end: nothing here reads them
     run = train(config, workdir / "run", device=device)
     study = Study([str(run / "final.pt")])
     ckpt = study.checkpoints[0]
     return study, ckpt, study.model(ckpt, device).eval()
 
 
-def test_samples(study: Study, ckpt, n: int, device: torch.device):
+def held_out_samples(study: Study, ckpt, n: int, device: torch.device):
     spec = SampleSpec(split="test", n=n, default_n=None)
     return study.samples(ckpt, spec, study.base(spec)).to(device)
 
@@ -435,11 +436,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         workdir = Path(tmp)
         study, ckpt, model = trained_model(device, sizes, workdir)
-        split = test_samples(study, ckpt, sizes.eval_n, device)
+        split = held_out_samples(study, ckpt, sizes.eval_n, device)
         rows += precision_rows(model, split, sizes.probe_precision_n, device)
         trainer = small_trainer(device, workdir)
-        train_split = test_samples(study, ckpt, sizes.probe_n, device)
-        runs = probe_runs(model, train_split, device, sizes, trainer, amp=device.type == "cuda")
+        probe_split = held_out_samples(study, ckpt, sizes.probe_n, device)
+        runs = probe_runs(model, probe_split, device, sizes, trainer, amp=device.type == "cuda")
         models = {k: model for k in runs} | {"train epoch": trainer.model}
         rows += layout_rows(runs, models, device)
         rows += sync_rows(runs, device)
