@@ -22,18 +22,11 @@ from atprobe.probes import flatness
 from atprobe.probes.flatness import FlatnessConfig, PathConfig, PlaneConfig
 from atprobe.threat import ThreatModel
 from tests.conftest import cli_rejects, run_cli, save_seeded_checkpoint
-from tests.test_flatness import _cnn, _images, _reference, _split
+from tests.test_flatness import _cnn, _images, _one_thread_and_restore_global_torch_state, _reference, _split
+
+__all__ = ["_one_thread_and_restore_global_torch_state"]  # the autouse fixture, in force here too
 
 LOSSES = ["adv_loss", "adv_acc", "nat_loss", "nat_acc"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_global_torch_state():
-    rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
 
 
 def _plane_config(**kw) -> PlaneConfig:

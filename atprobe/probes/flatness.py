@@ -98,8 +98,12 @@ DEFAULT_PLANE_AXIS = parse_lambdas("-1:1:21", option="--x")
 DEFAULT_TS = parse_lambdas("-0.5:1.5:21", option="--t", zero=False)
 
 
-def _check_evaluation(config: PGDFields) -> None:
-    """What every landscape config shares: the batch size of the per-point evaluation."""
+def _check_evaluation(config: PGDFields, *, directions: bool = False) -> None:
+    """What every landscape config shares: the batch size of the per-point evaluation (and,
+    with ``directions``, the random directions' options)."""
+    if directions:
+        check_choice(config.ignore, IGNORES, "direction ignore option")
+        check_choice(config.direction_norm, NORMS, "direction norm")
     if not is_int(config.batch_size) or config.batch_size < 1:
         raise AtprobeError(f"batch size must be an integer >= 1, got {config.batch_size!r}")
 
@@ -157,9 +161,7 @@ class FlatnessConfig(PGDFields):
         object.__setattr__(self, "radius", float(self.radius))
         if not is_int(self.directions) or self.directions < 1:
             raise AtprobeError(f"number of directions must be an integer >= 1, got {self.directions!r}")
-        check_choice(self.ignore, IGNORES, "direction ignore option")
-        check_choice(self.direction_norm, NORMS, "direction norm")
-        _check_evaluation(self)
+        _check_evaluation(self, directions=True)
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,7 @@ class PlaneConfig(PGDFields):
         object.__setattr__(self, "ys", _check_grid(self.ys, "--y"))
         if not is_int(self.pairs) or self.pairs < 1:
             raise AtprobeError(f"number of direction pairs must be an integer >= 1, got {self.pairs!r}")
-        check_choice(self.ignore, IGNORES, "direction ignore option")
-        check_choice(self.direction_norm, NORMS, "direction norm")
-        _check_evaluation(self)
+        _check_evaluation(self, directions=True)
 
 
 @dataclass(frozen=True)
