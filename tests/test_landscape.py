@@ -185,6 +185,11 @@ def test_path_rejects_other_architectures_and_needs_training_images_for_bn():
         flatness.path(a, _cnn(1), _split(), PathConfig(ts=(0.0,)))
     with pytest.raises(AtprobeError, match="recompute:N"):
         PathConfig(bn_images=1)
+    b = _cnn(1)
+    for model, value in ((a, 0.5), (b, 0.25)):  # an input-normalization-like buffer, not a BatchNorm statistic
+        model.register_buffer("scale", torch.full((3,), value, dtype=torch.float64))
+    with pytest.raises(AtprobeError, match="differ in the buffer 'scale'"):
+        flatness.path(a, b, _split(), PathConfig(ts=(0.0,)), train=_split())
 
 
 # ---------------------------------------------------------------------------- CLI and figures
