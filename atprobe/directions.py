@@ -308,50 +308,51 @@ def iter_points(
 # ---------------------------------------------------------------------------- grids of steps
 
 
-def _fraction(text: str, what: str) -> Fraction:
+def _fraction(text: str, what: str, option: str = "--lambdas") -> Fraction:
     try:
         value = Fraction(text.strip())
     except (ValueError, ZeroDivisionError):
-        raise AtprobeError(f"--lambdas: {text.strip()!r} in {what} is not a number") from None
+        raise AtprobeError(f"{option}: {text.strip()!r} in {what} is not a number") from None
     return value
 
 
-def parse_lambdas(text: str) -> tuple[float, ...]:
+def parse_lambdas(text: str, *, option: str = "--lambdas", zero: bool = True) -> tuple[float, ...]:
     """A ``lam`` grid: ``START:STOP:NUM`` (NUM evenly spaced values, both ends included) or
     a comma-separated list (``-0.1,0,0.1``; fractions such as ``1/20`` allowed).
 
     The grid points of ``START:STOP:NUM`` are computed exactly (as fractions) and then
     rounded once, so a grid that passes through 0 contains exactly 0.0 (``-0.05:0.05:21``
     does), and the grid must contain 0: the reference point of the probe. Values must be
-    distinct.
+    distinct. ``option`` names the option in the errors (``--x``, ``--t``); ``zero=False``
+    drops the requirement of 0 (the axes of a plane, the path's ``t``).
     """
     if not isinstance(text, str) or not text.strip():
-        raise AtprobeError("--lambdas is empty: give START:STOP:NUM or a comma-separated list")
+        raise AtprobeError(f"{option} is empty: give START:STOP:NUM or a comma-separated list")
     text = text.strip()
     if ":" in text:
         parts = text.split(":")
         if len(parts) != 3:
-            raise AtprobeError(f"--lambdas {text!r}: expected START:STOP:NUM, e.g. -0.05:0.05:21")
-        start, stop = _fraction(parts[0], text), _fraction(parts[1], text)
+            raise AtprobeError(f"{option} {text!r}: expected START:STOP:NUM, e.g. -0.05:0.05:21")
+        start, stop = _fraction(parts[0], text, option), _fraction(parts[1], text, option)
         try:
             num = int(parts[2].strip())
         except ValueError:
-            raise AtprobeError(f"--lambdas {text!r}: NUM must be an integer, got {parts[2].strip()!r}") from None
+            raise AtprobeError(f"{option} {text!r}: NUM must be an integer, got {parts[2].strip()!r}") from None
         if num < 1 or (num == 1 and start != stop):
-            raise AtprobeError(f"--lambdas {text!r}: NUM must be >= 2 (or 1 with START == STOP)")
+            raise AtprobeError(f"{option} {text!r}: NUM must be >= 2 (or 1 with START == STOP)")
         if num > 1 and start >= stop:
-            raise AtprobeError(f"--lambdas {text!r}: START must be smaller than STOP")
+            raise AtprobeError(f"{option} {text!r}: START must be smaller than STOP")
         exact = [start] if num == 1 else [start + (stop - start) * i / (num - 1) for i in range(num)]
     else:
         items = [t for t in text.split(",")]
         if any(not t.strip() for t in items):
-            raise AtprobeError(f"--lambdas {text!r}: an empty entry in the list")
-        exact = [_fraction(t, text) for t in items]
+            raise AtprobeError(f"{option} {text!r}: an empty entry in the list")
+        exact = [_fraction(t, text, option) for t in items]
     values = tuple(float(v) for v in exact)
     if any(not math.isfinite(v) for v in values):
-        raise AtprobeError(f"--lambdas {text!r}: values must be finite")
+        raise AtprobeError(f"{option} {text!r}: values must be finite")
     if len(set(values)) != len(values):
-        raise AtprobeError(f"--lambdas {text!r}: values must be distinct")
-    if 0.0 not in values:
-        raise AtprobeError(f"--lambdas {text!r} does not contain 0, the reference point (lam = 0 must give distance 0)")
+        raise AtprobeError(f"{option} {text!r}: values must be distinct")
+    if zero and 0.0 not in values:
+        raise AtprobeError(f"{option} {text!r} does not contain 0, the reference point (lam = 0 must give distance 0)")
     return values

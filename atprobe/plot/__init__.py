@@ -30,8 +30,8 @@ Layout (one module per family of figures; everything public is importable from
 * :mod:`atprobe.plot.hardness`: ``hardness``, ``hardness_consistency`` and the hardness
   probe's own figures (:func:`sorted_loss_figure`, :func:`gallery_figure`,
   :func:`hardest_gallery`, :func:`png_bytes`);
-* :mod:`atprobe.plot.landscape`: ``flatness_curve``, ``flatness``, ``curvature_samples``,
-  ``curvature``, ``hessian``, ``hessian_density``;
+* :mod:`atprobe.plot.landscape`: ``flatness_curve``, ``flatness``, ``flatness_plane``,
+  ``flatness_path``, ``curvature_samples``, ``curvature``, ``hessian``, ``hessian_density``;
 * :mod:`atprobe.plot.runs`: ``table`` (Table 1's bars), and from run directories
   ``noise_gap`` (Fig. 2(c)) and ``eps_curves`` (Figs. 7(b), C.1), named with ``--kind``.
 
@@ -78,6 +78,8 @@ from atprobe.plot.landscape import (
     curvature_samples,
     flatness,
     flatness_curve,
+    flatness_path,
+    flatness_plane,
     hessian,
     hessian_density,
     slq_density,
@@ -104,7 +106,8 @@ __all__ = [
     "hardness_consistency", "hardness_sorted",
     "DEFAULT_DPI", "GALLERY_COLUMN_PX", "GALLERY_HEIGHT_PX", "SORTED_SIZE", "default_gallery_size", "gallery_figure",
     "hardest_gallery", "parse_size", "png_bytes", "sorted_loss_figure",
-    "curvature", "curvature_samples", "flatness", "flatness_curve", "hessian", "hessian_density", "slq_density",
+    "curvature", "curvature_samples", "flatness", "flatness_curve", "flatness_path", "flatness_plane", "hessian",
+    "hessian_density", "slq_density",
     "METHOD_NAMES", "eps_curves", "generalization_gaps", "method_label", "noise_gap", "robust_test_curves",
     "table_bars",
 ]

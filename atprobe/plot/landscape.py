@@ -1,5 +1,6 @@
 """Figures of the loss-landscape probes: flatness along random directions
-(``flatness_curve``, ``flatness``), input-space curvature (``curvature_samples``,
+(``flatness_curve``, ``flatness``), on a plane (``flatness_plane``) and between two
+checkpoints (``flatness_path``), input-space curvature (``curvature_samples``,
 ``curvature``) and the weight Hessian (``hessian``, ``hessian_density``), Fig. 6."""
 
 from __future__ import annotations
@@ -49,15 +50,41 @@ def flatness_curve(data: Data, *, title: str | None = None) -> Figure:
     accuracies. Line: mean over directions; band: ± the std over directions (several)."""
     df = _num(_data(data, "flatness_curve"), ["direction", "lam", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"],
               "flatness_curve")
+    return _loss_and_accuracy(
+        df, "lam", "direction", "step λ along d (relative to each filter's norm)", (0.0,),
+        ("loss at θ + λd (PGD re-crafted at every point)", "accuracy at θ + λd"),
+        title, f"Weight loss landscape along random directions (cf. {PAPER}, Fig. 6; Wu et al. 2020)")
+
+
+@register("flatness_path", ("point", "t", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"),
+          "atprobe flatness --between's table: adversarial and natural loss and accuracy along the path "
+          "(1-t) A + t B between two checkpoints, BatchNorm statistics recomputed at every t")
+def flatness_path(data: Data, *, title: str | None = None) -> Figure:
+    """Left: loss against t (adversarial solid, natural dashed), dotted lines at the
+    checkpoints t = 0 (A) and t = 1 (B); right: the accuracies."""
+    df = _num(_data(data, "flatness_path"), ["point", "t", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"],
+              "flatness_path")
+    df["_one"] = 0
+    return _loss_and_accuracy(
+        df, "t", "_one", "t along (1 − t) θ_A + t θ_B (0 = A, 1 = B)", (0.0, 1.0),
+        ("loss at θ(t) (PGD re-crafted, BatchNorm statistics recomputed)", "accuracy at θ(t)"),
+        title, "Loss along the linear path between two checkpoints (cf. Li et al. 2018; Goodfellow et al. 2015)")
+
+
+def _loss_and_accuracy(df: pd.DataFrame, x: str, repeat: str, xlabel: str, marks: tuple[float, ...],
+                       titles: tuple[str, str], title: str | None, default: str) -> Figure:
+    """Loss (left) and accuracy (right) against ``x``, adversarial solid, natural dashed, one
+    colour per series (source, checkpoint, split, labels); line: mean over ``repeat``
+    (directions), band ± their std when there are several; dotted verticals at ``marks``."""
     df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
     header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
                                     ("labels", "labels")])
-    ndir = int(df.groupby("_s")["direction"].nunique().max())
+    nrep = int(df.groupby("_s")[repeat].nunique().max())
     long = []
     for inputs, prefix in (("adversarial", "adv"), ("natural", "nat")):
-        g = df.groupby(["_s", "lam"], sort=False)[[f"{prefix}_loss", f"{prefix}_acc"]]
+        g = df.groupby(["_s", x], sort=False)[[f"{prefix}_loss", f"{prefix}_acc"]]
         stats = g.mean().join(g.std(ddof=0).add_suffix("_std")).reset_index()
-        stats.columns = ["_s", "lam", "loss", "acc", "loss_std", "acc_std"]
+        stats.columns = ["_s", x, "loss", "acc", "loss_std", "acc_std"]
         stats["inputs"] = inputs
         long.append(stats)
     long = pd.concat(long, ignore_index=True)
@@ -68,15 +95,57 @@ def flatness_curve(data: Data, *, title: str | None = None) -> Figure:
         fig, axes = _figure(2, (12, 4.4))
         for ax, y, ylabel in ((axes[0], "loss", "cross-entropy loss (nats)"),
                               (axes[1], "acc", "accuracy (fraction of samples)")):
-            _lines(ax, long, "lam", y, hue, err=f"{y}_std" if ndir > 1 else None, style="inputs",
+            _lines(ax, long, x, y, hue, err=f"{y}_std" if nrep > 1 else None, style="inputs",
                    style_order=["adversarial", "natural"])
-            ax.set_xlabel("step λ along d (relative to each filter's norm)")
-            ax.set_ylabel(ylabel + (f"\n(mean over {ndir} directions, band ± std)" if ndir > 1 else ""))
-            ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
-        axes[0].set_title("loss at θ + λd (PGD re-crafted at every point)", fontsize="medium")
-        axes[1].set_title("accuracy at θ + λd", fontsize="medium")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel + (f"\n(mean over {nrep} directions, band ± std)" if nrep > 1 else ""))
+            for m in marks:
+                ax.axvline(m, color="0.5", linewidth=0.8, linestyle=":")
+        axes[0].set_title(titles[0], fontsize="medium")
+        axes[1].set_title(titles[1], fontsize="medium")
         _figure_legend(fig, axes)
-        _title(fig, title, f"Weight loss landscape along random directions (cf. {PAPER}, Fig. 6; Wu et al. 2020)")
+        _title(fig, title, default)
+    return fig
+
+
+@register("flatness_plane", ("pair", "point", "x", "y", "n", "adv_loss", "adv_acc", "nat_loss", "nat_acc"),
+          "atprobe flatness --plane's table: adversarial and natural loss over the plane theta + x d1 + y d2 "
+          "of two filter-normalized directions (Li et al. 2018's contour; Wu et al. 2020)")
+def flatness_plane(data: Data, *, title: str | None = None) -> Figure:
+    """One row of panels per plane (source, checkpoint, pair): the contour of the adversarial
+    loss (left) and of the natural loss (right) over ``(x, y)``, filled with labelled
+    isolines, theta marked at the origin when the grid has it."""
+    df = _num(_data(data, "flatness_plane"), ["pair", "point", "x", "y", "n", "adv_loss", "nat_loss"],
+              "flatness_plane")
+    df["ck"] = _short(df["checkpoint"]) if "checkpoint" in df.columns else ""
+    header, df["_s"] = _series(df, [("run", "source"), ("checkpoint", "ck"), ("split", "split"),
+                                    ("labels", "labels"), ("pair", "pair", True)])
+    planes = list(dict.fromkeys(df["_s"]))
+    with _style():
+        fig, axes = _figure(2, (11.5, 4.6 * len(planes)), nrows=len(planes))
+        for row, plane in enumerate(planes):
+            g = df[df["_s"] == plane]
+            for col, (loss, inputs) in enumerate((("adv_loss", "adversarial"), ("nat_loss", "natural"))):
+                ax = axes[2 * row + col]
+                grid = g.pivot_table(index="y", columns="x", values=loss, aggfunc="mean").sort_index()
+                grid = grid.reindex(sorted(grid.columns), axis=1)
+                if grid.shape[0] < 2 or grid.shape[1] < 2 or grid.isna().any().any():
+                    raise AtprobeError("flatness_plane: a contour needs a full grid of at least 2 x 2 points "
+                                       f"({plane or 'the plane'} has {grid.shape[1]} x {grid.shape[0]}, "
+                                       f"{int(grid.isna().sum().sum())} missing)")
+                xs, ys, z = grid.columns.to_numpy(float), grid.index.to_numpy(float), grid.to_numpy(float)
+                filled = ax.contourf(xs, ys, z, levels=12, cmap="viridis")
+                lines = ax.contour(xs, ys, z, levels=filled.levels, colors="white", linewidths=0.6)
+                ax.clabel(lines, fmt="%.3g", fontsize="x-small")
+                fig.colorbar(filled, ax=ax, label=f"{inputs} loss (nats)")
+                if xs.min() <= 0 <= xs.max() and ys.min() <= 0 <= ys.max():
+                    ax.plot([0.0], [0.0], marker="*", color="red", markersize=10, linestyle="none", label="θ")
+                ax.set_xlabel("x: step along d1 (relative to each filter's norm)")
+                ax.set_ylabel("y: step along d2")
+                where = f"{plane}: " if plane else ""
+                ax.set_title(f"{where}{inputs} loss at θ + x d1 + y d2", fontsize="medium")
+        _title(fig, title, "Loss landscape on a plane of two filter-normalized directions "
+                           "(PGD re-crafted at every point; cf. Li et al. 2018, Wu et al. 2020)")
     return fig
 
 

@@ -1,0 +1,78 @@
+"""The work of ``atprobe flatness --plane`` and ``--between`` as library calls (the
+landscapes of ``atprobe.probes.flatness`` over the checkpoints of a study), beside
+``atprobe.studies.flatness`` for the 1-d curve.
+
+Both take ``points``: given the number of grid points, the indices this process evaluates
+(default all of them). A launcher that splits the grid across ranks passes its share, e.g.
+``points=lambda total: range(rank, total, world)``, and concatenates the ranks' tables
+(sorted by ``checkpoint`` order and ``point``: every row carries its grid index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from atprobe.errors import AtprobeError
+from atprobe.probes import flatness as flatness_probe
+from atprobe.studies import _fields
+from atprobe.study import Progress, SampleSpec, Study, Tables, no_progress, per_checkpoint, prefix
+
+__all__ = ["Points", "all_points", "between", "plane"]
+
+#: ``total grid points -> the indices to evaluate here``.
+Points = Callable[[int], Sequence[int]]
+
+
+def all_points(total: int) -> Sequence[int]:
+    """Every point: the single-process share."""
+    return range(total)
+
+
+def plane(study: Study, spec: SampleSpec, config: flatness_probe.PlaneConfig, device: torch.device, *,
+          points: Points = all_points, progress: Progress = no_progress) -> Tables:
+    """``atprobe flatness --plane``: one row per (checkpoint, pair, point) (``checkpoint, epoch,
+    split, labels`` then :data:`~atprobe.probes.flatness.PLANE_COLUMNS`)."""
+    chosen = list(points(len(flatness_probe.plane_grid(config))))
+
+    def probe(model, samples, ckpt, bar):
+        return {"": flatness_probe.plane(model, samples, config, points=chosen, progress=bar)}
+
+    tables = per_checkpoint(study, spec, probe, device, name="flatness --plane",
+                            units=lambda m, s: len(chosen) * len(s), progress=progress)
+    meta = study.meta(config, seed=config.seed, landscape="plane", points=len(chosen),
+                      **_fields(spec, len(study.base(spec)), config.batch_size, device))
+    return Tables(tables[""], meta, main_name="plane")
+
+
+def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, device: torch.device, *,
+            points: Points = all_points, progress: Progress = no_progress) -> Tables:
+    """``atprobe flatness --between A B``: one row per point of the path (``checkpoint`` =
+    ``A -> B``, ``epoch`` of A and B, ``split, labels``, then
+    :data:`~atprobe.probes.flatness.PATH_COLUMNS`). The samples carry A's labels, which must be
+    B's too (else ``--labels true``)."""
+    if len(study.checkpoints) != 2:
+        raise AtprobeError(f"--between takes two checkpoints A B, got {len(study.checkpoints)}")
+    a, b = study.checkpoints
+    for what, pair in (("architectures", (a.arch, b.arch)), ("numbers of classes", (a.num_classes, b.num_classes))):
+        if pair[0] != pair[1]:
+            raise AtprobeError(f"--between: the checkpoints have different {what} ({pair[0]} and {pair[1]})")
+    base = study.base(spec)
+    samples = study.samples(a, spec, base)
+    if not torch.equal(study.samples(b, spec, base).y, samples.y):
+        raise AtprobeError(f"--between: {b.path} was trained on other labels than {a.path}: use --labels true")
+    model_a, model_b = study.model(a, device), study.model(b, device)
+    flatness_probe.check_same_architecture(model_a, model_b)
+    chosen = list(points(len(flatness_probe.path_grid(config))))
+    train = study.dataset.train  # the recompute images (drawn inside, from config.seed)
+    with progress(len(chosen) * len(samples), f"flatness --between {a.name} {b.name}") as bar:
+        table = flatness_probe.path(model_a, model_b, samples, config, train=train, points=chosen, progress=bar)
+    table = prefix(table, {"checkpoint": f"{a.path} -> {b.path}", "checkpoint_a": str(a.path),
+                           "checkpoint_b": str(b.path), "epoch_a": a.epoch, "epoch_b": b.epoch,
+                           "split": spec.split, "labels": spec.labels})
+    for column in ("epoch_a", "epoch_b"):
+        table[column] = table[column].astype("Int64")
+    meta = study.meta(config, seed=config.seed, landscape="between", points=len(chosen),
+                      bn_stats=str(config.bn_stats), **_fields(spec, len(base), config.batch_size, device))
+    return Tables(table, meta, main_name="path")
