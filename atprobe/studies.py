@@ -28,7 +28,7 @@ from atprobe.autoattack import AutoAttackConfig
 from atprobe.bnstats import BNStats
 from atprobe.distributed import single_process_only
 from atprobe.errors import AtprobeError
-from atprobe.evaluate import EvalConfig, attack_fields, evaluate_samples, summarize_samples
+from atprobe.evaluate import SAMPLE_COLUMNS, EvalConfig, attack_fields, evaluate_samples, summarize_samples
 from atprobe.io import write_tables
 from atprobe.models import canonical_arch
 from atprobe.outputs import table_files
@@ -158,7 +158,8 @@ def _evaluated(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
 
     def probe(model, samples, ckpt, bar):
         mine = study.shared(samples, config.batch_size)
-        rows = evaluate_samples(model, mine, config, progress=bar)[1] if len(mine) else None
+        rows = (evaluate_samples(model, mine, config, progress=bar)[1] if len(mine)
+                else pd.DataFrame(columns=SAMPLE_COLUMNS))  # a share with no batch: an empty part
         rows = study.share.gather(rows, len(mine))
         if study.share.part:
             return {".samples": rows}
@@ -467,7 +468,7 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
     size = len(mine[names[0]])
     with progress(size * len(stubs), "hardness") as bar:
         part = (hardness_probe.per_sample_losses(models, mine, config, progress=bar).drop(columns="rank")
-                if size else None)
+                if size else pd.DataFrame(columns=hardness_probe.COLUMNS[:-1]))  # no batch: an empty part
     per_sample = study.share.gather(part, size)  # ranks need every sample: taken after the gather
     spec_attack: AttackSpec = config.spec
     meta = study.meta(config, seed=config.seed, attack_name=spec_attack.name,

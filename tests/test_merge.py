@@ -71,3 +71,16 @@ def test_merge_checks_the_rows_a_part_claims(root, tmp_path):
     (tmp_path / "p1.meta.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="are not part 1/3"):
         merge_parts([tmp_path / f"p{i}.csv" for i in range(3)])
+
+
+def test_an_empty_part_merges(root, monkeypatch):
+    """7 samples in batches of 4 are 2 batches: part 2 of 3 has none and is an empty table."""
+    monkeypatch.chdir(root)
+    big = [*EVAL, "--batch-size", "4"]
+    run_cli(*big, "-o", "big.csv")
+    for i in range(3):
+        run_cli(*big, "--shard", f"{i}/3", "-o", f"big{i}.csv")
+    assert (root / "big2.csv").read_text().count("\n") == 1  # the header alone
+    run_cli("merge", "big0.csv", "big1.csv", "big2.csv", "-o", "big_merged.csv")
+    for name in ("", ".samples"):
+        assert (root / f"big_merged{name}.csv").read_bytes() == (root / f"big{name}.csv").read_bytes()
