@@ -39,7 +39,7 @@ from torch import nn
 from atprobe import bnstats
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, check_corruption, check_labels, load_dataset, read_label_file
-from atprobe.distributed import SampleShare
+from atprobe.distributed import SampleShare, is_main_process
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.io import config_record, run_meta, write_tables
 from atprobe.outputs import EPOCH_FILE, is_run_directory, sibling
@@ -287,7 +287,7 @@ class Study:
         self.checkpoints: list[Checkpoint] = (expand_checkpoints(checkpoints, self._load, root) if checkpoints
                                               else [])
         for ckpt in self.checkpoints:  # what loading decided unasked (--arch auto, saved normalization): said once
-            if ckpt.notes and self.share.index == 0:
+            if ckpt.notes and is_main_process():  # once per torchrun job, in every --shard part
                 print(f"{ckpt.path}: {'; '.join(ckpt.notes.values())}", file=sys.stderr)
 
     # ------------------------------------------------------------------ data

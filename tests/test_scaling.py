@@ -169,3 +169,13 @@ def test_commands_that_do_not_split_refuse_torchrun(single, monkeypatch):
 
 def test_torch_distributed_is_available():
     assert torch.distributed.is_available()
+
+
+def test_without_the_separator_torchrun_takes_atprobe_options(single):
+    """Why docs/scaling.md writes ``-m atprobe.cli.main -- COMMAND``: without ``--`` torchrun's
+    parser reads ``--n`` as an ambiguous abbreviation of its own options, before atprobe starts."""
+    argv = _torchrun_argv(2, [*EVAL, "-o", "never.csv"])
+    argv.remove("--")
+    done = subprocess.run(argv, cwd=single, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode != 0 and "ambiguous option: --n" in done.stderr, done.stderr[-2000:]
+    assert not (single / "never.csv").exists()
