@@ -1,19 +1,30 @@
-"""Training under ``torchrun``: this process's place in the job, the collectives the
-trainer needs, and the DDP wrapper (``atprobe.train`` re-exports the public names).
+"""Running under ``torchrun``: this process's place in the job, its collectives, the DDP
+wrapper of training (``atprobe.train`` re-exports those names) and the sample share of the
+probes (docs/scaling.md).
 
-Every rank draws the same global batch and keeps its ``rows``; gradients are reduced by
-DDP, the TE ensemble by ``all_gather_rows``, the epoch's running metrics by
+Training: every rank draws the same global batch and keeps its ``rows``; gradients are
+reduced by DDP, the TE ensemble by ``all_gather_rows``, the epoch's running metrics by
 ``sum_over_ranks``. Without ``torchrun`` all of it is the identity.
+
+Probes: :class:`SampleShare` is which whole batches of the samples this process computes,
+a share of a ``torchrun`` job (gathered back to every rank in sample order) or an
+independent ``--shard I/N`` part (written alone, joined by ``atprobe merge``). Whole
+batches, so every batch a model sees is the batch one process sees: the per-sample
+values are then the single-process ones bit for bit. The hook for probes that reduce
+instead (a Hessian sum): :func:`probe_context` and :meth:`DistContext.sum_over_ranks`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from atprobe.errors import AtprobeError
 from atprobe.runtime import resolve_device
 
 
@@ -56,6 +67,14 @@ class DistContext:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def all_gather_object(self, obj):
+        """Every rank's ``obj`` (picklable), in rank order (``[obj]`` in one process)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
 
 def distributed_context(device: str | torch.device) -> tuple[DistContext, torch.device]:
     """Join the ``torchrun`` job named by the environment (WORLD_SIZE > 1), if any:
@@ -72,6 +91,116 @@ def distributed_context(device: str | torch.device) -> tuple[DistContext, torch.
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
     return DistContext(rank, world), resolved
+
+
+def world_size() -> int:
+    """The size of the ``torchrun`` job this process belongs to (1 without one), from the
+    environment: known before any process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the ``torchrun`` job, or the only process: the one that writes files."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def probe_context(device: str | torch.device) -> tuple[DistContext, torch.device]:
+    """The hook of every probe that runs under ``torchrun``: join the job (as
+    :func:`distributed_context`; a second call reuses the joined group) and return this
+    process's :class:`DistContext` and device. A probe that reduces a sum over samples
+    computes its share and calls ``ctx.sum_over_ranks(t)``; one that keeps per-sample rows
+    goes through :class:`SampleShare` (``SampleShare.of(ctx)``)."""
+    return distributed_context(device)
+
+
+def single_process_only(command: str) -> None:
+    """A one-line error under ``torchrun`` for a command that does not split its work
+    across ranks yet: every rank would compute the whole run (docs/scaling.md)."""
+    if world_size() > 1:
+        raise AtprobeError(f"{command} does not run under torchrun yet (every rank would compute the whole "
+                           "thing): run it in one process per GPU (docs/scaling.md)")
+
+
+@dataclass(frozen=True)
+class SampleShare:
+    """The samples this process computes: share ``index`` of ``count``, by whole batches
+    (:meth:`rows`). ``gathered``: the shares are ranks of one ``torchrun`` job and are
+    gathered back (:meth:`gather`); otherwise this is an independent ``--shard`` part."""
+
+    index: int = 0
+    count: int = 1
+    gathered: bool = False
+    ctx: DistContext = DistContext()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise AtprobeError(f"--shard {self.index}/{self.count}: the part must be 0..{self.count - 1}")
+
+    @classmethod
+    def of(cls, ctx: DistContext) -> SampleShare:
+        """This rank's share of a ``torchrun`` job."""
+        return cls(ctx.rank, ctx.world_size, gathered=ctx.world_size > 1, ctx=ctx)
+
+    @classmethod
+    def parse(cls, text: str) -> SampleShare:
+        """``--shard I/N``: part I (0-based) of N independent parts."""
+        parts = str(text).split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[1]) < 1:
+            raise AtprobeError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return cls(int(parts[0]), int(parts[1]))
+
+    @property
+    def part(self) -> bool:
+        """An independent part of several (``--shard I/N``, N > 1): written alone, merged later."""
+        return self.count > 1 and not self.gathered
+
+    def rows(self, n: int, batch_size: int) -> slice:
+        """This share's rows of ``n`` samples cut into batches of ``batch_size``: a contiguous
+        run of whole batches (counts differ by at most one batch; a share may be empty)."""
+        return batch_share(n, batch_size, self.index, self.count)
+
+    def gather(self, frame: pd.DataFrame | None, size: int) -> pd.DataFrame | None:
+        """The rows of every share in sample order: ``frame`` holds blocks of ``size`` rows
+        (one per attack or model, in order; None when the share is empty) and block j of
+        the result is block j of every share, in share order (:func:`interleave_blocks`).
+        A part (not gathered) returns its own frame."""
+        if not self.gathered:
+            return frame
+        shares = self.ctx.all_gather_object((frame, size))
+        return interleave_blocks([f for f, _ in shares], [s for _, s in shares])
+
+    def meta(self, n: int, batch_size: int) -> dict:
+        """The meta record's ``world_size`` and, for a part, ``part`` (what ``atprobe merge`` checks)."""
+        record: dict = {"world_size": self.count if self.gathered else 1}
+        if self.part:
+            rows = self.rows(n, batch_size)
+            record["part"] = {"index": self.index, "count": self.count, "n": n, "batch_size": batch_size,
+                              "rows": [rows.start, rows.stop]}
+        return record
+
+
+def batch_share(n: int, batch_size: int, index: int, count: int) -> slice:
+    """Share ``index`` of ``count`` of ``n`` rows in batches of ``batch_size``: whole batches,
+    contiguous, the first shares one batch longer when they do not divide evenly."""
+    batches = -(-n // batch_size)
+    base, extra = divmod(batches, count)
+    first = index * base + min(index, extra)
+    last = first + base + (1 if index < extra else 0)
+    return slice(min(first * batch_size, n), min(last * batch_size, n))
+
+
+def interleave_blocks(frames: Sequence[pd.DataFrame | None], sizes: Sequence[int]) -> pd.DataFrame | None:
+    """Frames of shares in sample order, each a run of blocks of ``sizes[i]`` rows (the same
+    number of blocks in each: one per attack, model, checkpoint...), joined so that block j
+    of the result is block j of every share in order. Empty shares (None or size 0) add nothing."""
+    kept = [(f, s) for f, s in zip(frames, sizes) if f is not None and s > 0]
+    if not kept:
+        return None
+    blocks = {len(f) // s for f, s in kept}
+    if len(blocks) != 1 or any(len(f) % s for f, s in kept):
+        raise AtprobeError("the shares do not hold the same blocks of rows: they come from different runs")
+    pieces = [f.iloc[j * s:(j + 1) * s] for j in range(blocks.pop()) for f, s in kept]
+    return pd.concat(pieces, ignore_index=True)
 
 
 class MultiForward(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -68,7 +69,7 @@ def evaluate_samples(model: nn.Module, split: Split, config: EvalConfig, progres
     n = len(split)
     if n == 0:
         raise AtprobeError("the evaluation split is empty")
-    rows, samples = [], []
+    samples = []
     labels = split.y.to(device)
     for spec in config.attacks:
         predictions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -77,15 +78,33 @@ def evaluate_samples(model: nn.Module, split: Split, config: EvalConfig, progres
                                   amp=config.amp, progress=progress):
             predictions[b.rows] = b.logits.argmax(1)
             losses[b.rows] = ce(b.logits, b.y).double()
-        correct = predictions == labels
-        rows.append({"attack": spec.name, "norm": spec.norm, "eps": spec.eps, "alpha": spec.alpha,
-                     "steps": spec.steps, "restarts": spec.restarts, "n": n,
-                     "accuracy": correct.sum().item() / n, "loss": losses.sum().item() / n})
-        if per_sample:
-            samples.append(pd.DataFrame({
-                "attack": spec.name, "index": split.index.cpu().numpy(), "label": labels.cpu().numpy(),
-                "prediction": predictions.cpu().numpy(), "robust": correct.cpu().numpy(),
-                "loss": losses.cpu().numpy(),
-            }, columns=SAMPLE_COLUMNS))
-    summary = pd.DataFrame(rows, columns=EVAL_COLUMNS)
-    return summary, (pd.concat(samples, ignore_index=True) if per_sample else None)
+        samples.append(pd.DataFrame({
+            "attack": spec.name, "index": split.index.cpu().numpy(), "label": labels.cpu().numpy(),
+            "prediction": predictions.cpu().numpy(), "robust": (predictions == labels).cpu().numpy(),
+            "loss": losses.cpu().numpy(),
+        }, columns=SAMPLE_COLUMNS))
+    rows = pd.concat(samples, ignore_index=True)
+    summary = summarize_samples(rows, [attack_fields(spec) for spec in config.attacks])
+    return summary, (rows if per_sample else None)
+
+
+def attack_fields(spec) -> dict:
+    """The columns of an attack's summary row besides its counts: ``attack, norm, eps,
+    alpha, steps, restarts`` (JSON values: a ``--shard`` part records them for the merge)."""
+    return {"attack": spec.name, "norm": spec.norm, "eps": spec.eps, "alpha": spec.alpha, "steps": spec.steps,
+            "restarts": spec.restarts}
+
+
+def summarize_samples(samples: pd.DataFrame, attacks: Sequence[Mapping]) -> pd.DataFrame:
+    """The summary (``EVAL_COLUMNS``) of per-sample rows (``SAMPLE_COLUMNS``, one block of
+    equal size per attack, in the order of ``attacks``, each :func:`attack_fields`):
+    ``accuracy`` = mean of ``robust``, ``loss`` = mean of ``loss``, summed in float64 on
+    the CPU, so one process, a ``torchrun`` job and merged parts give the same bits."""
+    n = len(samples) // max(len(attacks), 1)
+    rows = []
+    for i, fields in enumerate(attacks):
+        block = samples.iloc[i * n:(i + 1) * n]
+        correct = torch.from_numpy(block["robust"].to_numpy(dtype=bool, copy=True))
+        loss = torch.from_numpy(block["loss"].to_numpy(dtype="float64", copy=True))
+        rows.append({**fields, "n": n, "accuracy": correct.sum().item() / n, "loss": loss.sum().item() / n})
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS)

@@ -136,7 +136,12 @@ def write_tables(tables: Iterable[tuple[pd.DataFrame, str | os.PathLike, Mapping
     """Write each ``(df, path, meta)`` as CSV with its meta record, and the files ``also``
     (path -> bytes, e.g. figures), all of them as one (:func:`atomic_write_all`): either every
     file is replaced, or none is. Each meta is renamed into place just before its CSV, so a
-    CSV never exists without its record."""
+    CSV never exists without its record. Under ``torchrun`` only rank 0 writes (every rank
+    holds the same gathered tables; the others return the paths and write nothing)."""
+    from atprobe.distributed import is_main_process  # here: distributed imports the heavy torch modules
+
+    if not is_main_process():
+        return [Path(path) for _, path, _ in tables]
     files: dict[Path, Callable[[BinaryIO], None]] = {}
     paths = []
     for df, path, meta in tables:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -25,8 +26,9 @@ from atprobe import runs as runs_layout
 from atprobe.attacks import AttackSpec
 from atprobe.autoattack import AutoAttackConfig
 from atprobe.bnstats import BNStats
+from atprobe.distributed import single_process_only
 from atprobe.errors import AtprobeError
-from atprobe.evaluate import EvalConfig, evaluate_samples
+from atprobe.evaluate import SAMPLE_COLUMNS, EvalConfig, attack_fields, evaluate_samples, summarize_samples
 from atprobe.io import write_tables
 from atprobe.models import canonical_arch
 from atprobe.outputs import table_files
@@ -117,32 +119,65 @@ def evaluation(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
                seed: int = 0, per_sample: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe eval``: one row per (checkpoint, attack); columns checkpoint, split, then
     ``atprobe.evaluate.EVAL_COLUMNS``; with ``per_sample`` also ``.samples``, one row per
-    (checkpoint, attack, sample): checkpoint, split, then ``atprobe.evaluate.SAMPLE_COLUMNS``."""
-    tables = _evaluated(study, spec, config, device, ("checkpoint", "split"), "eval", progress, per_sample)
-    meta = _eval_meta(study, spec, config, device, threat, seed)
+    (checkpoint, attack, sample): checkpoint, split, then ``atprobe.evaluate.SAMPLE_COLUMNS``.
+    A ``--shard`` part (``study.share.part``) is the per-sample rows of its share alone, for
+    ``atprobe merge`` (:func:`eval_from_samples`)."""
+    fields = [attack_fields(a) for a in config.attacks]
+    extra = {"per_sample": per_sample, "attack_fields": fields} if study.share.part else None
+    tables = _evaluated(study, spec, config, device, ("checkpoint", "split"), "eval", progress)
+    meta = _eval_meta(study, spec, config, device, threat, seed, extra)
+    if study.share.part:
+        return Tables(tables[".samples"], meta, main_name="part eval")
+    return eval_from_samples(tables[".samples"], fields, meta, per_sample)
+
+
+def eval_from_samples(samples: pd.DataFrame, fields: Sequence[dict], meta: dict[str, Any],
+                      per_sample: bool) -> Tables:
+    """``atprobe eval``'s tables from its per-sample rows (one block of ``meta["config"]["n"]``
+    rows per checkpoint and attack, in order): the summary of each checkpoint
+    (``atprobe.evaluate.summarize_samples``), the rows as ``.samples`` with ``per_sample``.
+    One process, ``torchrun`` and ``atprobe merge`` all end here."""
+    size = int(meta["config"]["n"]) * len(fields)
+    summaries = []
+    for start in range(0, len(samples), size):
+        rows = samples.iloc[start:start + size]
+        summary = summarize_samples(rows, fields)
+        summaries.append(prefix(summary, {"checkpoint": rows["checkpoint"].iloc[0], "split": rows["split"].iloc[0]}))
+    main = pd.concat(summaries, ignore_index=True)
     if not per_sample:
-        return Tables(tables[""], meta)
-    return Tables(tables[""], meta, {".samples": tables[".samples"]}, names={".samples": "per-sample"})
+        return Tables(main, meta)
+    return Tables(main, meta, {".samples": samples}, names={".samples": "per-sample"})
 
 
 def _evaluated(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, columns: Sequence[str],
-               name: str, progress: Progress, per_sample: bool = False) -> dict[str, pd.DataFrame]:
-    """``evaluate_samples`` on every checkpoint of the study, rows prefixed with ``columns``:
-    the summary under ``""`` and, with ``per_sample``, the per-sample rows under ``".samples"``."""
+               name: str, progress: Progress) -> dict[str, pd.DataFrame]:
+    """``evaluate_samples`` on every checkpoint of the study (on this process's share of the
+    samples, gathered back), rows prefixed with ``columns``: the summary under ``""``, the
+    per-sample rows under ``".samples"`` (a part: those alone)."""
+    fields = [attack_fields(a) for a in config.attacks]
+
     def probe(model, samples, ckpt, bar):
-        summary, rows = evaluate_samples(model, samples, config, progress=bar, per_sample=per_sample)
-        return {"": summary, ".samples": rows} if per_sample else {"": summary}
+        mine = study.shared(samples, config.batch_size)
+        rows = (evaluate_samples(model, mine, config, progress=bar)[1] if len(mine)
+                else pd.DataFrame(columns=SAMPLE_COLUMNS))  # a share with no batch: an empty part
+        rows = study.share.gather(rows, len(mine))
+        if study.share.part:
+            return {".samples": rows}
+        return {"": summarize_samples(rows, fields), ".samples": rows}
 
     return per_checkpoint(study, spec, probe, device, columns=columns, name=name,
-                          units=lambda m, s: len(s) * len(config.attacks), progress=progress)
+                          units=lambda m, s: len(study.shared(s, config.batch_size)) * len(config.attacks),
+                          progress=progress)
 
 
 def _eval_meta(study: Study, spec: SampleSpec, config: EvalConfig, device: torch.device, threat, seed: int,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     packages = {a.config.package_version for a in config.attacks if isinstance(a.config, AutoAttackConfig)}
     autoattack = {"autoattack": {"package": "pyautoattack", "version": packages.pop()}} if packages else {}
+    n = len(study.base(spec))
+    extra = {**study.share.meta(n, config.batch_size), **(extra or {})}
     return study.meta({"attacks": [a.name for a in config.attacks], "amp": config.amp, **autoattack}, seed=seed,
-                      threat=threat, extra=extra, **_fields(spec, len(study.base(spec)), config.batch_size, device))
+                      threat=threat, extra=extra, **_fields(spec, n, config.batch_size, device))
 
 
 def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: torch.device, *,
@@ -153,6 +188,7 @@ def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: tor
     The run directories are checked before anything is read; the checkpoints are evaluated
     as ``atprobe eval`` evaluates them (same samples, same keyed starts). ``root``: where
     relative run directories are read from, their names kept in the table (the demo)."""
+    single_process_only("table")
     runs_layout.check_runs([runs_layout.at_root(r, root) for r in runs])
     runs = [str(r) for r in runs]
     study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource(), root=root)
@@ -175,6 +211,7 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
              bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
     (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``)."""
+    single_process_only("gradnorm")
     if config.noisy_vs_clean and (spec.labels == "true" or spec.split == "test"):
         raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained (or a label "
                            "file) on the train or val split")
@@ -204,6 +241,7 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
     """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
     (seeded by ``config.seed``, on the study's dataset with its true labels). ``bn_stats``:
     the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's)."""
+    single_process_only("stability")
     if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
@@ -244,6 +282,7 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
     """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
     on the same samples with the first checkpoint's labels. ``bn_stats``: the BatchNorm
     statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint)."""
+    single_process_only("gradcos")
     stubs = gradcos_probe.order_by_epoch(study.checkpoints)
     if len(stubs) < 2:
         raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
@@ -284,6 +323,7 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
               progress: Progress = no_progress) -> Tables:
     """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``).
     ``bn_stats``: running, recompute or auto (``atprobe.bnstats``; batch is refused)."""
+    single_process_only("curvature")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=config.batch_size, batch=False)
 
     def probe(model, samples, ckpt, bar):
@@ -331,6 +371,7 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
 def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConfig, device: torch.device, *,
              curve: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``)."""
+    single_process_only("flatness")
     def probe(model, samples, ckpt, bar):
         table = flatness_probe.probe(model, samples, config, progress=bar)
         out = {"": flatness_probe.summarize(table, config)}
@@ -364,6 +405,7 @@ def complexity(study: Study, config: complexity_probe.ComplexityConfig, device: 
                n: int | None = None, progress: Progress = no_progress) -> Tables:
     """``atprobe complexity``: every measure of every checkpoint; the data-dependent measures
     on the first ``n`` training samples (trained labels) and, for ``gap``, test samples."""
+    single_process_only("complexity")
     train = test = None
     if config.needs_data:
         train = study.base(SampleSpec(split="train", n=n))
@@ -422,15 +464,12 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
     used = {name: spec.labels_used(s) for name, s in by_name.items()}
     differ = {name: int((samples[name].y != samples[name].true_y).sum()) for name in by_name}
     models = study.lazy_models(device, names)
-    with progress(len(base) * len(stubs), "hardness") as bar:
-        per_sample = hardness_probe.per_sample_losses(models, samples, config, progress=bar)
-    table = hardness_probe.consistency(per_sample, config.top_k)
-    first = names[0]
-    top, top_samples = hardness_probe.hardest_samples(samples[first], per_sample, gallery_k)
-    adversarial = hardness_probe.adversarial_examples(models[first], top_samples, config)
-    gallery = plot.hardest_gallery(top, top_samples, adversarial, attack=config.attack,
-                                   class_names=study.dataset.class_names, size=gallery_size, model_name=first)
-    figures = HardnessOutput(plot.png_bytes(gallery), plot.png_bytes(plot.sorted_loss_figure(per_sample)))
+    mine = {name: study.shared(s, config.batch_size) for name, s in samples.items()}
+    size = len(mine[names[0]])
+    with progress(size * len(stubs), "hardness") as bar:
+        part = (hardness_probe.per_sample_losses(models, mine, config, progress=bar).drop(columns="rank")
+                if size else pd.DataFrame(columns=hardness_probe.COLUMNS[:-1]))  # no batch: an empty part
+    per_sample = study.share.gather(part, size)  # ranks need every sample: taken after the gather
     spec_attack: AttackSpec = config.spec
     meta = study.meta(config, seed=config.seed, attack_name=spec_attack.name,
                       attack_config=None if spec_attack.config is None else dataclasses.asdict(spec_attack.config),
@@ -438,7 +477,18 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
                       gallery_size=list(gallery_size or plot.default_gallery_size(min(gallery_k, len(base)))),
                       device=str(device),
                       extra={"models": {name: str(s.path) for name, s in by_name.items()}, "labels_used": used,
-                             "labels_differing_from_true": differ})
+                             "labels_differing_from_true": differ, **study.share.meta(len(base), config.batch_size)})
+    if study.share.part:
+        notes.append(f"hardness: part {study.share.index}/{study.share.count} ({size} of {len(base)} samples); "
+                     "join the parts with atprobe merge")
+        return Tables(per_sample, meta, main_name="part hardness"), None, notes
+    per_sample, table = hardness_from_samples(per_sample, config.top_k)
+    first = names[0]
+    top, top_samples = hardness_probe.hardest_samples(samples[first], per_sample, gallery_k)
+    adversarial = hardness_probe.adversarial_examples(models[first], top_samples, config)
+    gallery = plot.hardest_gallery(top, top_samples, adversarial, attack=config.attack,
+                                   class_names=study.dataset.class_names, size=gallery_size, model_name=first)
+    figures = HardnessOutput(plot.png_bytes(gallery), plot.png_bytes(plot.sorted_loss_figure(per_sample)))
 
     def why(name: str) -> str:
         if used[name] in ("trained", "file"):
@@ -455,6 +505,17 @@ def hardness(study: Study, spec: SampleSpec, config: hardness_probe.HardnessConf
     return tables, figures, notes
 
 
+def hardness_from_samples(losses: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(per_sample, consistency)`` of ``atprobe hardness`` from its per-sample losses
+    without ranks (every sample of every model, in order): each model's ``rank``
+    (``atprobe.probes.hardness.ranks``), then the consistency table. One process,
+    ``torchrun`` and ``atprobe merge`` all end here."""
+    per_sample = losses.copy()
+    per_sample["rank"] = np.concatenate([hardness_probe.ranks(rows["adv_loss"].to_numpy())
+                                         for _, rows in per_sample.groupby("model", sort=False)])
+    return per_sample, hardness_probe.consistency(per_sample, top_k)
+
+
 #: What ``atprobe hardness --out DIR`` writes into DIR (with a ``.meta.json`` beside each CSV).
 HARDNESS_FILES = ("per_sample.csv", "consistency.csv", "hardest.png", "sorted.png")
 
@@ -466,10 +527,14 @@ def hardness_files(out_dir) -> list[Path]:
     return [f for name in HARDNESS_FILES for f in (table_files(out / name) if name.endswith(".csv") else [out / name])]
 
 
-def write_hardness(out_dir, tables: Tables, figures: HardnessOutput) -> Path:
+def write_hardness(out_dir, tables: Tables, figures: HardnessOutput | None) -> Path:
     """``per_sample.csv``, ``consistency.csv`` (each with its .meta.json), ``hardest.png`` and
-    ``sorted.png`` in ``out_dir``, all written as one (``atprobe.io.write_tables``)."""
+    ``sorted.png`` in ``out_dir``, all written as one (``atprobe.io.write_tables``); a
+    ``--shard`` part (``figures`` None): its ``per_sample.csv`` alone."""
     out = Path(out_dir)
+    if figures is None:
+        write_tables([(tables.main, out / "per_sample.csv", {**tables.meta, "table": tables.main_name})])
+        return out
     write_tables([(tables.extra["per_sample"], out / "per_sample.csv", {**tables.meta, "table": "per-sample"}),
                   (tables.main, out / "consistency.csv", {**tables.meta, "table": "consistency"})],
                  also={out / "hardest.png": figures.gallery_png, out / "sorted.png": figures.sorted_png})

@@ -12,6 +12,9 @@ mean", "which samples with which labels" and "how is a table written" have one a
 * :class:`SampleSpec` is the sample choice (split, first ``n``, trained or true labels);
 * :func:`per_checkpoint` runs a probe function on every checkpoint and prefixes its rows
   with ``checkpoint, epoch, split, labels``;
+* :attr:`Study.share` is which whole batches of the samples this process computes (one
+  process: all; ``torchrun``: its rank's, gathered back; ``--shard I/N``: its part), see
+  ``atprobe.distributed.SampleShare`` and docs/scaling.md;
 * :class:`Tables` is what a command produces (a main table and named extra tables) and
   writes them atomically with their ``.meta.json`` (extra tables first, the main one
   last, so the main CSV exists only when everything was written).
@@ -36,6 +39,7 @@ from torch import nn
 from atprobe import bnstats
 from atprobe.checkpoint import Checkpoint, load_checkpoint
 from atprobe.data import Dataset, Split, check_corruption, check_labels, load_dataset, read_label_file
+from atprobe.distributed import SampleShare, is_main_process
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.io import config_record, run_meta, write_tables
 from atprobe.outputs import EPOCH_FILE, is_run_directory, sibling
@@ -267,12 +271,15 @@ class Study:
 
     ``checkpoints``: ``CKPT | RUN_DIR`` arguments (:func:`expand_checkpoints`); empty for a
     study of fresh models on ``data.dataset``. ``root``: where relative arguments live (the
-    tables keep them relative). Opening a study reads every checkpoint once (metadata and
-    hash) and keeps no weights; the dataset is read on first use.
+    tables keep them relative). ``share``: the samples this process computes (default all of
+    them; ``atprobe.distributed.SampleShare``). Opening a study reads every checkpoint once
+    (metadata and hash) and keeps no weights; the dataset is read on first use.
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike] = (), models: ModelSource = ModelSource(),
-                 data: DataSource = DataSource(), *, root: str | os.PathLike | None = None) -> None:
+                 data: DataSource = DataSource(), *, root: str | os.PathLike | None = None,
+                 share: SampleShare | None = None) -> None:
+        self.share = share or SampleShare()
         self.models_source = models
         self.data_source = data
         self.root = None if root is None else Path(root)
@@ -280,7 +287,7 @@ class Study:
         self.checkpoints: list[Checkpoint] = (expand_checkpoints(checkpoints, self._load, root) if checkpoints
                                               else [])
         for ckpt in self.checkpoints:  # what loading decided unasked (--arch auto, saved normalization): said once
-            if ckpt.notes:
+            if ckpt.notes and is_main_process():  # once per torchrun job, in every --shard part
                 print(f"{ckpt.path}: {'; '.join(ckpt.notes.values())}", file=sys.stderr)
 
     # ------------------------------------------------------------------ data
@@ -325,6 +332,10 @@ class Study:
         for ckpt in self.checkpoints:  # every checkpoint meets these samples: its classes checked before any work
             self.samples(ckpt, spec, chosen)
         return chosen
+
+    def shared(self, samples: Split, batch_size: int) -> Split:
+        """This process's share of ``samples`` (whole batches of ``batch_size``; :attr:`share`)."""
+        return samples if self.share.count == 1 else samples.subset(self.share.rows(len(samples), batch_size))
 
     def samples(self, ckpt: Checkpoint, spec: SampleSpec, base: Split | None = None) -> Split:
         """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``; a
@@ -384,15 +395,16 @@ class Study:
     def meta(self, config: Any, *, seed: int, threat: Any = None, extra: Mapping[str, Any] | None = None,
              **fields: Any) -> dict[str, Any]:
         """The ``.meta.json`` record of a table of this study: the config (as JSON values),
-        the threat model at the top level (the same key in every command), the dataset and
-        ``fields``."""
+        the threat model at the top level (the same key in every command), the dataset,
+        ``fields`` and the ``world_size`` the table was computed with."""
         record = {**config_record(config), **fields}
         if "dataset" in self.__dict__:  # read by the study (a cached property): never loaded just for this
             record.setdefault("dataset", self.dataset.name)
         else:
             record.setdefault("dataset", None)
         threat = threat if threat is not None else getattr(config, "threat", None)
-        top = {"threat": None if threat is None else dataclasses.asdict(threat)}
+        top = {"threat": None if threat is None else dataclasses.asdict(threat),
+               "world_size": self.share.count if self.share.gathered else 1}
         return run_meta(seed=seed, checkpoints=self.checkpoints, config=record, extra={**top, **dict(extra or {})})
 
 

@@ -327,15 +327,51 @@ def output_option(default: str, *, inputs: str = "checkpoints", siblings: Mappin
     return decorate
 
 
+def scale_options(func: Callable) -> Callable:
+    """``--shard I/N``, and the ``torchrun`` job when there is one: one
+    ``atprobe.distributed.SampleShare`` passed as ``share`` (the whole run in one process;
+    this rank's share of a ``torchrun`` job, whose ``device`` becomes its local GPU; or part
+    I of N independent parts), docs/scaling.md. Declared above ``common_options`` (it reads ``device``)."""
+
+    @click.option("--shard", default=None, metavar="I/N",
+                  help="Compute part I (0-based) of N of the samples (whole batches) and write it alone, for "
+                       "job arrays; join the parts with atprobe merge. Under torchrun the ranks split the "
+                       "samples themselves.")
+    @functools.wraps(func)
+    def wrapper(*args, shard, device, **kwargs):
+        from atprobe.distributed import SampleShare, probe_context, world_size
+
+        if shard is not None:
+            if world_size() > 1:
+                raise AtprobeError("--shard splits the samples into independent runs: not under torchrun, whose "
+                                   "ranks split them already")
+            share = SampleShare.parse(shard)
+        else:
+            ctx, device = probe_context(device)
+            share = SampleShare.of(ctx)
+        return func(*args, share=share, device=device, **kwargs)
+
+    return wrapper
+
+
+def main_process() -> bool:
+    """Whether this process prints (rank 0 of a ``torchrun`` job, or the only one)."""
+    from atprobe.distributed import is_main_process
+
+    return is_main_process()
+
+
 def bars(quiet: bool) -> Callable[[int, str], tqdm]:
-    """The progress factory of ``atprobe.study``: a bar per call (silent when ``quiet``)."""
+    """The progress factory of ``atprobe.study``: a bar per call (silent when ``quiet``, and on
+    every rank of a ``torchrun`` job but 0)."""
+    quiet = quiet or not main_process()
     return lambda total, desc: progress(total, desc, quiet)
 
 
 def finish(tables, output: str, quiet: bool) -> None:
-    """Write ``tables`` (``atprobe.study.Tables``) to ``output`` and echo the shown part."""
+    """Write ``tables`` (``atprobe.study.Tables``) to ``output`` and echo the shown part (rank 0)."""
     tables.write(output)
-    if not quiet:
+    if not quiet and main_process():
         shown = tables.main if tables.shown is None else tables.shown
         click.echo(shown.to_string(index=False), err=True)
         click.echo(f"wrote {output}", err=True)

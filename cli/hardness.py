@@ -13,7 +13,9 @@ from atprobe.cli.common import (
     count,
     data_options,
     foreign_options,
+    main_process,
     sample_options,
+    scale_options,
     threat_options,
 )
 from atprobe.errors import AtprobeError
@@ -30,6 +32,8 @@ Examples:
   atprobe hardness runs/*/best.pt --split train --all --out hard_all         # all pairs, whole split
   atprobe hardness runs/pgd_at --top-k 500 --gallery-k 12 --out hard_run     # every *.pt of a directory
   atprobe hardness a.pt wrn.pt --arch wrn-34-10 --dataset cifar10 --labels true --out hard_arch
+  torchrun --standalone --nproc_per_node 4 -m atprobe.cli.main -- hardness a.pt b.pt --n 5000 --out hard
+  atprobe hardness a.pt b.pt --n 5000 --shard 1/4 --out part1   # atprobe merge part*/per_sample.csv -o hard
 """
 
 
@@ -50,9 +54,10 @@ Examples:
               help="Directory for per_sample.csv, consistency.csv (each with .meta.json), hardest.png, sorted.png.")
 @data_options
 @foreign_options
+@scale_options
 @common_options
 def hardness_command(checkpoints, samples, attack, threat, top_k, gallery_k, gallery_size, amp, out_dir, data,
-                     models, device, batch_size, seed, quiet) -> None:
+                     models, device, batch_size, seed, quiet, share) -> None:
     """Per-sample adversarial loss of CHECKPOINTS (two or more, or a directory) and how
     consistently they rank the samples.
 
@@ -61,7 +66,8 @@ def hardness_command(checkpoints, samples, attack, threat, top_k, gallery_k, gal
     adv_correct, rank; rank 1 = hardest), consistency.csv (one row per pair: model_a, model_b, n,
     kendall_tau, kendall_p, spearman_rho, spearman_p, top_k, top_k_overlap), hardest.png
     (Fig. C.3) and sorted.png (Fig. 7(c)). Model names are the paths relative to their
-    common folder.
+    common folder. With --shard I/N, --out gets part I's per_sample.csv alone (no ranks,
+    no figures): atprobe merge joins the parts.
     """
     check_outputs(studies.hardness_files(out_dir), [*checkpoints, data.data_dir], option="--out", directories=[out_dir])
     set_determinism(seed)
@@ -70,12 +76,14 @@ def hardness_command(checkpoints, samples, attack, threat, top_k, gallery_k, gal
     size = parse_size(gallery_size) if gallery_size is not None else None
     config = hardness.HardnessConfig(attack=attack, threat=threat, batch_size=batch_size, seed=seed, top_k=top_k,
                                      amp=amp)
-    study = Study(checkpoints, models, data)
+    study = Study(checkpoints, models, data, share=share)
     tables, figures, notes = studies.hardness(study, samples, config, device, gallery_k=gallery_k, gallery_size=size,
                                               progress=bars(quiet))
     studies.write_hardness(out_dir, tables, figures)
-    if not quiet:
+    if not quiet and main_process():
         for note in notes:
             click.echo(note, err=True)
         click.echo(tables.main.to_string(index=False), err=True)
-        click.echo(f"wrote {out_dir}/: per_sample.csv, consistency.csv, hardest.png, sorted.png", err=True)
+        written = ("per_sample.csv (a part)" if figures is None
+                   else "per_sample.csv, consistency.csv, hardest.png, sorted.png")
+        click.echo(f"wrote {out_dir}/: {written}", err=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 import torch
 
@@ -59,6 +61,7 @@ def _register() -> None:
     from atprobe.cli.gradnorm import gradnorm_command
     from atprobe.cli.hardness import hardness_command
     from atprobe.cli.hessian import hessian_command
+    from atprobe.cli.merge import merge_command
     from atprobe.cli.plot import plot_command
     from atprobe.cli.stability import stability_command
     from atprobe.cli.table import table_command
@@ -66,15 +69,21 @@ def _register() -> None:
 
     for command in (train_command, eval_command, gradnorm_command, stability_command, gradcos_command,
                     hardness_command, complexity_command, curvature_command, hessian_command, flatness_command,
-                    table_command, plot_command, demo_command):
+                    table_command, plot_command, demo_command, merge_command):
         cli.add_command(command)
 
 
 _register()
 
 
-def main() -> None:  # the console script
-    cli(prog_name="atprobe")
+def main(args: list[str] | None = None) -> None:
+    """The console script and ``python -m atprobe.cli.main``. A leading ``--`` is dropped: under
+    ``torchrun ... -m atprobe.cli.main -- COMMAND ...`` it keeps torchrun's own parser from
+    reading atprobe's options (``--n`` as an abbreviation of ``--nnodes``; docs/scaling.md)."""
+    args = sys.argv[1:] if args is None else list(args)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    cli(args=args, prog_name="atprobe")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""``atprobe merge``: join the ``--shard I/N`` parts of one run into its tables (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import click
+
+from atprobe import shards
+
+EXAMPLES = """
+\b
+Examples:
+  atprobe merge part0.csv part1.csv part2.csv -o eval.csv          # eval --shard I/3 -o partI.csv
+  atprobe merge hard_*/per_sample.csv -o hard                        # hardness --shard I/N --out hard_I
+"""
+
+
+@click.command("merge", epilog=EXAMPLES)
+@click.argument("parts", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="eval: the table (and its .samples sibling if the run had --per-sample); hardness: the "
+                   "directory for per_sample.csv and consistency.csv.")
+@click.option("--quiet", "-q", is_flag=True, help="Say nothing.")
+def merge_command(parts, output, quiet) -> None:
+    """Join PARTS, the --shard I/N outputs of one eval or hardness run, into the tables one
+    process writes.
+
+    Checks that the parts come from the same command (the same meta record but for the
+    time, the command line and the part) and cover every sample exactly once; then writes
+    what the run writes in one process, byte for byte (hardness: without the figures).
+    """
+    kind, written = shards.write_merged(parts, output)
+    if not quiet:
+        click.echo(f"merged {len(parts)} {kind} parts: wrote {written}", err=True)
