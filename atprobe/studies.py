@@ -346,6 +346,8 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
 def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig, device: torch.device, *,
             progress: Progress = no_progress) -> Tables:
     """``atprobe hessian``: eigenvalues and traces (main) and the density (``.density``)."""
+    single_process_only("hessian")  # Hessian-vector products summed across ranks: not wired yet (issue 19)
+
     def probe(model, samples, ckpt, bar):
         result = hessian_probe.compute(model, samples, config, progress=bar)
         out = {"": result.table}
