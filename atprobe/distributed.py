@@ -169,6 +169,28 @@ class SampleShare:
         shares = self.ctx.all_gather_object((frame, size))
         return interleave_blocks([f for f, _ in shares], [s for _, s in shares])
 
+    def gather_values(self, values: Tensor) -> Tensor:
+        """Per-sample ``values`` (first dimension: this share's samples, in order) of every
+        share, concatenated in share order on ``values``' device: the tensor one process
+        computes, bit for bit (whole batches). A part (not gathered) returns its own values.
+        Every rank must call it the same number of times (once per grid point, direction...)."""
+        if not self.gathered:
+            return values
+        parts = self.ctx.all_gather_object(values.detach().cpu())
+        return torch.cat(parts).to(values.device)
+
+    def points(self, total: int) -> range:
+        """This rank's grid points of ``total`` (a landscape's points split across the ranks of
+        a ``torchrun`` job, round robin; every point in one process or a part)."""
+        return range(self.index, total, self.count) if self.gathered else range(total)
+
+    def gather_rows(self, frame: pd.DataFrame, key: str) -> pd.DataFrame:
+        """Every rank's rows of a grid (:meth:`points`) in grid order, sorted by ``key`` (stable)."""
+        if not self.gathered:
+            return frame
+        frames = [f for f in self.ctx.all_gather_object(frame) if len(f)]
+        return pd.concat(frames, ignore_index=True).sort_values(key, kind="stable", ignore_index=True)
+
     def meta(self, n: int, batch_size: int) -> dict:
         """The meta record's ``world_size`` and, for a part, ``part`` (what ``atprobe merge`` checks)."""
         record: dict = {"world_size": self.count if self.gathered else 1}

@@ -2,10 +2,11 @@
 landscapes of ``atprobe.probes.flatness`` over the checkpoints of a study), beside
 ``atprobe.studies.flatness`` for the 1-d curve.
 
-Both take ``points``: given the number of grid points, the indices this process evaluates
-(default all of them). A launcher that splits the grid across ranks passes its share, e.g.
-``points=lambda total: range(rank, total, world)``, and concatenates the ranks' tables
-(sorted by ``checkpoint`` order and ``point``: every row carries its grid index).
+Both take ``points``: given the number of grid points, the indices to evaluate (default
+all of them). Under ``torchrun`` the study's share splits them across the ranks, round robin
+(``SampleShare.points``: each point's samples stay whole on one rank, so every point costs
+what it costs in one process, BatchNorm recompute included), and each checkpoint's rows are
+gathered back in grid order (``SampleShare.gather_rows``): the single-process table.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from atprobe.distributed import single_process_only
 from atprobe.errors import AtprobeError
 from atprobe.probes import flatness as flatness_probe
-from atprobe.studies import _fields
+from atprobe.studies import _fields, _torchrun_only
 from atprobe.study import Progress, SampleSpec, Study, Tables, no_progress, per_checkpoint, prefix
 
 __all__ = ["Points", "all_points", "between", "plane"]
@@ -31,19 +31,26 @@ def all_points(total: int) -> Sequence[int]:
     return range(total)
 
 
+def _mine(study: Study, wanted: Sequence[int]) -> list[int]:
+    """This rank's points of ``wanted`` (all of them in one process)."""
+    return [wanted[i] for i in study.share.points(len(wanted))]
+
+
 def plane(study: Study, spec: SampleSpec, config: flatness_probe.PlaneConfig, device: torch.device, *,
           points: Points = all_points, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness --plane``: one row per (checkpoint, pair, point) (``checkpoint, epoch,
     split, labels`` then :data:`~atprobe.probes.flatness.PLANE_COLUMNS`)."""
-    single_process_only("flatness --plane")  # the grid split across ranks is not wired yet (issue 19)
-    chosen = list(points(len(flatness_probe.plane_grid(config))))
+    _torchrun_only(study, "flatness --plane")
+    wanted = list(points(len(flatness_probe.plane_grid(config))))
+    chosen = _mine(study, wanted)
 
     def probe(model, samples, ckpt, bar):
-        return {"": flatness_probe.plane(model, samples, config, points=chosen, progress=bar)}
+        rows = flatness_probe.plane(model, samples, config, points=chosen, progress=bar)
+        return {"": study.share.gather_rows(rows, "point")}
 
     tables = per_checkpoint(study, spec, probe, device, name="flatness --plane",
                             units=lambda m, s: len(chosen) * len(s), progress=progress)
-    meta = study.meta(config, seed=config.seed, landscape="plane", points=len(chosen),
+    meta = study.meta(config, seed=config.seed, landscape="plane", points=len(wanted),
                       **_fields(spec, len(study.base(spec)), config.batch_size, device))
     return Tables(tables[""], meta, main_name="plane")
 
@@ -54,7 +61,7 @@ def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, d
     ``A -> B``, ``epoch`` of A and B, ``split, labels``, then
     :data:`~atprobe.probes.flatness.PATH_COLUMNS`). The samples carry A's labels, which must be
     B's too (else ``--labels true``)."""
-    single_process_only("flatness --between")
+    _torchrun_only(study, "flatness --between")
     if len(study.checkpoints) != 2:
         raise AtprobeError(f"--between takes two checkpoints A B, got {len(study.checkpoints)}")
     a, b = study.checkpoints
@@ -67,15 +74,17 @@ def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, d
         raise AtprobeError(f"--between: {b.path} was trained on other labels than {a.path}: use --labels true")
     model_a, model_b = study.model(a, device), study.model(b, device)
     flatness_probe.check_same_architecture(model_a, model_b)
-    chosen = list(points(len(flatness_probe.path_grid(config))))
+    wanted = list(points(len(flatness_probe.path_grid(config))))
+    chosen = _mine(study, wanted)
     train = study.dataset.train  # the recompute images (drawn inside, from config.seed)
     with progress(len(chosen) * len(samples), f"flatness --between {a.name} {b.name}") as bar:
         table = flatness_probe.path(model_a, model_b, samples, config, train=train, points=chosen, progress=bar)
+    table = study.share.gather_rows(table, "point")
     table = prefix(table, {"checkpoint": f"{a.path} -> {b.path}", "checkpoint_a": str(a.path),
                            "checkpoint_b": str(b.path), "epoch_a": a.epoch, "epoch_b": b.epoch,
                            "split": spec.split, "labels": spec.labels})
     for column in ("epoch_a", "epoch_b"):
         table[column] = table[column].astype("Int64")
-    meta = study.meta(config, seed=config.seed, landscape="between", points=len(chosen),
+    meta = study.meta(config, seed=config.seed, landscape="between", points=len(wanted),
                       bn_stats=str(config.bn_stats), **_fields(spec, len(base), config.batch_size, device))
     return Tables(table, meta, main_name="path")

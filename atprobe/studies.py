@@ -107,6 +107,14 @@ def _tag(tables: dict[str, pd.DataFrame], label: str) -> dict[str, pd.DataFrame]
     return tables
 
 
+def _torchrun_only(study: Study, command: str) -> None:
+    """The probes that reduce over samples inside (or are not wired for parts yet) split
+    across ``torchrun`` ranks but take no ``--shard`` part: a part of them is not a table."""
+    if study.share.part:
+        raise AtprobeError(f"{command} does not take --shard parts yet: run it under torchrun across GPUs, "
+                           "or in one process (docs/scaling.md)")
+
+
 def _fields(spec: SampleSpec, n: int, batch_size: int, device: torch.device) -> dict[str, Any]:
     """The sample choice and run fields of a table's meta record."""
     return {"split": spec.split, "n": n, "labels": spec.labels, "batch_size": batch_size, "device": str(device)}
@@ -211,7 +219,7 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
              bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
     (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``)."""
-    single_process_only("gradnorm")
+    _torchrun_only(study, "gradnorm")
     if config.noisy_vs_clean and (spec.labels == "true" or spec.split == "test"):
         raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained (or a label "
                            "file) on the train or val split")
@@ -222,10 +230,14 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
         cfg = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=1))
         chunks.append(cfg.chunk_size)
         model, label = bn(model, cfg.chunk_size)
-        table = gradnorm_probe.per_sample(model, samples, cfg, progress=bar)
+        mine = study.shared(samples, cfg.chunk_size)  # whole chunks: each row is the one-process row
+        table = (gradnorm_probe.per_sample(model, mine, cfg, progress=bar) if len(mine)
+                 else pd.DataFrame(columns=gradnorm_probe.SAMPLE_COLUMNS))
+        table = study.share.gather(table, len(mine))
         return _tag({"": gradnorm_probe.summarize(table, cfg), ".samples": table}, label)
 
-    tables = per_checkpoint(study, spec, probe, device, name="gradnorm", units=lambda m, s: 4 * len(s),
+    tables = per_checkpoint(study, spec, probe, device, name="gradnorm",
+                            units=lambda m, s: 4 * len(study.shared(s, _chunk(m, chunk_size, batch_size, copies=1))),
                             progress=progress)
     meta = study.meta(config, seed=config.seed, chunk_size=chunks, **bn.meta(),
                       **_fields(spec, len(study.base(spec)), batch_size, device))
@@ -241,7 +253,7 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
     """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
     (seeded by ``config.seed``, on the study's dataset with its true labels). ``bn_stats``:
     the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's)."""
-    single_process_only("stability")
+    _torchrun_only(study, "stability")
     if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
@@ -267,9 +279,10 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
                           "normalize": study.models_source.normalize}}
     config = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=2))
     model, label = bn(model, config.chunk_size)
-    total = len(samples) * len(config.losses) * config.directions * len(config.lambdas)
+    total = len(study.shared(samples, config.chunk_size)) * len(config.losses) * config.directions * len(config.lambdas)
     with progress(total, f"stability {name}") as bar:
-        table = stability_probe.probe(model, samples, config, progress=bar)
+        table = stability_probe.probe(model, study.shared(samples, config.chunk_size), config, progress=bar,
+                                      gather=study.share.gather_values)
     table = prefix(_tag({"": table}, label)[""], {"checkpoint": name, "split": spec.split, "labels": labels})
     meta = study.meta(config, seed=config.seed, extra=extra, **bn.meta(),
                       **_fields(spec, len(samples), batch_size, device))
@@ -282,7 +295,7 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
     """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
     on the same samples with the first checkpoint's labels. ``bn_stats``: the BatchNorm
     statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint)."""
-    single_process_only("gradcos")
+    _torchrun_only(study, "gradcos")
     stubs = gradcos_probe.order_by_epoch(study.checkpoints)
     if len(stubs) < 2:
         raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
@@ -304,9 +317,10 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
         for s in stubs[1:]:
             yield bn(study.model(s, device), config.chunk_size)[0]
 
-    with progress(len(samples) * (len(stubs) - 1), "gradcos") as bar:
-        table = gradcos_probe.probe(models(), samples, config, names=[str(s.path) for s in stubs],
-                                    epochs=[s.epoch for s in stubs], progress=bar)
+    with progress(len(study.shared(samples, config.chunk_size)) * (len(stubs) - 1), "gradcos") as bar:
+        table = gradcos_probe.probe(models(), study.shared(samples, config.chunk_size), config,
+                                    names=[str(s.path) for s in stubs], epochs=[s.epoch for s in stubs],
+                                    progress=bar, gather=study.share.gather_values)
     table.insert(5, "bn_stats_b", bn.labels[1:])
     table.insert(5, "bn_stats_a", bn.labels[:-1])
     table.insert(5, "labels", spec.labels)
@@ -323,12 +337,15 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
               progress: Progress = no_progress) -> Tables:
     """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``).
     ``bn_stats``: running, recompute or auto (``atprobe.bnstats``; batch is refused)."""
-    single_process_only("curvature")
+    _torchrun_only(study, "curvature")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=config.batch_size, batch=False)
 
     def probe(model, samples, ckpt, bar):
         model, label = bn(model)
-        table = curvature_probe.probe(model, samples, config, progress=bar)
+        mine = study.shared(samples, config.batch_size)  # whole batches: each row is the one-process row
+        table = (curvature_probe.probe(model, mine, config, progress=bar) if len(mine)
+                 else pd.DataFrame(columns=curvature_probe.SAMPLE_COLUMNS))
+        table = study.share.gather(table, len(mine))
         out = {"": curvature_probe.summarize(table)}
         if per_sample:
             out[".samples"] = table
@@ -336,7 +353,8 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
             df.insert(0, "at", config.at)
         return _tag(out, label)
 
-    tables = per_checkpoint(study, spec, probe, device, name="curvature", progress=progress)
+    tables = per_checkpoint(study, spec, probe, device, name="curvature",
+                            units=lambda m, s: len(study.shared(s, config.batch_size)), progress=progress)
     meta = study.meta(config, seed=config.seed, **bn.meta(), **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))
     main = tables[""]
@@ -345,11 +363,17 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
 
 def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig, device: torch.device, *,
             progress: Progress = no_progress) -> Tables:
-    """``atprobe hessian``: eigenvalues and traces (main) and the density (``.density``)."""
-    single_process_only("hessian")  # Hessian-vector products summed across ranks: not wired yet (issue 19)
+    """``atprobe hessian``: eigenvalues and traces (main) and the density (``.density``).
+    Under ``torchrun`` (``scope="all"``) each rank holds its whole batches of the samples and
+    every Hessian-vector product is summed across the ranks (``hessian.compute``'s ``reduce``)."""
+    _torchrun_only(study, "hessian")
+    reduce = study.share.ctx.sum_over_ranks if study.share.gathered else None
+    if reduce is not None:  # refused before any checkpoint is read
+        hessian_probe.check_split(config)
 
     def probe(model, samples, ckpt, bar):
-        result = hessian_probe.compute(model, samples, config, progress=bar)
+        mine = samples if reduce is None else study.shared(samples, config.batch_size)
+        result = hessian_probe.compute(model, mine, config, progress=bar, reduce=reduce)
         out = {"": result.table}
         if result.density is not None:
             out[".density"] = result.density
@@ -373,16 +397,19 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
 def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConfig, device: torch.device, *,
              curve: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``)."""
-    single_process_only("flatness")
+    _torchrun_only(study, "flatness")
+
     def probe(model, samples, ckpt, bar):
-        table = flatness_probe.probe(model, samples, config, progress=bar)
+        table = flatness_probe.probe(model, study.shared(samples, config.batch_size), config, progress=bar,
+                                     gather=study.share.gather_values)
         out = {"": flatness_probe.summarize(table, config)}
         if curve:
             out[".curve"] = table
         return out
 
     points = 1 + config.directions * sum(1 for v in config.lambdas if v != 0)
-    tables = per_checkpoint(study, spec, probe, device, name="flatness", units=lambda m, s: points * len(s),
+    tables = per_checkpoint(study, spec, probe, device, name="flatness",
+                            units=lambda m, s: points * len(study.shared(s, config.batch_size)),
                             progress=progress)
     meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
                                                              device))

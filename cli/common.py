@@ -354,6 +354,22 @@ def scale_options(func: Callable) -> Callable:
     return wrapper
 
 
+def rank_options(func: Callable) -> Callable:
+    """The ``torchrun`` job when there is one, for the commands that split their samples (or
+    grid points) across ranks but take no ``--shard`` part: ``share`` is this rank's
+    ``atprobe.distributed.SampleShare`` (all of the work in one process) and ``device`` its
+    local GPU. Declared above ``common_options`` (it reads ``device``)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, device, **kwargs):
+        from atprobe.distributed import SampleShare, probe_context
+
+        ctx, device = probe_context(device)
+        return func(*args, share=SampleShare.of(ctx), device=device, **kwargs)
+
+    return wrapper
+
+
 def main_process() -> bool:
     """Whether this process prints (rank 0 of a ``torchrun`` job, or the only one)."""
     from atprobe.distributed import is_main_process

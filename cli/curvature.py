@@ -16,6 +16,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
     threat_options,
 )
@@ -47,9 +48,10 @@ Examples:
 @output_option("curvature.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, threat, bn_stats, output, data, models,
-                      device, batch_size, seed, quiet) -> None:
+                      device, batch_size, seed, quiet, share) -> None:
     """Dominant eigenvalue of the input Hessian of the loss, per sample (CHECKPOINTS).
 
     The eigenvalue of largest magnitude (signed) of d^2 CE(f(x), y) / dx^2 at each sample
@@ -60,6 +62,7 @@ def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, thr
     set_determinism(seed)
     config = curvature.CurvatureConfig(at=at, iterations=iterations, tol=tol, threat=threat, batch_size=batch_size,
                                        seed=seed)
-    tables = studies.curvature(Study(checkpoints, models, data), samples, config, device, per_sample=per_sample,
+    study = Study(checkpoints, models, data, share=share)
+    tables = studies.curvature(study, samples, config, device, per_sample=per_sample,
                                bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

@@ -15,6 +15,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
     threat_options,
 )
@@ -70,10 +71,11 @@ Examples:
 @output_option("flatness.csv", siblings={"curve": ".curve"})
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direction_norm, curve, plane, x_grid,
                      y_grid, pairs, between, t_grid, bn_images, samples, threat, output, data, models, device,
-                     batch_size, seed, quiet) -> None:
+                     batch_size, seed, quiet, share) -> None:
     """Flatness of the weight loss landscape of the adversarial loss (CHECKPOINTS).
 
     Adversarial loss (PGD re-crafted at every point) along random filter-normalized directions
@@ -91,8 +93,8 @@ def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direc
             ys=flatness.DEFAULT_PLANE_AXIS if y_grid is None else parse_lambdas(y_grid, option="--y", zero=False),
             pairs=1 if pairs is None else pairs, ignore=ignore, direction_norm=direction_norm, threat=threat,
             batch_size=batch_size, seed=seed)
-        finish(landscapes.plane(Study(checkpoints, models, data), samples, config, device, progress=bars(quiet)),
-               output, quiet)
+        finish(landscapes.plane(Study(checkpoints, models, data, share=share), samples, config, device,
+                                  progress=bars(quiet)), output, quiet)
         return
     if between:
         if len(checkpoints) != 2:
@@ -101,13 +103,13 @@ def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direc
             ts=flatness.DEFAULT_TS if t_grid is None else parse_lambdas(t_grid, option="--t", zero=False),
             bn_images=flatness.PathConfig.bn_images if bn_images is None else bn_images, threat=threat,
             batch_size=batch_size, seed=seed)
-        finish(landscapes.between(Study(checkpoints, models, data), samples, config, device, progress=bars(quiet)),
-               output, quiet)
+        finish(landscapes.between(Study(checkpoints, models, data, share=share), samples, config, device,
+                                  progress=bars(quiet)), output, quiet)
         return
     config = flatness.FlatnessConfig(lambdas=parse_lambdas(lambdas), radius=radius, directions=num_directions,
                                      ignore=ignore, direction_norm=direction_norm, threat=threat,
                                      batch_size=batch_size, seed=seed)
-    tables = studies.flatness(Study(checkpoints, models, data), samples, config, device, curve=curve,
+    tables = studies.flatness(Study(checkpoints, models, data, share=share), samples, config, device, curve=curve,
                               progress=bars(quiet))
     finish(tables, output, quiet)
 

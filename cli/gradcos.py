@@ -15,6 +15,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
 )
 from atprobe.pergrad import OBJECTIVES
@@ -40,9 +41,10 @@ Examples:
 @output_option("gradcos.csv")
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, bn_stats, output, data, models, device,
-                    batch_size, seed, quiet) -> None:
+                    batch_size, seed, quiet, share) -> None:
     """Cosine of per-sample gradients between successive checkpoints (RUN_DIR or CKPT CKPT ...).
 
     Checkpoints are ordered by epoch. For each successive pair: mean and std over a fixed sample
@@ -52,6 +54,7 @@ def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, bn_sta
     """
     set_determinism(seed)
     config = gradcos.GradCosConfig(loss=loss, threat=threat, beta=beta, seed=seed)
-    tables = studies.gradcos(Study(checkpoints, models, data), samples, config, device, chunk_size=chunk_size,
+    study = Study(checkpoints, models, data, share=share)
+    tables = studies.gradcos(study, samples, config, device, chunk_size=chunk_size,
                              batch_size=batch_size, bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

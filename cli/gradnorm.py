@@ -15,6 +15,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
 )
 from atprobe.probes import gradnorm
@@ -43,9 +44,10 @@ Examples:
 @output_option("gradnorm.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, beta, chunk_size, bn_stats, output,
-                     data, models, device, batch_size, seed, quiet) -> None:
+                     data, models, device, batch_size, seed, quiet, share) -> None:
     """Per-sample gradient norms of the parts of the AT objectives in CHECKPOINTS.
 
     ||grad CE||, ||grad CE(x')||, ||grad R|| (R = CE(x') - CE(x)), ||grad KL||, ||grad beta KL|| and the
@@ -55,7 +57,8 @@ def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, b
     """
     set_determinism(seed)
     config = gradnorm.GradNormConfig(threat=threat, beta=beta, seed=seed, noisy_vs_clean=noisy_vs_clean)
-    tables = studies.gradnorm(Study(checkpoints, models, data), samples, config, device, chunk_size=chunk_size,
+    study = Study(checkpoints, models, data, share=share)
+    tables = studies.gradnorm(study, samples, config, device, chunk_size=chunk_size,
                               batch_size=batch_size, per_sample=per_sample, bn_stats=bn_stats,
                               progress=bars(quiet))
     finish(tables, output, quiet)

@@ -15,6 +15,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
     threat_options,
 )
@@ -65,10 +66,11 @@ Examples:
 @output_option("hessian.csv", siblings={"density": ".density"})
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_samples, trace_tol, blocks, density,
                     density_steps, density_runs, engine, samples, threat, output, data, models, device, batch_size,
-                    seed, quiet) -> None:
+                    seed, quiet, share) -> None:
     """Top eigenvalues and trace of the weight Hessian of the adversarial loss (CHECKPOINTS).
 
     The whole model and each layer (--blocks) by the same power iteration and Hutchinson
@@ -83,5 +85,5 @@ def hessian_command(checkpoints, at, scope, top_k, iterations, tol, trace_sample
                                    tol=tol, trace_samples=trace_samples, trace_tol=trace_tol, blocks=blocks,
                                    density=density, density_steps=density_steps, density_runs=density_runs,
                                    engine=engine, threat=threat, seed=seed)
-    finish(studies.hessian(Study(checkpoints, models, data), samples, config, device, progress=bars(quiet)),
-           output, quiet)
+    finish(studies.hessian(Study(checkpoints, models, data, share=share), samples, config, device,
+                           progress=bars(quiet)), output, quiet)

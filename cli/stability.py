@@ -16,6 +16,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     sample_options,
     split_list,
 )
@@ -56,10 +57,11 @@ Examples:
 @output_option("stability.csv", inputs="checkpoint")
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ignore, direction_norm, samples,
                       threat, beta, chunk_size, bn_stats, output, data, models, device, batch_size, seed,
-                      quiet) -> None:
+                      quiet, share) -> None:
     """How per-sample gradients change along random directions (CHECKPOINT or --init ARCH).
 
     For each loss, direction k and lam: mean and std over the samples of
@@ -71,7 +73,7 @@ def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ig
     config = stability.StabilityConfig(
         losses=tuple(split_list(losses, "--losses")), lambdas=parse_lambdas(lambdas),
         directions=num_directions, ignore=ignore, direction_norm=direction_norm, threat=threat, beta=beta, seed=seed)
-    study = Study([checkpoint] if checkpoint is not None else [], models, data)
+    study = Study([checkpoint] if checkpoint is not None else [], models, data, share=share)
     tables = studies.stability(study, samples, config, device, init_arch=init_arch, chunk_size=chunk_size,
                                batch_size=batch_size, bn_stats=bn_stats, progress=bars(quiet))
     finish(tables, output, quiet)

@@ -302,11 +302,26 @@ def test_matrix_size():
 # ---------------------------------------------------------------------------- robustness (subprocesses)
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default disposition. A shell without job
+    control starts background jobs (``pytest ... &``, a CI runner's) with SIGINT ignored, the
+    child inherits that, and Python then leaves SIGINT ignored: the signal tests would see a
+    training finish (exit 0) or a probe run on (timeout) instead of an interruption."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def atprobe(*args, **kwargs) -> subprocess.Popen:
-    """``atprobe ARGS`` in a child process (its own Python, one torch thread)."""
+    """``atprobe ARGS`` in a child process (its own Python, one torch thread, default SIGINT)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    setup = kwargs.pop("preexec_fn", None)
+
+    def before_exec() -> None:
+        _default_sigint()
+        if setup is not None:
+            setup()
+
     return subprocess.Popen([sys.executable, "-m", "atprobe.cli.main", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=before_exec, **kwargs)
 
 
 def temp_files(root: Path) -> list[Path]:

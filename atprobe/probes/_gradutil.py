@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -112,6 +112,29 @@ def auto_chunk_size(model: nn.Module, limit: int, copies: int) -> int:
     else:
         budget = CPU_BUDGET_BYTES
     return max(1, min(int(limit), chunk_size_for(model, budget, copies=copies)))
+
+
+#: ``this process's per-sample values -> every sample's`` (``SampleShare.gather_values``).
+Gather = Callable[[Tensor], Tensor]
+
+
+def identity_gather(values: Tensor) -> Tensor:
+    """The gather of one process: its values are every sample's."""
+    return values
+
+
+def gathered(parts: list[Tensor], gather: Gather) -> Tensor:
+    """``parts`` (this process's per-sample chunks, possibly none) concatenated and gathered."""
+    return gather(torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64))
+
+
+def share_batches(model: nn.Module, data: Split, batch_size: int,
+                  gather: Gather) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`sample_batches` of this process's share (none when the share is empty under a
+    gather; one process with no sample is an error)."""
+    if len(data) == 0 and gather is not identity_gather:
+        return []
+    return list(sample_batches(model, data, batch_size))
 
 
 def stats(values: Tensor) -> dict[str, float]:

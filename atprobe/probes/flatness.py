@@ -59,7 +59,7 @@ from atprobe.data import Split
 from atprobe.directions import IGNORES, NORMS, ModelAt, model_parameters, parse_lambdas, perturbed_parameters
 from atprobe.directions import directions as draw_directions
 from atprobe.errors import AtprobeError, check_choice
-from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number
+from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, Gather, PGDFields, identity_gather, is_int, is_number
 from atprobe.runtime import module_mode
 
 __all__ = [
@@ -217,15 +217,18 @@ class PathConfig(PGDFields):
         return bnstats.BNStats("recompute", self.bn_images)
 
 
-def _evaluate(model: nn.Module, point: Mapping[str, Tensor], data: Split, config: PGDFields) -> dict[str, float]:
-    """Adversarial and natural mean loss and accuracy of the model at ``point``, PGD
+def _evaluate(model: nn.Module, point: Mapping[str, Tensor], data: Split, config: PGDFields,
+              gather: Gather = identity_gather) -> dict[str, float]:
+    """Adversarial and natural mean loss and accuracy of the model at ``point`` and ``n``, PGD
     re-crafted there (``atprobe.attacked``: keyed starts, so each sample starts from the
-    same point at every lam)."""
+    same point at every lam). ``gather``: ``data`` is this rank's share and the means are
+    taken over every rank's per-sample values (``SampleShare.gather_values``)."""
     view = ModelAt(model, point)
     n = len(data)
     values = None
-    for b in attacked_batches(view, data, config.attack, seed=config.seed, batch_size=config.batch_size, amp=False,
-                              natural=True):
+    batches = attacked_batches(view, data, config.attack, seed=config.seed, batch_size=config.batch_size, amp=False,
+                               natural=True) if n else ()
+    for b in batches:
         part = torch.stack([
             objectives.ce(b.logits, b.y), (b.logits.argmax(1) == b.y),
             objectives.ce(b.natural_logits, b.y), (b.natural_logits.argmax(1) == b.y),
@@ -233,8 +236,12 @@ def _evaluate(model: nn.Module, point: Mapping[str, Tensor], data: Split, config
         if values is None:
             values = torch.empty(4, n, dtype=torch.float64, device=part.device)
         values[:, b.rows] = part
+    if values is None:  # an empty share
+        values = torch.empty(4, 0, dtype=torch.float64)
+    values = gather(values.T).T  # samples first: the gather joins them
+    n = values.shape[1]
     adv_loss, adv_acc, nat_loss, nat_acc = (values.sum(dim=1) / n).tolist()  # one host sync per point
-    return {"adv_loss": adv_loss, "adv_acc": adv_acc, "nat_loss": nat_loss, "nat_acc": nat_acc}
+    return {"n": n, "adv_loss": adv_loss, "adv_acc": adv_acc, "nat_loss": nat_loss, "nat_acc": nat_acc}
 
 
 def probe(
@@ -244,6 +251,7 @@ def probe(
     *,
     directions: Sequence[Mapping[str, Tensor]] | None = None,
     progress=None,
+    gather: Gather = identity_gather,
 ) -> pd.DataFrame:
     """The landscape curve: one row per (direction, lam) (columns :data:`CURVE_COLUMNS`), in
     the order directions x ``config.lambdas``: ``adv_loss``/``adv_acc`` (PGD re-crafted at
@@ -254,17 +262,19 @@ def probe(
     samples are keyed by ``data.index`` for their random starts. The point ``lam = 0`` is
     evaluated once and repeated for every direction. The model's weights and buffers are not
     modified. ``progress``: anything with ``update(n)``, advanced by the samples of each point.
+    ``gather``: under ``torchrun``, ``data`` is this rank's share and each point's means are
+    over every rank's samples (:func:`_evaluate`).
     """
     if directions is None:
         directions = draw_directions(model, config.directions, config.seed, config.ignore,
                                      norm=config.direction_norm, device="cpu")
     if len(directions) == 0:
         raise AtprobeError("no direction given")
-    if len(data) == 0:
+    if len(data) == 0 and gather is identity_gather:
         raise AtprobeError("no samples to probe")
     rows = []
     with module_mode(model, False):
-        theta = _evaluate(model, model_parameters(model), data, config)
+        theta = _evaluate(model, model_parameters(model), data, config, gather)
         if progress is not None:
             progress.update(len(data))
         for k, d in enumerate(directions):
@@ -272,10 +282,10 @@ def probe(
                 if lam == 0.0:
                     values = theta  # perturbed_parameters(model, d, 0) == theta bit for bit
                 else:
-                    values = _evaluate(model, perturbed_parameters(model, d, lam), data, config)
+                    values = _evaluate(model, perturbed_parameters(model, d, lam), data, config, gather)
                     if progress is not None:
                         progress.update(len(data))
-                rows.append({"direction": k, "lam": lam, "n": len(data), **values})
+                rows.append({"direction": k, "lam": lam, **values})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
@@ -330,7 +340,7 @@ def plane(
             values = _evaluate(model, perturbed_parameters(model, list(pairs[k]), [x, y]), data, config)
             if progress is not None:
                 progress.update(len(data))
-            rows.append({"pair": k, "point": p, "x": x, "y": y, "n": len(data), **values})
+            rows.append({"pair": k, "point": p, "x": x, "y": y, **values})
     return pd.DataFrame(rows, columns=PLANE_COLUMNS)
 
 
@@ -409,7 +419,7 @@ def path(
             values = _evaluate(at, model_parameters(at), data, config)
         if progress is not None:
             progress.update(len(data))
-        rows.append({"point": p, "t": t, "n": len(data), **values})
+        rows.append({"point": p, "t": t, **values})
     return pd.DataFrame(rows, columns=PATH_COLUMNS)
 
 

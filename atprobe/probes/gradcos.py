@@ -24,14 +24,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 from torch import nn
 
 from atprobe.data import Split
 from atprobe.directions import model_parameters
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distance
-from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
+from atprobe.probes import _gradutil
+from atprobe.probes._gradutil import AttackOptions, Gather, make_objective, stats
 
 __all__ = ["COLUMNS", "GradCosConfig", "check_same_architecture", "order_by_epoch", "probe"]
 
@@ -89,6 +89,7 @@ def probe(
     names: Sequence[str] | None = None,
     epochs: Sequence[int | None] | None = None,
     progress=None,
+    gather: Gather = _gradutil.identity_gather,
 ) -> pd.DataFrame:
     """One row per pair of successive models (columns :data:`COLUMNS`), in the given order.
 
@@ -96,6 +97,9 @@ def probe(
     consumed lazily; only the current pair is referenced). ``names``/``epochs`` label the
     rows (default: positions and no epoch). ``data.y`` are the labels the loss uses and
     ``data.index`` keys the random starts. ``progress``: ``update(n)`` per batch.
+    ``gather``: under ``torchrun``, ``data`` is this rank's share (whole chunks) and
+    ``gather`` joins every rank's per-sample values before the statistics
+    (``SampleShare.gather_values``: the single-process row bit for bit).
     """
     obj = make_objective(config.loss, config)
     rows = []
@@ -106,7 +110,7 @@ def probe(
         count += 1
         if prev is None:
             prev = model
-            batches = list(sample_batches(model, data, config.chunk_size))
+            batches = _gradutil.share_batches(model, data, config.chunk_size, gather)
             continue
         name_a = names[i - 1] if names is not None else str(i - 1)
         name_b = names[i] if names is not None else str(i)
@@ -123,12 +127,13 @@ def probe(
             cos.append(ci.detach())
             if progress is not None:
                 progress.update(len(y))
-        ds, cs = stats(torch.cat(dist)), stats(torch.cat(cos))
+        every_dist, every_cos = _gradutil.gathered(dist, gather), _gradutil.gathered(cos, gather)
+        ds, cs = stats(every_dist), stats(every_cos)
         ea = epochs[i - 1] if epochs is not None else None
         eb = epochs[i] if epochs is not None else None
         rows.append({
             "pair": i - 1, "checkpoint_a": name_a, "checkpoint_b": name_b,
-            "epoch_a": ea, "epoch_b": eb, "loss": config.loss, "n": len(data),
+            "epoch_a": ea, "epoch_b": eb, "loss": config.loss, "n": len(every_dist),
             "cos_mean": cs["mean"], "cos_std": cs["std"], "dist_mean": ds["mean"], "dist_std": ds["std"],
         })
         del params_a, params_b, buffers_a, buffers_b

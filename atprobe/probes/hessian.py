@@ -101,6 +101,8 @@ ENGINES = ("atprobe", "pyhessian")
 HVP_MODES = ("reverse", "forward")
 
 Vector = list[Tensor]
+#: ``t -> t summed over the ranks of a torchrun job`` (``DistContext.sum_over_ranks``).
+Reduce = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -200,8 +202,9 @@ class LossHessian:
     twice as fast per product (``benchmarks/hessian_speed.py``), so it is the default.
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], mode: str = "reverse") -> None:
-        if not batches:
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], mode: str = "reverse", *,
+                 reduce: Reduce | None = None) -> None:
+        if not batches and reduce is None:
             raise AtprobeError("no samples for the Hessian")
         check_choice(mode, HVP_MODES, "Hessian-vector product mode")
         self.model = model
@@ -211,7 +214,11 @@ class LossHessian:
         if not self.params:
             raise AtprobeError("the model has no parameters")
         self.batches = [(x.detach(), y) for x, y in batches]
+        self.reduce = reduce
         self.total = sum(int(y.shape[0]) for _, y in self.batches)
+        if reduce is not None:  # the mean is over every rank's samples: one all-reduce of the count
+            self.total = int(reduce(torch.tensor([float(self.total)], dtype=torch.float64,
+                                                 device=self.params[0].device)).item())
         self.products = 0
         self._cached: tuple[Tensor, ...] | None = None
         if mode == "reverse" and len(self.batches) == 1:
@@ -255,10 +262,22 @@ class LossHessian:
             return list(torch.func.vmap(one)(*rows))
 
     def products_of(self, rows: Vector, block: Sequence[int] | None = None) -> Vector:
-        """``H_bb v_r`` for a batch of ``R`` vectors, ``rows[j]`` of shape ``(R, *params[j].shape)``."""
+        """``H_bb v_r`` for a batch of ``R`` vectors, ``rows[j]`` of shape ``(R, *params[j].shape)``.
+        With ``reduce`` (under ``torchrun``) this rank's batches' part, summed across the ranks
+        in one all-reduce of all ``R`` products."""
         idx = list(range(len(self.params))) if block is None else list(block)
         count = int(rows[0].shape[0])
         self.products += count
+        if self.reduce is None:
+            return self._local_products(rows, idx, count)
+        if not self.batches:  # an empty share adds nothing to the sum but joins the all-reduce
+            local = [torch.zeros_like(t) for t in rows]
+        else:
+            local = self._local_products(rows, idx, count)
+        flat = self.reduce(torch.cat([t.reshape(-1) for t in local]))
+        return [t.view_as(p) for t, p in zip(flat.split([t.numel() for t in local]), local)]
+
+    def _local_products(self, rows: Vector, idx: list[int], count: int) -> Vector:
         if self.mode == "forward":
             total: Vector | None = None
             for x, y in self.batches:
@@ -460,11 +479,15 @@ def pyhessian_top(
 # ---------------------------------------------------------------------------- probe
 
 
-def loss_batches(model: nn.Module, data: Split, config: HessianConfig) -> list[tuple[Tensor, Tensor]]:
+def loss_batches(model: nn.Module, data: Split, config: HessianConfig, *,
+                 shared: bool = False) -> list[tuple[Tensor, Tensor]]:
     """The fixed ``(x, y)`` batches of the loss: ``scope="batch"`` the first ``batch_size``
     samples, ``"all"`` every sample in batches of ``batch_size``; PGD examples crafted once
-    against the model at theta (``at="adv"``, per-sample starts) or the natural images."""
+    against the model at theta (``at="adv"``, per-sample starts) or the natural images.
+    ``shared``: ``data`` is one rank's share, which may be empty."""
     if len(data) == 0:
+        if shared:
+            return []
         raise AtprobeError("no samples for the Hessian")
     if config.scope == "batch":
         data = data.subset(slice(0, config.batch_size))
@@ -498,7 +521,15 @@ def _requiring_grad(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig(), *, progress=None) -> HessianResult:
+def check_split(config: HessianConfig) -> None:
+    """A one-line error unless the config's loss can be split across ranks."""
+    if config.scope != "all" or config.engine != "atprobe":
+        raise AtprobeError("hessian splits its samples across ranks with --scope all and --engine atprobe only "
+                           "(one batch, or pyhessian's own loop, cannot be split): run it in one process")
+
+
+def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig(), *, progress=None,
+            reduce: Reduce | None = None) -> HessianResult:
     """Everything ``atprobe hessian`` writes: the eigenvalue/trace table and the density.
 
     Table rows (columns :data:`COLUMNS`), whole model first (``block="all"``), then per
@@ -511,9 +542,16 @@ def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig
 
     ``params`` is the block's number of parameters; ``k`` is NA on trace rows. ``progress``:
     anything with ``update(n)``, advanced once per block (the whole model counts as one).
+
+    ``reduce``: under ``torchrun`` (``scope="all"``, ``engine="atprobe"``), ``data`` is this
+    rank's share (whole batches) and every Hessian-vector product is this rank's part summed
+    across the ranks by ``reduce`` (``DistContext.sum_over_ranks``), one all-reduce per batch
+    of products; the random vectors are drawn from the same seed on every rank, so every rank
+    runs the same iterations. The values equal one process's up to the order of the sum.
     """
-    batches = loss_batches(model, data, config)
-    n = sum(int(y.shape[0]) for _, y in batches)
+    if reduce is not None:
+        check_split(config)
+    batches = loss_batches(model, data, config, shared=reduce is not None)
     rows: list[dict] = []
 
     def add(block, params, quantity, k, value, iterations, converged, std_error, method):
@@ -532,7 +570,8 @@ def compute(model: nn.Module, data: Split, config: HessianConfig = HessianConfig
     density = None
     device = next(model.parameters()).device
     with _requiring_grad(model):
-        hessian = LossHessian(model, batches)
+        hessian = LossHessian(model, batches, reduce=reduce)
+        n = hessian.total
         position = {name: i for i, name in enumerate(hessian.names)}
         generator = make_generator(config.seed, device)
         blocks: list[tuple[str, list[int] | None]] = [("all", None)] if config.engine == "atprobe" else []

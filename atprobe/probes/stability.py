@@ -31,7 +31,15 @@ from atprobe.directions import IGNORES, NORMS, directions, model_parameters, par
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.models import build_model
 from atprobe.pergrad import OBJECTIVES, per_sample_grad_distances
-from atprobe.probes._gradutil import AttackOptions, make_objective, sample_batches, stats
+from atprobe.probes._gradutil import (
+    AttackOptions,
+    Gather,
+    gathered,
+    identity_gather,
+    make_objective,
+    share_batches,
+    stats,
+)
 
 # parse_lambdas lives in atprobe.directions (the flatness probe uses it too); re-exported here for the
 # callers of stability.parse_lambdas.
@@ -112,18 +120,22 @@ class _Grid(Sequence):
         return perturbed_parameters(self.model, self.direction, self.lambdas[k])
 
 
-def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConfig(), *, progress=None) -> pd.DataFrame:
+def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConfig(), *, progress=None,
+          gather: Gather = identity_gather) -> pd.DataFrame:
     """One row per (loss, direction, lam), columns :data:`COLUMNS`, in the order
     ``config.losses`` x directions x ``config.lambdas``.
 
     ``data.y`` are the labels the losses use; samples are keyed by ``data.index`` for
     their random starts. The model's weights and buffers are not modified. ``progress``:
     anything with ``update(n)`` (a tqdm bar), advanced by the samples of each point.
+    ``gather``: under ``torchrun``, ``data`` is this rank's share (whole chunks) and
+    ``gather`` joins every rank's per-sample distances before the statistics, which are
+    then the single-process ones bit for bit (``SampleShare.gather_values``).
     """
     dirs = directions(model, config.directions, config.seed, config.ignore, norm=config.direction_norm,
                       device="cpu")
     theta = model_parameters(model)
-    batches = list(sample_batches(model, data, config.chunk_size))
+    batches = share_batches(model, data, config.chunk_size, gather)
     rows = []
     for loss in config.losses:
         obj = make_objective(loss, config)
@@ -141,9 +153,10 @@ def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConf
                 if progress is not None:
                     progress.update(len(y) * len(config.lambdas))
             for j, lam in enumerate(config.lambdas):
-                ds, cs = stats(torch.cat(dist[j])), stats(torch.cat(cos[j]))
+                every_dist, every_cos = gathered(dist[j], gather), gathered(cos[j], gather)
+                ds, cs = stats(every_dist), stats(every_cos)
                 rows.append({
-                    "loss": loss, "direction": k, "lam": lam, "n": len(data),
+                    "loss": loss, "direction": k, "lam": lam, "n": len(every_dist),
                     "dist_mean": ds["mean"], "dist_std": ds["std"],
                     "cos_mean": cs["mean"], "cos_std": cs["std"],
                 })
