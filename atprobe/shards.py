@@ -28,7 +28,8 @@ from atprobe.outputs import check_outputs, table_files
 __all__ = ["KINDS", "Part", "merge_parts", "read_part", "write_merged"]
 
 #: The commands whose parts merge, by the ``table`` their parts record.
-KINDS = {"part eval": "eval", "part hardness": "hardness"}
+KINDS = {"part eval": "eval", "part hardness": "hardness", "part gradnorm": "gradnorm",
+         "part curvature": "curvature"}
 #: Meta fields that legitimately differ between the parts of one run.
 VOLATILE = ("command", "created", "part", "rows", "versions")
 
@@ -98,8 +99,8 @@ def _check_cover(parts: Sequence[Part]) -> list[Part]:
 
 def merge_parts(paths: Sequence[str | os.PathLike]) -> tuple[str, Any, dict[str, Any]]:
     """``(kind, tables, meta)`` of the parts at ``paths`` joined: ``kind`` is the command;
-    ``tables`` its ``atprobe.study.Tables`` (eval) or ``(per_sample, consistency)``
-    (hardness); ``meta`` the single-process record with ``merged_from`` (the parts)."""
+    ``tables`` its ``atprobe.study.Tables`` (eval, gradnorm, curvature) or ``(per_sample,
+    consistency)`` (hardness); ``meta`` the single-process record with ``merged_from``."""
     from atprobe import studies
 
     if not paths:
@@ -115,14 +116,18 @@ def merge_parts(paths: Sequence[str | os.PathLike]) -> tuple[str, Any, dict[str,
     meta = {k: v for k, v in first.items() if k not in ("part", "rows", "columns", "table", "attack_fields",
                                                          "per_sample")}
     meta.update(command=list(sys.argv), world_size=1, merged_from=[str(p.path) for p in parts])
-    if parts[0].kind == "eval":
-        return "eval", studies.eval_from_samples(samples, first["attack_fields"], meta, bool(first["per_sample"])), meta
+    kind = parts[0].kind
+    if kind == "eval":
+        return kind, studies.eval_from_samples(samples, first["attack_fields"], meta, bool(first["per_sample"])), meta
+    if kind in ("gradnorm", "curvature"):
+        finish = studies.gradnorm_from_samples if kind == "gradnorm" else studies.curvature_from_samples
+        return kind, finish(samples, meta, bool(first["per_sample"])), meta
     return "hardness", studies.hardness_from_samples(samples, int(first["config"]["top_k"])), meta
 
 
 def output_files(kind: str, output: str | os.PathLike, per_sample: bool = False) -> list[Path]:
     """Every file :func:`write_merged` writes for ``kind`` at ``output``."""
-    if kind == "eval":
+    if kind != "hardness":
         return table_files(output, [".samples"] if per_sample else [])
     out = Path(output)
     return [*table_files(out / "per_sample.csv"), *table_files(out / "consistency.csv")]
@@ -132,9 +137,10 @@ def write_merged(paths: Sequence[str | os.PathLike], output: str | os.PathLike) 
     """Merge the parts at ``paths`` (:func:`merge_parts`) and write the result where the
     command would have: eval: ``output`` (and its ``.samples`` sibling if the run asked for
     it); hardness: ``per_sample.csv`` and ``consistency.csv`` in the directory ``output``
-    (the figures need the models: run hardness in one process or under torchrun for them)."""
+    (the figures need the models: run hardness in one process or under torchrun for them);
+    gradnorm and curvature: as eval."""
     kind, tables, meta = merge_parts(paths)
-    if kind == "eval":
+    if kind != "hardness":
         check_outputs(output_files(kind, output, bool(tables.extra)), paths)
         return kind, tables.write(output)
     check_outputs(output_files(kind, output), paths, directories=[output])

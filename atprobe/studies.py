@@ -218,8 +218,12 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
              chunk_size: int | None = None, batch_size: int = 256, per_sample: bool = False,
              bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe gradnorm``: the summary (main) and, with ``per_sample``, one row per sample
-    (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``)."""
-    _torchrun_only(study, "gradnorm")
+    (``.samples``). ``bn_stats``: the BatchNorm statistics (``atprobe.bnstats``). A ``--shard``
+    part is its share's per-sample rows alone (whole chunks of the explicit ``chunk_size``),
+    for ``atprobe merge`` (:func:`gradnorm_from_samples`)."""
+    if study.share.part and chunk_size is None:
+        raise AtprobeError("gradnorm --shard needs an explicit --chunk-size: every part must cut the samples into "
+                           "the same chunks")
     if config.noisy_vs_clean and (spec.labels == "true" or spec.split == "test"):
         raise AtprobeError("--noisy-vs-clean compares trained with true labels: use --labels trained (or a label "
                            "file) on the train or val split")
@@ -233,17 +237,47 @@ def gradnorm(study: Study, spec: SampleSpec, config: gradnorm_probe.GradNormConf
         mine = study.shared(samples, cfg.chunk_size)  # whole chunks: each row is the one-process row
         table = (gradnorm_probe.per_sample(model, mine, cfg, progress=bar) if len(mine)
                  else pd.DataFrame(columns=gradnorm_probe.SAMPLE_COLUMNS))
-        table = study.share.gather(table, len(mine))
-        return _tag({"": gradnorm_probe.summarize(table, cfg), ".samples": table}, label)
+        return _tag({".samples": study.share.gather(table, len(mine))}, label)
 
     tables = per_checkpoint(study, spec, probe, device, name="gradnorm",
                             units=lambda m, s: 4 * len(study.shared(s, _chunk(m, chunk_size, batch_size, copies=1))),
                             progress=progress)
-    meta = study.meta(config, seed=config.seed, chunk_size=chunks, **bn.meta(),
-                      **_fields(spec, len(study.base(spec)), batch_size, device))
-    summary = tables[""]
+    n = len(study.base(spec))
+    part = {**study.share.meta(n, chunk_size), "per_sample": per_sample} if study.share.part else None
+    meta = study.meta(config, seed=config.seed, chunk_size=chunks, **bn.meta(), extra=part,
+                      **_fields(spec, n, batch_size, device))
+    if study.share.part:
+        return Tables(tables[".samples"], meta, main_name="part gradnorm")
+    return gradnorm_from_samples(tables[".samples"], meta, per_sample)
+
+
+def _blocks(samples: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+    """The per-checkpoint blocks of ``n`` rows of a per-sample table, in order."""
+    return [samples.iloc[start:start + n].reset_index(drop=True) for start in range(0, len(samples), max(n, 1))]
+
+
+def _lead(rows: pd.DataFrame, columns: Sequence[str]) -> dict[str, Any]:
+    """A block's leading columns (one value each), to prefix its summary rows with."""
+    values = {c: rows[c].iloc[0] for c in columns}
+    if pd.isna(values.get("epoch", 0)):
+        values["epoch"] = None
+    return values
+
+
+#: The leading columns of gradnorm's and curvature's per-sample rows, one value per checkpoint.
+GRADNORM_LEAD = ["checkpoint", "epoch", "split", "labels", "bn_stats"]
+CURVATURE_LEAD = [*GRADNORM_LEAD, "at"]
+
+
+def gradnorm_from_samples(samples: pd.DataFrame, meta: dict[str, Any], per_sample: bool) -> Tables:
+    """``atprobe gradnorm``'s tables from its per-sample rows (one block of ``meta["config"]["n"]``
+    rows per checkpoint, in order): each block's ``gradnorm.summarize`` with the block's leading
+    columns. One process, ``torchrun`` and ``atprobe merge`` all end here."""
+    config = gradnorm_probe.GradNormConfig(noisy_vs_clean=bool(meta["config"]["noisy_vs_clean"]))
+    summary = pd.concat([prefix(gradnorm_probe.summarize(rows, config), _lead(rows, GRADNORM_LEAD))
+                         for rows in _blocks(samples, int(meta["config"]["n"]))], ignore_index=True)
     shown = summary[(summary["group"] == "all") & (summary["statistic"].isin(["mean", "ratio_of_means"]))]
-    extra = {".samples": tables[".samples"]} if per_sample else {}
+    extra = {".samples": samples} if per_sample else {}
     return Tables(summary, meta, extra, names={".samples": "per-sample"}, main_name="summary", shown=shown)
 
 
@@ -336,8 +370,9 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
               per_sample: bool = False, bn_stats: BNStats | str = "auto",
               progress: Progress = no_progress) -> Tables:
     """``atprobe curvature``: the summary, and with ``per_sample`` one row per sample (``.samples``).
-    ``bn_stats``: running, recompute or auto (``atprobe.bnstats``; batch is refused)."""
-    _torchrun_only(study, "curvature")
+    ``bn_stats``: running, recompute or auto (``atprobe.bnstats``; batch is refused). A
+    ``--shard`` part is its share's per-sample rows alone, for ``atprobe merge``
+    (:func:`curvature_from_samples`)."""
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=config.batch_size, batch=False)
 
     def probe(model, samples, ckpt, bar):
@@ -346,19 +381,26 @@ def curvature(study: Study, spec: SampleSpec, config: curvature_probe.CurvatureC
         table = (curvature_probe.probe(model, mine, config, progress=bar) if len(mine)
                  else pd.DataFrame(columns=curvature_probe.SAMPLE_COLUMNS))
         table = study.share.gather(table, len(mine))
-        out = {"": curvature_probe.summarize(table)}
-        if per_sample:
-            out[".samples"] = table
-        for df in out.values():
-            df.insert(0, "at", config.at)
-        return _tag(out, label)
+        table.insert(0, "at", config.at)
+        return _tag({".samples": table}, label)
 
     tables = per_checkpoint(study, spec, probe, device, name="curvature",
                             units=lambda m, s: len(study.shared(s, config.batch_size)), progress=progress)
-    meta = study.meta(config, seed=config.seed, **bn.meta(), **_fields(spec, len(study.base(spec)), config.batch_size,
-                                                             device))
-    main = tables[""]
-    return Tables(main, meta, {k: v for k, v in tables.items() if k})
+    n = len(study.base(spec))
+    part = {**study.share.meta(n, config.batch_size), "per_sample": per_sample} if study.share.part else None
+    meta = study.meta(config, seed=config.seed, **bn.meta(), extra=part, **_fields(spec, n, config.batch_size, device))
+    if study.share.part:
+        return Tables(tables[".samples"], meta, main_name="part curvature")
+    return curvature_from_samples(tables[".samples"], meta, per_sample)
+
+
+def curvature_from_samples(samples: pd.DataFrame, meta: dict[str, Any], per_sample: bool) -> Tables:
+    """``atprobe curvature``'s tables from its per-sample rows (one block of ``meta["config"]["n"]``
+    rows per checkpoint): each block's ``curvature.summarize`` with its leading columns. One
+    process, ``torchrun`` and ``atprobe merge`` all end here."""
+    main = pd.concat([prefix(curvature_probe.summarize(rows), _lead(rows, CURVATURE_LEAD))
+                      for rows in _blocks(samples, int(meta["config"]["n"]))], ignore_index=True)
+    return Tables(main, meta, {".samples": samples} if per_sample else {})
 
 
 def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig, device: torch.device, *,

@@ -16,8 +16,8 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
-    rank_options,
     sample_options,
+    scale_options,
     threat_options,
 )
 from atprobe.probes import curvature
@@ -30,6 +30,7 @@ Examples:
   atprobe curvature run/final.pt --n 512 -o curvature.csv
   atprobe curvature run/final.pt --at adv --per-sample -o curv_adv.csv    # also curv_adv.samples.csv
   atprobe curvature runs/*/final.pt --iterations 50 --tol 1e-4
+  atprobe curvature run/final.pt --n 10000 --shard 0/4 -o cu0.csv      # part 0 of 4; atprobe merge cu*.csv -o c.csv
 """
 
 
@@ -48,7 +49,7 @@ Examples:
 @output_option("curvature.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
-@rank_options
+@scale_options
 @common_options
 def curvature_command(checkpoints, at, iterations, tol, per_sample, samples, threat, bn_stats, output, data, models,
                       device, batch_size, seed, quiet, share) -> None:

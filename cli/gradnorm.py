@@ -15,8 +15,8 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
-    rank_options,
     sample_options,
+    scale_options,
 )
 from atprobe.probes import gradnorm
 from atprobe.runtime import set_determinism
@@ -28,6 +28,7 @@ Examples:
   atprobe gradnorm run/final.pt --n 1000 -o gradnorm.csv
   atprobe gradnorm run/epoch_0010.pt run/epoch_0100.pt --per-sample -o gn.csv   # also gn.samples.csv
   atprobe gradnorm noisy_run/final.pt --noisy-vs-clean -o gn_noisy.csv             # Fig. A.9
+  atprobe gradnorm run/final.pt --n 50000 --chunk-size 128 --shard 2/8 -o gn2.csv   # part 2 of 8; atprobe merge
 """
 
 
@@ -44,7 +45,7 @@ Examples:
 @output_option("gradnorm.csv", siblings={"per_sample": ".samples"})
 @data_options
 @foreign_options
-@rank_options
+@scale_options
 @common_options
 def gradnorm_command(checkpoints, samples, noisy_vs_clean, per_sample, threat, beta, chunk_size, bn_stats, output,
                      data, models, device, batch_size, seed, quiet, share) -> None:

@@ -11,17 +11,19 @@ EXAMPLES = """
 Examples:
   atprobe merge part0.csv part1.csv part2.csv -o eval.csv          # eval --shard I/3 -o partI.csv
   atprobe merge hard_*/per_sample.csv -o hard                        # hardness --shard I/N --out hard_I
+  atprobe merge gn_part*.csv -o gradnorm.csv                         # gradnorm (or curvature) --shard I/N
 """
 
 
 @click.command("merge", epilog=EXAMPLES)
 @click.argument("parts", nargs=-1, required=True, type=click.Path())
 @click.option("--output", "-o", required=True, type=click.Path(),
-              help="eval: the table (and its .samples sibling if the run had --per-sample); hardness: the "
+              help="eval, gradnorm, curvature: the table (and its .samples sibling if the run had --per-sample); "
+                   "hardness: the "
                    "directory for per_sample.csv and consistency.csv.")
 @click.option("--quiet", "-q", is_flag=True, help="Say nothing.")
 def merge_command(parts, output, quiet) -> None:
-    """Join PARTS, the --shard I/N outputs of one eval or hardness run, into the tables one
+    """Join PARTS, the --shard I/N outputs of one eval, hardness, gradnorm or curvature run, into the tables one
     process writes.
 
     Checks that the parts come from the same command (the same meta record but for the

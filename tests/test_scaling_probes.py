@@ -69,7 +69,34 @@ def test_torchrun_writes_the_single_process_csvs(single, name, nproc):
     assert "Error" not in done.stderr and "%|" not in done.stderr  # progress on rank 0 only, and --quiet
 
 
-@pytest.mark.parametrize("name", ["gradnorm", "stability", "gradcos", "curvature", "flatness"])
+@pytest.mark.slow  # 6 runs and 2 merges, ~25 s
+@pytest.mark.parametrize("name", ["gradnorm", "curvature"])
+def test_shard_parts_merge_to_the_single_process_csvs(single, monkeypatch, name):
+    """--shard I/3 parts (given to merge out of order) join into the single-process CSVs byte
+    for byte, their meta records equal but for merged_from; a missing part is a one-line error."""
+    monkeypatch.chdir(single)
+    for i in range(3):
+        run_cli(*_args(name, f"{name}-part{i}.csv"), "--shard", f"{i}/3")
+    line = cli_error("merge", f"{name}-part0.csv", f"{name}-part2.csv", "-o", f"{name}-never.csv")
+    assert "the parts are incomplete: part 1/3 missing" in line, line
+    run_cli("merge", f"{name}-part2.csv", f"{name}-part0.csv", f"{name}-part1.csv", "-o", f"{name}-merged.csv")
+    for suffix in ["", *COMMANDS[name][1]]:
+        got, want = Path(f"{name}-merged{suffix}.csv"), Path(f"{name}-1{suffix}.csv")
+        assert got.read_bytes() == want.read_bytes(), (name, suffix)
+        record = _record(got.with_name(got.stem + ".meta.json"))
+        assert record.pop("merged_from") == [f"{name}-part{i}.csv" for i in range(3)]
+        assert record == _record(want.with_name(want.stem + ".meta.json"))
+    assert not list(Path().glob(f"{name}-never*"))
+
+
+def test_gradnorm_parts_need_an_explicit_chunk(single, monkeypatch):
+    monkeypatch.chdir(single)
+    line = cli_error("gradnorm", "a.pt", *SAMPLES, "--shard", "0/2", "-o", "never.csv")
+    assert "--shard needs an explicit --chunk-size" in line, line
+    assert not Path("never.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["stability", "gradcos", "flatness"])
 def test_shard_is_not_an_option_of_the_reducing_probes(single, monkeypatch, name):
     """Their parts are not tables (yet): --shard is not offered, a one-line usage error."""
     monkeypatch.chdir(single)
