@@ -17,7 +17,7 @@ import torch
 
 from atprobe.errors import AtprobeError
 from atprobe.probes import flatness as flatness_probe
-from atprobe.studies import _fields, _torchrun_only
+from atprobe.studies import _fields, _no_parts
 from atprobe.study import Progress, SampleSpec, Study, Tables, no_progress, per_checkpoint, prefix
 
 __all__ = ["Points", "all_points", "between", "plane"]
@@ -40,7 +40,7 @@ def plane(study: Study, spec: SampleSpec, config: flatness_probe.PlaneConfig, de
           points: Points = all_points, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness --plane``: one row per (checkpoint, pair, point) (``checkpoint, epoch,
     split, labels`` then :data:`~atprobe.probes.flatness.PLANE_COLUMNS`)."""
-    _torchrun_only(study, "flatness --plane")
+    _no_parts(study, "flatness --plane")
     wanted = list(points(len(flatness_probe.plane_grid(config))))
     chosen = _mine(study, wanted)
 
@@ -61,7 +61,7 @@ def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, d
     ``A -> B``, ``epoch`` of A and B, ``split, labels``, then
     :data:`~atprobe.probes.flatness.PATH_COLUMNS`). The samples carry A's labels, which must be
     B's too (else ``--labels true``)."""
-    _torchrun_only(study, "flatness --between")
+    _no_parts(study, "flatness --between")
     if len(study.checkpoints) != 2:
         raise AtprobeError(f"--between takes two checkpoints A B, got {len(study.checkpoints)}")
     a, b = study.checkpoints

@@ -107,9 +107,9 @@ def _tag(tables: dict[str, pd.DataFrame], label: str) -> dict[str, pd.DataFrame]
     return tables
 
 
-def _torchrun_only(study: Study, command: str) -> None:
-    """The probes that reduce over samples inside (or are not wired for parts yet) split
-    across ``torchrun`` ranks but take no ``--shard`` part: a part of them is not a table."""
+def _no_parts(study: Study, command: str) -> None:
+    """A one-line error for a ``--shard`` part of a probe that splits across ``torchrun`` ranks
+    but has no part format (it reduces over samples inside: a part of it is not a table)."""
     if study.share.part:
         raise AtprobeError(f"{command} does not take --shard parts yet: run it under torchrun across GPUs, "
                            "or in one process (docs/scaling.md)")
@@ -287,7 +287,7 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
     """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
     (seeded by ``config.seed``, on the study's dataset with its true labels). ``bn_stats``:
     the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's)."""
-    _torchrun_only(study, "stability")
+    _no_parts(study, "stability")
     if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
@@ -329,7 +329,7 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
     """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
     on the same samples with the first checkpoint's labels. ``bn_stats``: the BatchNorm
     statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint)."""
-    _torchrun_only(study, "gradcos")
+    _no_parts(study, "gradcos")
     stubs = gradcos_probe.order_by_epoch(study.checkpoints)
     if len(stubs) < 2:
         raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
@@ -408,7 +408,7 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
     """``atprobe hessian``: eigenvalues and traces (main) and the density (``.density``).
     Under ``torchrun`` (``scope="all"``) each rank holds its whole batches of the samples and
     every Hessian-vector product is summed across the ranks (``hessian.compute``'s ``reduce``)."""
-    _torchrun_only(study, "hessian")
+    _no_parts(study, "hessian")
     reduce = study.share.ctx.sum_over_ranks if study.share.gathered else None
     if reduce is not None:  # refused before any checkpoint is read
         hessian_probe.check_split(config)
@@ -439,7 +439,7 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
 def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConfig, device: torch.device, *,
              curve: bool = False, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``)."""
-    _torchrun_only(study, "flatness")
+    _no_parts(study, "flatness")
 
     def probe(model, samples, ckpt, bar):
         table = flatness_probe.probe(model, study.shared(samples, config.batch_size), config, progress=bar,

@@ -339,16 +339,14 @@ def scale_options(func: Callable) -> Callable:
                        "samples themselves.")
     @functools.wraps(func)
     def wrapper(*args, shard, device, **kwargs):
-        from atprobe.distributed import SampleShare, probe_context, world_size
+        from atprobe.distributed import SampleShare, world_size
 
         if shard is not None:
             if world_size() > 1:
                 raise AtprobeError("--shard splits the samples into independent runs: not under torchrun, whose "
                                    "ranks split them already")
-            share = SampleShare.parse(shard)
-        else:
-            ctx, device = probe_context(device)
-            share = SampleShare.of(ctx)
+            return func(*args, share=SampleShare.parse(shard), device=device, **kwargs)
+        share, device = _rank_share(device)
         return func(*args, share=share, device=device, **kwargs)
 
     return wrapper
@@ -362,12 +360,18 @@ def rank_options(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, device, **kwargs):
-        from atprobe.distributed import SampleShare, probe_context
-
-        ctx, device = probe_context(device)
-        return func(*args, share=SampleShare.of(ctx), device=device, **kwargs)
+        share, device = _rank_share(device)
+        return func(*args, share=share, device=device, **kwargs)
 
     return wrapper
+
+
+def _rank_share(device: str):
+    """This process's ``SampleShare`` of the ``torchrun`` job (joined here) and its device."""
+    from atprobe.distributed import SampleShare, probe_context
+
+    ctx, resolved = probe_context(device)
+    return SampleShare.of(ctx), resolved
 
 
 def main_process() -> bool:
