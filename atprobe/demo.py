@@ -768,8 +768,10 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] | None = None) 
     :class:`AtprobeError` naming the step; the findings and the report are written last, so
     a report means a complete demo. With ``config.resume``, steps whose files are all there
     are skipped."""
+    from atprobe.distributed import single_process_only
     from atprobe.runtime import resolve_device
 
+    single_process_only("demo")  # its steps are whole commands, each with its own output folder
     say = progress or (lambda line: None)
     device = resolve_device(config.device)
     budget = config.resolve_budget(device.type)

@@ -117,8 +117,8 @@ def single_process_only(command: str) -> None:
     """A one-line error under ``torchrun`` for a command that does not split its work
     across ranks yet: every rank would compute the whole run (docs/scaling.md)."""
     if world_size() > 1:
-        raise AtprobeError(f"{command} does not run under torchrun yet (every rank would compute the whole "
-                           "thing): run it in one process per GPU (docs/scaling.md)")
+        raise AtprobeError(f"{command} does not run under torchrun (every rank would compute the whole "
+                           "thing): run it in one process (docs/scaling.md)")
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,10 @@ class SampleShare:
         run of whole batches (counts differ by at most one batch; a share may be empty)."""
         return batch_share(n, batch_size, self.index, self.count)
 
+    def mine(self, samples, batch_size: int):
+        """This share's samples of ``samples`` (a ``Split``): :meth:`rows` of it."""
+        return samples if self.count == 1 else samples.subset(self.rows(len(samples), batch_size))
+
     def gather(self, frame: pd.DataFrame | None, size: int) -> pd.DataFrame | None:
         """The rows of every share in sample order: ``frame`` holds blocks of ``size`` rows
         (one per attack or model, in order; None when the share is empty) and block j of
@@ -180,9 +184,17 @@ class SampleShare:
         return torch.cat(parts).to(values.device)
 
     def points(self, total: int) -> range:
-        """This rank's grid points of ``total`` (a landscape's points split across the ranks of
-        a ``torchrun`` job, round robin; every point in one process or a part)."""
-        return range(self.index, total, self.count) if self.gathered else range(total)
+        """This share's points of ``total`` (grid points, directions, checkpoint pairs...), round
+        robin: a rank's of a ``torchrun`` job, a ``--shard`` part's, or all of them in one process."""
+        return range(self.index, total, self.count)
+
+    def point_meta(self, units: int) -> dict:
+        """The meta record's ``world_size`` and, for a part that holds whole points (of ``units``
+        in all, each part's :meth:`points`), its ``part`` record (what ``atprobe merge`` checks)."""
+        record: dict = {"world_size": self.count if self.gathered else 1}
+        if self.part:
+            record["part"] = {"index": self.index, "count": self.count, "units": units}
+        return record
 
     def gather_rows(self, frame: pd.DataFrame, key: str) -> pd.DataFrame:
         """Every rank's rows of a grid (:meth:`points`) in grid order, sorted by ``key`` (stable)."""
@@ -199,6 +211,10 @@ class SampleShare:
             record["part"] = {"index": self.index, "count": self.count, "n": n, "batch_size": batch_size,
                               "rows": [rows.start, rows.stop]}
         return record
+
+
+#: The share of a run in one process: every sample, every point (the default of the probes).
+ONE_PROCESS = SampleShare()
 
 
 def batch_share(n: int, batch_size: int, index: int, count: int) -> slice:

@@ -17,7 +17,7 @@ import torch
 
 from atprobe.errors import AtprobeError
 from atprobe.probes import flatness as flatness_probe
-from atprobe.studies import _fields, _no_parts
+from atprobe.studies import _fields
 from atprobe.study import Progress, SampleSpec, Study, Tables, no_progress, per_checkpoint, prefix
 
 __all__ = ["Points", "all_points", "between", "plane"]
@@ -40,19 +40,24 @@ def plane(study: Study, spec: SampleSpec, config: flatness_probe.PlaneConfig, de
           points: Points = all_points, progress: Progress = no_progress) -> Tables:
     """``atprobe flatness --plane``: one row per (checkpoint, pair, point) (``checkpoint, epoch,
     split, labels`` then :data:`~atprobe.probes.flatness.PLANE_COLUMNS`)."""
-    _no_parts(study, "flatness --plane")
     wanted = list(points(len(flatness_probe.plane_grid(config))))
     chosen = _mine(study, wanted)
+    position = {p: i for i, p in enumerate(wanted)}
 
     def probe(model, samples, ckpt, bar):
-        rows = flatness_probe.plane(model, samples, config, points=chosen, progress=bar)
-        return {"": study.share.gather_rows(rows, "point")}
+        rows = study.share.gather_rows(flatness_probe.plane(model, samples, config, points=chosen, progress=bar),
+                                       "point")
+        if study.share.part:  # the order of the rows in one process: (checkpoint, point)
+            base = study.checkpoints.index(ckpt) * len(wanted)
+            rows.insert(0, "unit", [base + position[int(p)] for p in rows["point"]])
+        return {"": rows}
 
     tables = per_checkpoint(study, spec, probe, device, name="flatness --plane",
                             units=lambda m, s: len(chosen) * len(s), progress=progress)
     meta = study.meta(config, seed=config.seed, landscape="plane", points=len(wanted),
+                      extra=study.share.point_meta(len(study.checkpoints) * len(wanted)),
                       **_fields(spec, len(study.base(spec)), config.batch_size, device))
-    return Tables(tables[""], meta, main_name="plane")
+    return Tables(tables[""], meta, main_name="part plane" if study.share.part else "plane")
 
 
 def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, device: torch.device, *,
@@ -61,7 +66,6 @@ def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, d
     ``A -> B``, ``epoch`` of A and B, ``split, labels``, then
     :data:`~atprobe.probes.flatness.PATH_COLUMNS`). The samples carry A's labels, which must be
     B's too (else ``--labels true``)."""
-    _no_parts(study, "flatness --between")
     if len(study.checkpoints) != 2:
         raise AtprobeError(f"--between takes two checkpoints A B, got {len(study.checkpoints)}")
     a, b = study.checkpoints
@@ -80,11 +84,15 @@ def between(study: Study, spec: SampleSpec, config: flatness_probe.PathConfig, d
     with progress(len(chosen) * len(samples), f"flatness --between {a.name} {b.name}") as bar:
         table = flatness_probe.path(model_a, model_b, samples, config, train=train, points=chosen, progress=bar)
     table = study.share.gather_rows(table, "point")
+    if study.share.part:  # the order of the rows in one process
+        position = {p: i for i, p in enumerate(wanted)}
+        table.insert(0, "unit", [position[int(p)] for p in table["point"]])
     table = prefix(table, {"checkpoint": f"{a.path} -> {b.path}", "checkpoint_a": str(a.path),
                            "checkpoint_b": str(b.path), "epoch_a": a.epoch, "epoch_b": b.epoch,
                            "split": spec.split, "labels": spec.labels})
     for column in ("epoch_a", "epoch_b"):
         table[column] = table[column].astype("Int64")
     meta = study.meta(config, seed=config.seed, landscape="between", points=len(wanted),
-                      bn_stats=str(config.bn_stats), **_fields(spec, len(base), config.batch_size, device))
-    return Tables(table, meta, main_name="path")
+                      bn_stats=str(config.bn_stats), extra=study.share.point_meta(len(wanted)),
+                      **_fields(spec, len(base), config.batch_size, device))
+    return Tables(table, meta, main_name="part path" if study.share.part else "path")

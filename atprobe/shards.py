@@ -1,12 +1,15 @@
 """Joining ``--shard I/N`` parts into the table one process writes (``atprobe merge``).
 
-A part is the per-sample rows of one share of the samples (``atprobe.distributed.SampleShare``:
-whole batches, so each row is bit for bit the single-process one) with a ``.meta.json``
-whose ``part`` record says which share. :func:`merge_parts` checks that the parts come
-from one run (the same meta but for when, how and which part) and cover every share
-exactly once, joins their rows in sample order and finishes them as the command finishes
-its own gathered rows (``atprobe.studies.eval_from_samples``,
-``atprobe.studies.hardness_from_samples``): the merged CSVs equal the single-process ones.
+A part of eval, hardness, gradnorm or curvature is the per-sample rows of one share of the
+samples (``atprobe.distributed.SampleShare``: whole batches, so each row is bit for bit the
+single-process one); a part of stability, gradcos or flatness (:data:`POINT_KINDS`) is the
+rows of whole units (directions, checkpoint pairs, grid points) on every sample, with a
+``unit`` column that orders them. Each has a ``.meta.json`` whose ``part`` record says
+which. :func:`merge_parts` checks that the parts come from one run (the same meta but for
+when, how and which part) and cover every share (or unit) exactly once, joins their rows in
+sample (or unit) order and finishes them as the command finishes its own gathered rows
+(``atprobe.studies.eval_from_samples``, ``hardness_from_samples``, ``flatness_from_curve``...):
+the merged CSVs equal the single-process ones.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ __all__ = ["KINDS", "Part", "merge_parts", "read_part", "write_merged"]
 
 #: The commands whose parts merge, by the ``table`` their parts record.
 KINDS = {"part eval": "eval", "part hardness": "hardness", "part gradnorm": "gradnorm",
-         "part curvature": "curvature"}
+         "part curvature": "curvature", "part stability": "stability", "part gradcos": "gradcos",
+         "part flatness": "flatness", "part plane": "plane", "part path": "path"}
+#: The kinds whose parts hold whole points (units: directions, pairs, grid points) of every
+#: sample, not a share of the samples; their rows carry the ``unit`` that orders them.
+POINT_KINDS = ("stability", "gradcos", "flatness", "plane", "path")
+#: The table name one process gives the main table of each point kind.
+POINT_MAIN = {"stability": "main", "gradcos": "main", "flatness": "main", "plane": "plane", "path": "path"}
 #: Meta fields that legitimately differ between the parts of one run.
 VOLATILE = ("command", "created", "part", "rows", "versions")
 
@@ -57,7 +66,7 @@ class Part:
         versions = self.meta.get("versions", {})
         return {**{k: v for k, v in self.meta.items() if k not in VOLATILE},
                 "versions": {k: versions.get(k) for k in ("atprobe", "torch")},
-                "part": {k: self.record[k] for k in ("count", "n", "batch_size")}}
+                "part": {k: v for k, v in self.record.items() if k not in ("index", "rows")}}
 
     def rows(self) -> pd.DataFrame:
         """The part's rows, floats read back to the same bits they were written with."""
@@ -88,6 +97,8 @@ def _check_cover(parts: Sequence[Part]) -> list[Part]:
     if missing:
         raise AtprobeError(f"the parts are incomplete: part {', '.join(f'{i}/{first.count}' for i in missing)} "
                            "missing")
+    if first.kind in POINT_KINDS:
+        return [seen[i] for i in range(first.count)]  # their units are checked on their rows
     n, batch = int(first.record["n"]), int(first.record["batch_size"])
     for p in parts:
         share = batch_share(n, batch, p.index, p.count)
@@ -107,15 +118,15 @@ def merge_parts(paths: Sequence[str | os.PathLike]) -> tuple[str, Any, dict[str,
         raise AtprobeError("no part given")
     parts = _check_cover([Part(p) for p in paths])
     frames = [p.rows() for p in parts]
+    if parts[0].kind in POINT_KINDS:
+        return _merge_points(parts, frames)
     for p, frame in zip(parts, frames):
         size = p.record["rows"][1] - p.record["rows"][0]
         if (size == 0) != (len(frame) == 0) or (size and len(frame) % size):
             raise AtprobeError(f"{p.path}: {len(frame)} rows, not whole blocks of its {size} samples")
     samples = interleave_blocks(frames, [p.record["rows"][1] - p.record["rows"][0] for p in parts])
     first = parts[0].meta
-    meta = {k: v for k, v in first.items() if k not in ("part", "rows", "columns", "table", "attack_fields",
-                                                         "per_sample")}
-    meta.update(command=list(sys.argv), world_size=1, merged_from=[str(p.path) for p in parts])
+    meta = _single_meta(parts)
     kind = parts[0].kind
     if kind == "eval":
         return kind, studies.eval_from_samples(samples, first["attack_fields"], meta, bool(first["per_sample"])), meta
@@ -125,8 +136,49 @@ def merge_parts(paths: Sequence[str | os.PathLike]) -> tuple[str, Any, dict[str,
     return "hardness", studies.hardness_from_samples(samples, int(first["config"]["top_k"])), meta
 
 
+def _single_meta(parts: Sequence[Part]) -> dict[str, Any]:
+    """The single-process meta record of a run from its first part's, with ``merged_from``."""
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("part", "rows", "columns", "table", "attack_fields",
+                                                                 "per_sample")}
+    meta.update(command=list(sys.argv), world_size=1, merged_from=[str(p.path) for p in parts])
+    return meta
+
+
+def _merge_points(parts: Sequence[Part], frames: Sequence[pd.DataFrame]) -> tuple[str, Any, dict[str, Any]]:
+    """Parts that hold whole units: every unit of ``0..units-1`` in exactly one part, the rows
+    ordered by unit (each unit's rows in the order its part wrote them), ``unit`` dropped."""
+    from atprobe import studies
+    from atprobe.study import Tables
+
+    units = int(parts[0].record["units"])
+    owner: dict[int, Part] = {}
+    for p, frame in zip(parts, frames):
+        if "unit" not in frame.columns:
+            raise AtprobeError(f"{p.path}: no unit column: not a part written by atprobe --shard")
+        for u in dict.fromkeys(int(u) for u in frame["unit"]):
+            if u in owner:
+                raise AtprobeError(f"the parts overlap: unit {u} is in {owner[u].path} and {p.path}")
+            if not 0 <= u < units:
+                raise AtprobeError(f"{p.path}: unit {u} is not one of the run's {units}")
+            owner[u] = p
+    missing = [u for u in range(units) if u not in owner]
+    if missing:
+        raise AtprobeError(f"the parts are incomplete: unit {', '.join(map(str, missing[:5]))}"
+                           f"{' ...' if len(missing) > 5 else ''} of {units} missing")
+    kept = [f for f in frames if len(f)]
+    rows = pd.concat(kept, ignore_index=True) if kept else frames[0]
+    rows = rows.sort_values("unit", kind="stable", ignore_index=True).drop(columns="unit")
+    meta = _single_meta(parts)
+    kind = parts[0].kind
+    if kind == "flatness":
+        return kind, studies.flatness_from_curve(rows, meta, bool(parts[0].record.get("curve"))), meta
+    return kind, Tables(rows, meta, main_name=POINT_MAIN[kind]), meta
+
+
 def output_files(kind: str, output: str | os.PathLike, per_sample: bool = False) -> list[Path]:
     """Every file :func:`write_merged` writes for ``kind`` at ``output``."""
+    if kind == "flatness":
+        return table_files(output, [".curve"] if per_sample else [])
     if kind != "hardness":
         return table_files(output, [".samples"] if per_sample else [])
     out = Path(output)

@@ -26,7 +26,8 @@ from atprobe import runs as runs_layout
 from atprobe.attacks import AttackSpec
 from atprobe.autoattack import AutoAttackConfig
 from atprobe.bnstats import BNStats
-from atprobe.distributed import single_process_only
+from atprobe.data import Split
+from atprobe.distributed import ONE_PROCESS, SampleShare
 from atprobe.errors import AtprobeError
 from atprobe.evaluate import SAMPLE_COLUMNS, EvalConfig, attack_fields, evaluate_samples, summarize_samples
 from atprobe.io import write_tables
@@ -43,6 +44,7 @@ from atprobe.probes import stability as stability_probe
 from atprobe.probes._gradutil import auto_chunk_size
 from atprobe.runtime import prepare_model
 from atprobe.study import (
+    PREFIX,
     DataSource,
     ModelSource,
     Progress,
@@ -105,6 +107,17 @@ def _tag(tables: dict[str, pd.DataFrame], label: str) -> dict[str, pd.DataFrame]
     for df in tables.values():
         df.insert(0, "bn_stats", label)
     return tables
+
+
+def point_units(study: Study, samples: Split, batch_size: int, units: int) -> tuple[Split, list[int] | None]:
+    """``(samples, units)`` this process computes of a probe that reduces over samples:
+    under ``torchrun``, this rank's share of the samples (whole batches) and every unit; a
+    ``--shard`` part, every sample and its units (round robin of ``units``: directions,
+    checkpoint pairs...), so each of its rows is the single-process row; in one process,
+    everything (``None``: every unit)."""
+    if study.share.part:
+        return samples, list(study.share.points(units))
+    return study.shared(samples, batch_size), None
 
 
 def _no_parts(study: Study, command: str) -> None:
@@ -190,16 +203,19 @@ def _eval_meta(study: Study, spec: SampleSpec, config: EvalConfig, device: torch
 
 def table(runs: Sequence[str], spec: SampleSpec, config: EvalConfig, device: torch.device, *,
           data: DataSource | None = None, threat=None, seed: int = 0, root: str | os.PathLike | None = None,
-          progress: Progress = no_progress) -> Tables:
+          share: SampleShare = ONE_PROCESS, progress: Progress = no_progress) -> Tables:
     """``atprobe table``: Table 1 of the paper, one row per (run, attack) with the accuracy of
     each run's ``best.pt`` and ``final.pt`` and their difference (``atprobe.runs.best_final``).
     The run directories are checked before anything is read; the checkpoints are evaluated
     as ``atprobe eval`` evaluates them (same samples, same keyed starts). ``root``: where
-    relative run directories are read from, their names kept in the table (the demo)."""
-    single_process_only("table")
+    relative run directories are read from, their names kept in the table (the demo).
+    ``share``: this rank's share of a ``torchrun`` job: each checkpoint's samples are split
+    across the ranks and gathered as ``eval`` gathers them."""
+    if share.part:
+        raise AtprobeError("table does not take --shard parts: run it under torchrun, or in one process")
     runs_layout.check_runs([runs_layout.at_root(r, root) for r in runs])
     runs = [str(r) for r in runs]
-    study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource(), root=root)
+    study = Study(runs_layout.table_checkpoints(runs), ModelSource(), data or DataSource(), root=root, share=share)
     if _check_same_data(study.checkpoints, study.dataset_name, spec.split):
         raise AtprobeError(f"the runs carved different validation splits: their {spec.split} samples differ "
                            "(use --split test)")
@@ -286,8 +302,8 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
               bn_stats: BNStats | str = "auto", progress: Progress = no_progress) -> Tables:
     """``atprobe stability`` of the study's one checkpoint, or of a fresh ``init_arch`` model
     (seeded by ``config.seed``, on the study's dataset with its true labels). ``bn_stats``:
-    the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's)."""
-    _no_parts(study, "stability")
+    the BatchNorm statistics (``atprobe.bnstats``; ``auto`` recomputes a fresh model's).
+    A ``--shard`` part computes its (loss, direction) units on every sample (:func:`point_units`)."""
     if (len(study.checkpoints) == 1) == (init_arch is not None) or len(study.checkpoints) > 1:
         raise AtprobeError("give either a CHECKPOINT or --init ARCH (one of them)")
     bn = _BNStats(study, bn_stats, seed=config.seed, batch_size=batch_size)
@@ -313,14 +329,21 @@ def stability(study: Study, spec: SampleSpec, config: stability_probe.StabilityC
                           "normalize": study.models_source.normalize}}
     config = dataclasses.replace(config, chunk_size=_chunk(model, chunk_size, batch_size, copies=2))
     model, label = bn(model, config.chunk_size)
-    total = len(study.shared(samples, config.chunk_size)) * len(config.losses) * config.directions * len(config.lambdas)
+    units = len(config.losses) * config.directions
+    mine, kept = point_units(study, samples, config.chunk_size, units)
+    total = len(mine) * len(range(units) if kept is None else kept) * len(config.lambdas)
     with progress(total, f"stability {name}") as bar:
-        table = stability_probe.probe(model, study.shared(samples, config.chunk_size), config, progress=bar,
-                                      gather=study.share.gather_values)
+        table = stability_probe.probe(model, mine, config, progress=bar, gather=study.share.gather_values,
+                                      units=kept)
     table = prefix(_tag({"": table}, label)[""], {"checkpoint": name, "split": spec.split, "labels": labels})
+    if kept is not None:
+        losses = list(config.losses)
+        extra = {**extra, **study.share.point_meta(units)}
+        table.insert(0, "unit", [losses.index(loss) * config.directions + int(k)
+                                 for loss, k in zip(table["loss"], table["direction"])])
     meta = study.meta(config, seed=config.seed, extra=extra, **bn.meta(),
                       **_fields(spec, len(samples), batch_size, device))
-    return Tables(table, meta)
+    return Tables(table, meta, main_name="main" if kept is None else "part stability")
 
 
 def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig, device: torch.device, *,
@@ -328,8 +351,8 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
             progress: Progress = no_progress) -> Tables:
     """``atprobe gradcos``: successive checkpoints of the study, ordered by epoch, each pair
     on the same samples with the first checkpoint's labels. ``bn_stats``: the BatchNorm
-    statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint)."""
-    _no_parts(study, "gradcos")
+    statistics of each checkpoint (``atprobe.bnstats``, resolved per checkpoint). A
+    ``--shard`` part computes its pairs on every sample (:func:`point_units`)."""
     stubs = gradcos_probe.order_by_epoch(study.checkpoints)
     if len(stubs) < 2:
         raise AtprobeError(f"gradcos needs at least two checkpoints (or a run directory), got {len(stubs)}")
@@ -346,21 +369,30 @@ def gradcos(study: Study, spec: SampleSpec, config: gradcos_probe.GradCosConfig,
     first = study.model(stubs[0], device)
     config = dataclasses.replace(config, chunk_size=_chunk(first, chunk_size, batch_size, copies=2))
 
-    def models():
+    units = len(stubs) - 1
+    mine, kept = point_units(study, samples, config.chunk_size, units)
+
+    def models():  # every model, in a part too: each one's BatchNorm resolution is in the meta record
         yield bn(first, config.chunk_size)[0]
         for s in stubs[1:]:
             yield bn(study.model(s, device), config.chunk_size)[0]
 
-    with progress(len(study.shared(samples, config.chunk_size)) * (len(stubs) - 1), "gradcos") as bar:
-        table = gradcos_probe.probe(models(), study.shared(samples, config.chunk_size), config,
-                                    names=[str(s.path) for s in stubs], epochs=[s.epoch for s in stubs],
-                                    progress=bar, gather=study.share.gather_values)
-    table.insert(5, "bn_stats_b", bn.labels[1:])
-    table.insert(5, "bn_stats_a", bn.labels[:-1])
+    with progress(len(mine) * len(range(units) if kept is None else kept), "gradcos") as bar:
+        table = gradcos_probe.probe(models(), mine, config, names=[str(s.path) for s in stubs],
+                                    epochs=[s.epoch for s in stubs], progress=bar, gather=study.share.gather_values,
+                                    pairs=kept)
+    pairs = [int(p) for p in table["pair"]]
+    table.insert(5, "bn_stats_b", [bn.labels[p + 1] for p in pairs])
+    table.insert(5, "bn_stats_a", [bn.labels[p] for p in pairs])
     table.insert(5, "labels", spec.labels)
     table.insert(5, "split", spec.split)
-    meta = study.meta(config, seed=config.seed, **bn.meta(), **_fields(spec, len(samples), batch_size, device))
-    return Tables(table, meta)
+    extra = None
+    if kept is not None:
+        extra = study.share.point_meta(units)
+        table.insert(0, "unit", pairs)
+    meta = study.meta(config, seed=config.seed, extra=extra, **bn.meta(),
+                      **_fields(spec, len(samples), batch_size, device))
+    return Tables(table, meta, main_name="main" if kept is None else "part gradcos")
 
 
 # ---------------------------------------------------------------------------- landscape probes
@@ -438,24 +470,49 @@ def hessian(study: Study, spec: SampleSpec, config: hessian_probe.HessianConfig,
 
 def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConfig, device: torch.device, *,
              curve: bool = False, progress: Progress = no_progress) -> Tables:
-    """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``)."""
-    _no_parts(study, "flatness")
+    """``atprobe flatness``: the summary, and with ``curve`` the whole landscape (``.curve``).
+    A ``--shard`` part is the curve of its directions on every sample (:func:`point_units`;
+    theta in every part), finished by :func:`flatness_from_curve` as one process finishes."""
+    directions = config.directions
+    kept = list(study.share.points(directions)) if study.share.part else None
 
     def probe(model, samples, ckpt, bar):
-        table = flatness_probe.probe(model, study.shared(samples, config.batch_size), config, progress=bar,
-                                     gather=study.share.gather_values)
-        out = {"": flatness_probe.summarize(table, config)}
-        if curve:
-            out[".curve"] = table
-        return out
+        mine, _ = point_units(study, samples, config.batch_size, directions)
+        table = flatness_probe.probe(model, mine, config, progress=bar, gather=study.share.gather_values, kept=kept)
+        if kept is not None:  # the curve's rows in order of (checkpoint, direction)
+            table.insert(0, "unit", [study.checkpoints.index(ckpt) * directions + int(k) for k in table["direction"]])
+        return {".curve": table}
 
-    points = 1 + config.directions * sum(1 for v in config.lambdas if v != 0)
-    tables = per_checkpoint(study, spec, probe, device, name="flatness",
-                            units=lambda m, s: points * len(study.shared(s, config.batch_size)),
-                            progress=progress)
-    meta = study.meta(config, seed=config.seed, **_fields(spec, len(study.base(spec)), config.batch_size,
-                                                             device))
-    return Tables(tables[""], meta, {k: v for k, v in tables.items() if k})
+    evaluated = 1 + sum(1 for v in config.lambdas if v != 0) * len(kept if kept is not None else range(directions))
+    table = per_checkpoint(study, spec, probe, device, name="flatness", progress=progress,
+                           units=lambda m, s: evaluated * len(point_units(study, s, config.batch_size, 1)[0]))[".curve"]
+    part = None
+    if study.share.part:
+        part = study.share.point_meta(len(study.checkpoints) * directions)
+        part["part"]["curve"] = curve
+    meta = study.meta(config, seed=config.seed, extra=part,
+                      **_fields(spec, len(study.base(spec)), config.batch_size, device))
+    if study.share.part:
+        return Tables(table, meta, main_name="part flatness")
+    return flatness_from_curve(table, meta, curve)
+
+
+def flatness_from_curve(curve: pd.DataFrame, meta: dict[str, Any], keep_curve: bool) -> Tables:
+    """``atprobe flatness``'s tables from its curve (every checkpoint's rows in order, each
+    checkpoint ``directions x lambdas`` rows): each checkpoint's ``flatness.summarize`` with
+    its leading columns, and with ``keep_curve`` the curve as ``.curve``. One process, and
+    ``atprobe merge`` of ``--shard`` parts, end here."""
+    record = meta["config"]
+    config = flatness_probe.FlatnessConfig(lambdas=tuple(record["lambdas"]), radius=record["radius"],
+                                           directions=int(record["directions"]))
+    size = config.directions * len(config.lambdas)
+    summaries = []
+    for start in range(0, len(curve), size):
+        block = curve.iloc[start:start + size]
+        lead = {c: block[c].iloc[0] for c in PREFIX}
+        summaries.append(prefix(flatness_probe.summarize(block, config), lead))
+    main = pd.concat(summaries, ignore_index=True)
+    return Tables(main, meta, {".curve": curve} if keep_curve else {})
 
 
 # ---------------------------------------------------------------------------- complexity
@@ -475,8 +532,9 @@ COMPLEXITY_CSV_COLUMNS = ["checkpoint", "epoch", "label_noise", "measure", "vari
 def complexity(study: Study, config: complexity_probe.ComplexityConfig, device: torch.device, *,
                n: int | None = None, progress: Progress = no_progress) -> Tables:
     """``atprobe complexity``: every measure of every checkpoint; the data-dependent measures
-    on the first ``n`` training samples (trained labels) and, for ``gap``, test samples."""
-    single_process_only("complexity")
+    on the first ``n`` training samples (trained labels) and, for ``gap``, test samples.
+    Under ``torchrun`` every measure is split across the ranks (``complexity.probe``'s
+    ``share``) and rank 0 writes the single-process table."""
     train = test = None
     if config.needs_data:
         train = study.base(SampleSpec(split="train", n=n))
@@ -488,7 +546,7 @@ def complexity(study: Study, config: complexity_probe.ComplexityConfig, device: 
         for ckpt in study.checkpoints:
             model = study.model(ckpt, device)
             samples = None if train is None else study.samples(ckpt, spec, train)
-            df = complexity_probe.probe(model, samples, config, test=test)
+            df = complexity_probe.probe(model, samples, config, test=test, share=study.share)
             df.insert(0, "label_noise", pd.array([label_noise(ckpt)] * len(df), dtype="Float64"))
             frames.append(prefix(df, {"checkpoint": str(ckpt.path), "epoch": ckpt.epoch}))
             del model

@@ -335,7 +335,7 @@ class Study:
 
     def shared(self, samples: Split, batch_size: int) -> Split:
         """This process's share of ``samples`` (whole batches of ``batch_size``; :attr:`share`)."""
-        return samples if self.share.count == 1 else samples.subset(self.share.rows(len(samples), batch_size))
+        return self.share.mine(samples, batch_size)
 
     def samples(self, ckpt: Checkpoint, spec: SampleSpec, base: Split | None = None) -> Split:
         """``base`` (default ``self.base(spec)``) with the labels ``spec`` gives ``ckpt``; a

@@ -334,9 +334,10 @@ def scale_options(func: Callable) -> Callable:
     I of N independent parts), docs/scaling.md. Declared above ``common_options`` (it reads ``device``)."""
 
     @click.option("--shard", default=None, metavar="I/N",
-                  help="Compute part I (0-based) of N of the samples (whole batches) and write it alone, for "
-                       "job arrays; join the parts with atprobe merge. Under torchrun the ranks split the "
-                       "samples themselves.")
+                  help="Compute part I (0-based) of N and write it alone, for job arrays; join the parts with "
+                       "atprobe merge. eval, hardness, gradnorm, curvature: a share of the samples (whole "
+                       "batches); stability, gradcos, flatness: whole directions, pairs or grid points on every "
+                       "sample. Under torchrun the ranks split the work themselves.")
     @functools.wraps(func)
     def wrapper(*args, shard, device, **kwargs):
         from atprobe.distributed import SampleShare, world_size

@@ -16,6 +16,7 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
+    rank_options,
     threat_options,
 )
 from atprobe.probes import complexity
@@ -56,9 +57,10 @@ Examples:
 @output_option("complexity.csv")
 @data_options
 @foreign_options
+@rank_options
 @common_options
 def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on, spectral_method, fold_bn, n,
-                       threat, output, data, models, device, batch_size, seed, quiet) -> None:
+                       threat, output, data, models, device, batch_size, seed, quiet, share) -> None:
     """Complexity measures and generalization gaps of CHECKPOINTS (files or run directories).
 
     Measures: spectral (product of layer spectral norms, and its log10), l1 (sum of entrywise l1
@@ -75,5 +77,5 @@ def complexity_command(checkpoints, measures, divide, margin_quantile, margin_on
     for measure in config.measures:  # a missing optional module fails before any work
         if measure in complexity.EXTERNAL:
             complexity.external_module(measure)
-    finish(studies.complexity(Study(checkpoints, models, data), config, device, n=n, progress=bars(quiet)),
+    finish(studies.complexity(Study(checkpoints, models, data, share=share), config, device, n=n, progress=bars(quiet)),
            output, quiet)

@@ -15,8 +15,8 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
-    rank_options,
     sample_options,
+    scale_options,
     threat_options,
 )
 from atprobe.directions import IGNORES, parse_lambdas
@@ -71,7 +71,7 @@ Examples:
 @output_option("flatness.csv", siblings={"curve": ".curve"})
 @data_options
 @foreign_options
-@rank_options
+@scale_options
 @common_options
 def flatness_command(checkpoints, lambdas, radius, num_directions, ignore, direction_norm, curve, plane, x_grid,
                      y_grid, pairs, between, t_grid, bn_images, samples, threat, output, data, models, device,

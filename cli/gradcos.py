@@ -15,8 +15,8 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
-    rank_options,
     sample_options,
+    scale_options,
 )
 from atprobe.pergrad import OBJECTIVES
 from atprobe.probes import gradcos
@@ -41,7 +41,7 @@ Examples:
 @output_option("gradcos.csv")
 @data_options
 @foreign_options
-@rank_options
+@scale_options
 @common_options
 def gradcos_command(checkpoints, loss, samples, threat, beta, chunk_size, bn_stats, output, data, models, device,
                     batch_size, seed, quiet, share) -> None:

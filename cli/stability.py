@@ -16,8 +16,8 @@ from atprobe.cli.common import (
     finish,
     foreign_options,
     output_option,
-    rank_options,
     sample_options,
+    scale_options,
     split_list,
 )
 from atprobe.directions import IGNORES, parse_lambdas
@@ -57,7 +57,7 @@ Examples:
 @output_option("stability.csv", inputs="checkpoint")
 @data_options
 @foreign_options
-@rank_options
+@scale_options
 @common_options
 def stability_command(checkpoint, init_arch, losses, lambdas, num_directions, ignore, direction_norm, samples,
                       threat, beta, chunk_size, bn_stats, output, data, models, device, batch_size, seed,

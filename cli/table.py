@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from atprobe import studies
-from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, output_option
+from atprobe.cli.common import bars, common_options, data_options, eval_options, finish, output_option, rank_options
 from atprobe.runtime import set_determinism
 
 #: Table 1's columns that need no extra package (add AutoAttack's name to --attack where it is available).
@@ -25,8 +25,9 @@ Examples:
 @eval_options(attacks=DEFAULT_ATTACKS)
 @output_option("table.csv", inputs="runs")
 @data_options
+@rank_options
 @common_options
-def table_command(runs, samples, threat, config, output, data, device, batch_size, seed, quiet) -> None:
+def table_command(runs, samples, threat, config, output, data, device, batch_size, seed, quiet, share) -> None:
     """Table 1 of RUN_DIRs: each run's best.pt and final.pt under every attack.
 
     best.pt is the checkpoint `atprobe train` selected by its robust accuracy (the paper:
@@ -35,5 +36,6 @@ def table_command(runs, samples, threat, config, output, data, device, batch_siz
     final_epoch (accuracies are fractions in [0, 1]).
     """
     set_determinism(seed)
-    finish(studies.table(runs, samples, config, device, data=data, threat=threat, seed=seed, progress=bars(quiet)),
+    finish(studies.table(runs, samples, config, device, data=data, threat=threat, seed=seed, share=share,
+                         progress=bars(quiet)),
            output, quiet)

@@ -435,8 +435,9 @@ def test_dispatch_to_the_other_modules(measure, monkeypatch):
     module = cx.external_module(measure)
     calls = []
 
-    def fake(model, samples, config):
+    def fake(model, samples, config, *, share):
         calls.append((model, len(samples), config))
+        assert not share.gathered and share.count == 1  # one process: the whole share
         return pd.DataFrame({"measure": [measure], "variant": ["x;at=natural"], "value": [1.5], "reason": [""]})
 
     monkeypatch.setattr(module, "complexity_rows", fake)

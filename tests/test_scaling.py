@@ -160,11 +160,11 @@ def test_commands_that_do_not_split_refuse_torchrun(single, monkeypatch):
     is a one-line error before any work; --shard is refused there too."""
     monkeypatch.chdir(single)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    line = cli_error("complexity", "a.pt", "--device", "cpu", "--quiet", "-o", "g.csv")
-    assert "complexity does not run under torchrun" in line, line
+    line = cli_error("demo", "--out", "g", "--budget", "quick")
+    assert "demo does not run under torchrun" in line, line
     line = cli_error(*EVAL, "--shard", "0/2", "-o", "s.csv")
     assert "not under torchrun" in line, line
-    assert not Path("g.csv").exists() and not Path("s.csv").exists()
+    assert not Path("g").exists() and not Path("s.csv").exists()
 
 
 def test_torch_distributed_is_available():

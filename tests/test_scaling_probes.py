@@ -1,12 +1,15 @@
-"""The gradient and landscape probes under torchrun (2 and 3 gloo processes on the CPU)
-write the single-process CSVs byte for byte: per-sample probes (gradnorm, curvature) gather
-their rows, the probes that reduce over samples (stability, gradcos, flatness) gather the
-per-sample values before the statistics, and flatness --plane/--between split the grid."""
+"""The gradient, landscape and complexity probes and Table 1 under torchrun (2 and 3 gloo
+processes on the CPU) write the single-process CSVs byte for byte: per-sample probes
+(gradnorm, curvature) gather their rows, the probes that reduce over samples (stability,
+gradcos, flatness, complexity's measures) gather the per-sample values before the statistics,
+and flatness --plane/--between split the grid. Their --shard parts merge into the same CSVs."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pandas as pd
 import pytest
 from conftest import cli_error, run_cli, save_seeded_checkpoint
 from test_scaling import VOLATILE, torchrun
+from test_scaling import _free_port as free_port
 
 # 7 samples in chunks/batches of 2: 4 chunks, uneven over 2 and 3 ranks, the last one partial.
 SAMPLES = ["--split", "train", "--n", "7", "--steps", "2", "--device", "cpu", "--quiet"]
@@ -22,10 +26,10 @@ GRID = ["--lambdas=-0.1:0.1:3", "--directions", "2"]
 COMMANDS = {
     "gradnorm": (["gradnorm", "a.pt", "b.pt", "--chunk-size", "2", "--per-sample"], [".samples"]),
     "stability": (["stability", "a.pt", "--chunk-size", "2", "--losses", "clean,pgd_at", *GRID], []),
-    "gradcos": (["gradcos", "a.pt", "b.pt", "--chunk-size", "2"], []),
+    "gradcos": (["gradcos", "a.pt", "b.pt", "a.pt", "--chunk-size", "2"], []),
     "curvature": (["curvature", "a.pt", "--batch-size", "2", "--iterations", "5", "--per-sample"], [".samples"]),
-    "flatness": (["flatness", "a.pt", "--batch-size", "2", *GRID, "--curve"], [".curve"]),
-    "plane": (["flatness", "a.pt", "--batch-size", "2", "--plane", "--x=-0.1:0.1:3", "--y=-0.1:0.1:3"], []),
+    "flatness": (["flatness", "a.pt", "b.pt", "--batch-size", "2", *GRID, "--curve"], [".curve"]),
+    "plane": (["flatness", "a.pt", "b.pt", "--batch-size", "2", "--plane", "--x=-0.1:0.1:3", "--y=-0.1:0.1:2"], []),
     "between": (["flatness", "--between", "a.pt", "b.pt", "--batch-size", "2", "--t", "0:1:4"], []),
 }
 
@@ -69,11 +73,13 @@ def test_torchrun_writes_the_single_process_csvs(single, name, nproc):
     assert "Error" not in done.stderr and "%|" not in done.stderr  # progress on rank 0 only, and --quiet
 
 
-@pytest.mark.slow  # 6 runs and 2 merges, ~25 s
-@pytest.mark.parametrize("name", ["gradnorm", "curvature"])
+@pytest.mark.slow  # 3 runs and 2 merges per command, ~10 s each
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_shard_parts_merge_to_the_single_process_csvs(single, monkeypatch, name):
     """--shard I/3 parts (given to merge out of order) join into the single-process CSVs byte
-    for byte, their meta records equal but for merged_from; a missing part is a one-line error."""
+    for byte, their meta records equal but for merged_from; a missing part is a one-line error.
+    gradnorm and curvature parts hold shares of the samples; the others whole directions, pairs
+    or grid points (gradcos: 2 pairs over 3 parts, one part empty)."""
     monkeypatch.chdir(single)
     for i in range(3):
         run_cli(*_args(name, f"{name}-part{i}.csv"), "--shard", f"{i}/3")
@@ -96,11 +102,28 @@ def test_gradnorm_parts_need_an_explicit_chunk(single, monkeypatch):
     assert not Path("never.csv").exists()
 
 
-@pytest.mark.parametrize("name", ["stability", "gradcos", "flatness"])
-def test_shard_is_not_an_option_of_the_reducing_probes(single, monkeypatch, name):
-    """Their parts are not tables (yet): --shard is not offered, a one-line usage error."""
+def test_point_parts_that_overlap_or_miss_a_unit_are_refused(single, monkeypatch):
+    """Parts of whole units are checked on their rows: a unit in two parts, or in none, is a
+    one-line error and nothing is written."""
     monkeypatch.chdir(single)
-    line = cli_error(*_args(name, "never.csv"), "--shard", "0/2")
+    args = ["stability", "a.pt", "--chunk-size", "4", "--losses", "clean", "--lambdas=0:0.1:2", "--directions",
+            "2", "--split", "train", "--n", "3", "--steps", "1", "--device", "cpu", "--quiet"]
+    for i in range(2):
+        run_cli(*args, "--shard", f"{i}/2", "-o", f"u{i}.csv")
+    good = pd.read_csv("u1.csv")
+    good.assign(unit=0).to_csv("u1.csv", index=False)  # part 1 claims part 0's unit
+    line = cli_error("merge", "u0.csv", "u1.csv", "-o", "never.csv")
+    assert "the parts overlap: unit 0 is in u0.csv and u1.csv" in line, line
+    good.iloc[:0].to_csv("u1.csv", index=False)  # part 1 lost its rows
+    line = cli_error("merge", "u0.csv", "u1.csv", "-o", "never.csv")
+    assert "the parts are incomplete: unit 1 of 2 missing" in line, line
+    assert not Path("never.csv").exists()
+
+
+def test_hessian_takes_no_parts(single, monkeypatch):
+    """A part of a Hessian-vector product is not a table: hessian offers no --shard."""
+    monkeypatch.chdir(single)
+    line = cli_error("hessian", "a.pt", *SAMPLES, "--shard", "0/2", "-o", "never.csv")
     assert "--shard" in line, line
     assert not Path("never.csv").exists()
 
@@ -153,9 +176,90 @@ def test_hessian_of_one_batch_refuses_torchrun(single):
     assert not (single / "never.csv").exists()
 
 
-def test_complexity_refuses_torchrun(single, monkeypatch):
+COMPLEXITY = ["complexity", "a.pt", "b.pt", "--measures", "spectral,l1,margin,gap", "--margin", "--n", "7",
+              "--steps", "2", "--batch-size", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.slow  # one torchrun launch per case, ~8 s each
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_complexity_under_torchrun_is_the_single_process_csv(single, monkeypatch, nproc):
+    """The layers of the norm measures split round robin, the margins and the accuracies of
+    the gap by whole batches (7 samples in batches of 2), gathered before any statistic."""
     monkeypatch.chdir(single)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    line = cli_error("complexity", "a.pt", "--device", "cpu", "--quiet", "-o", "never.csv")
-    assert "complexity does not run under torchrun" in line, line
-    assert not Path("never.csv").exists()
+    if not Path("complexity-1.csv").exists():
+        run_cli(*COMPLEXITY, "-o", "complexity-1.csv")
+    done = torchrun(nproc, [*COMPLEXITY, "-o", f"complexity-{nproc}.csv"], single)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = Path(f"complexity-{nproc}.csv"), Path("complexity-1.csv")
+    assert got.read_bytes() == want.read_bytes()
+    assert json.loads(got.with_suffix(".meta.json").read_text())["world_size"] == nproc
+    assert _record(got.with_suffix(".meta.json")) == _record(want.with_suffix(".meta.json"))
+    assert set(pd.read_csv(want)["measure"]) == {"spectral", "l1", "margin", "gap"}
+
+
+SUB_MEASURES = """
+import sys
+import torch
+from atprobe.distributed import SampleShare, probe_context
+from atprobe.models import build_model
+from atprobe.probes import complexity, curvature, flatness, hessian
+from atprobe.study import DataSource, SampleSpec, Study
+from atprobe.threat import ThreatModel
+
+ctx, device = probe_context("cpu")
+study = Study(["a.pt"], data=DataSource(), share=SampleShare.of(ctx))
+ckpt = study.checkpoints[0]
+samples = study.samples(ckpt, SampleSpec(split="train", n=7))
+threat = ThreatModel(steps=2)
+config = complexity.ComplexityConfig(
+    measures=("curvature", "hessian", "flatness"), threat=threat, batch_size=2,
+    curvature=curvature.CurvatureConfig(batch_size=2, iterations=5, threat=threat),
+    hessian=hessian.HessianConfig(scope=sys.argv[2], batch_size=2, top_k=1, trace_samples=4, threat=threat),
+    flatness=flatness.FlatnessConfig(lambdas=(-0.1, 0.0, 0.1), radius=0.1, directions=2, batch_size=2,
+                                     threat=threat))
+table = complexity.probe(study.model(ckpt, device), samples, config, share=study.share)
+if ctx.rank == 0:
+    table.to_csv(sys.argv[1], index=False)
+"""
+
+
+@pytest.mark.slow  # three launches, ~25 s
+@pytest.mark.parametrize("scope", ["all", "batch"])
+def test_complexity_sub_measures_split_across_ranks(single, scope):
+    """curvature (rows gathered), flatness (values gathered per point) and hessian over the
+    whole set (products summed) on 3 ranks equal one process: curvature and flatness bit for
+    bit, the Hessian's sums to float32 rounding; the one-batch Hessian, which cannot be split,
+    is computed whole on every rank and equals one process exactly."""
+    script = single / "sub_measures.py"
+    script.write_text(SUB_MEASURES)
+    one = subprocess.run([sys.executable, str(script), f"sub-{scope}-1.csv", scope], cwd=single,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), str(script), f"sub-{scope}-3.csv", scope],
+                          cwd=single, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (pd.read_csv(single / f"sub-{scope}-{k}.csv") for k in (1, 3))
+    exact = a["measure"] != "hessian"
+    assert a[exact].equals(b[exact])
+    tol = 1e-5 if scope == "all" else 0.0
+    np.testing.assert_allclose(b.loc[~exact, "value"], a.loc[~exact, "value"], rtol=tol, atol=0)
+    assert list(a["measure"]) == ["curvature", "curvature", "hessian", "hessian", "flatness"]
+
+
+@pytest.mark.slow  # one torchrun launch per case, ~8 s each
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_table_under_torchrun_is_the_single_process_csv(tmp_path, nproc):
+    """Table 1 of two runs (best.pt and final.pt each, 7 samples in batches of 2) under torchrun."""
+    from tests.test_table import _curves, _made_run
+
+    runs = [_made_run(tmp_path / name, method=method, noise=0.0, eps=8 / 255, curves=_curves(1, 0.75, 0.5, 0.375))
+            for name, method in (("r1", "pgd_at"), ("r2", "trades"))]
+    args = ["table", *map(str, runs), "--attack", "natural,pgd2", "--n", "7", "--batch-size", "2", "--device", "cpu",
+            "--quiet"]
+    run_cli(*args, "-o", str(tmp_path / "t1.csv"))
+    done = torchrun(nproc, [*args, "-o", "tn.csv"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "tn.csv").read_bytes() == (tmp_path / "t1.csv").read_bytes()
+    assert json.loads((tmp_path / "tn.meta.json").read_text())["world_size"] == nproc

@@ -39,8 +39,9 @@ from atprobe import linalg
 from atprobe.attacked import attacked_batches, model_device_dtype
 from atprobe.attacks import PGDConfig, parse_attack
 from atprobe.data import Split
+from atprobe.distributed import ONE_PROCESS, SampleShare
 from atprobe.errors import SEED_MAX, AtprobeError, check_choice
-from atprobe.evaluate import EvalConfig, evaluate
+from atprobe.evaluate import EvalConfig, attack_fields, evaluate_samples, summarize_samples
 from atprobe.foldbn import DEFAULT_INPUT_SHAPE, NormLayer, norm_layers
 from atprobe.objectives import cw_margin
 from atprobe.probes._gradutil import check_threat
@@ -265,17 +266,22 @@ def _spectral(layer: NormLayer, config: ComplexityConfig, seed: int) -> tuple[fl
 
 
 def layer_table(model: nn.Module, config: ComplexityConfig = ComplexityConfig(),
-                input_shape: Sequence[int] | None = None) -> pd.DataFrame:
+                input_shape: Sequence[int] | None = None, *, share: SampleShare = ONE_PROCESS) -> pd.DataFrame:
     """One row per layer of the norm measures (:func:`atprobe.foldbn.norm_layers`):
     ``LAYER_COLUMNS``: layer, kind (conv, linear, bn), the folded BatchNorm (empty if
     none), weight and input shapes, its spectral norm (by ``config.spectral_method``; a
     diagonal BatchNorm layer: max |s|), its l1 norm (sum |W|; BatchNorm: sum |s|), and the
-    power iterations used (0 where the norm is exact)."""
+    power iterations used (0 where the norm is exact). Under ``torchrun`` (``share``) the
+    layers are split round robin across the ranks (each layer's seed is its position, so
+    its row does not depend on the rank) and gathered back in layer order."""
     rows = []
     with torch.no_grad():
-        for i, layer in enumerate(norm_layers(model, input_shape, fold=config.fold_bn)):
+        layers = norm_layers(model, input_shape, fold=config.fold_bn)
+        for i in share.points(len(layers)):
+            layer = layers[i]
             spectral, iterations = _spectral(layer, config, seed=(config.seed + i) % (SEED_MAX + 1))  # a seed stays one
             rows.append({
+                "position": i,
                 "layer": layer.name,
                 "kind": layer.kind,
                 "bn": layer.bn or "",
@@ -285,7 +291,8 @@ def layer_table(model: nn.Module, config: ComplexityConfig = ComplexityConfig(),
                 "l1": float(layer.weight.double().abs().sum()),
                 "iterations": iterations,
             })
-    return pd.DataFrame(rows, columns=LAYER_COLUMNS)
+    table = share.gather_rows(pd.DataFrame(rows, columns=["position", *LAYER_COLUMNS]), "position")
+    return table.drop(columns="position")
 
 
 def margin_variant(config: ComplexityConfig) -> str:
@@ -338,21 +345,26 @@ def _row(measure: str, variant: str, value: float, reason: str = "", n: int | No
 # ---------------------------------------------------------------------------- margin
 
 
-def margins(model: nn.Module, samples: Split, config: ComplexityConfig, progress=None) -> Tensor:
+def margins(model: nn.Module, samples: Split, config: ComplexityConfig, progress=None, *,
+            share: SampleShare = ONE_PROCESS) -> Tensor:
     """Per-sample margins f(x)_y - max_{j != y} f(x)_j (``samples.y`` labels), on
     ``config.attack()`` examples (``margin_on="adv"``) or on the clean images, through the
     attacked-data path (``atprobe.attacked``: eval mode, starts keyed by sample index, so
     the margins do not depend on the batch size); the logits in full precision (``amp``
-    applies to the attack only). Returns a vector on the model's device, in the samples' order."""
+    applies to the attack only). Returns a vector on the model's device, in the samples' order.
+    Under ``torchrun`` (``share``) each rank attacks its whole batches and the margins of
+    every rank are gathered: the single-process vector."""
     if len(samples) == 0:
         raise AtprobeError("the margin needs at least one sample")
     device, dtype = model_device_dtype(model)
     attack = config.attack() if config.margin_on == "adv" else None
-    out = torch.empty(len(samples), dtype=dtype, device=device)
-    for b in attacked_batches(model, samples, attack, seed=config.seed, batch_size=config.batch_size,
-                              amp=config.amp, exact_logits=True, progress=progress):
-        out[b.rows] = -cw_margin(b.logits, b.y).to(dtype)
-    return out
+    mine = share.mine(samples, config.batch_size)
+    out = torch.empty(len(mine), dtype=dtype, device=device)
+    if len(mine):
+        for b in attacked_batches(model, mine, attack, seed=config.seed, batch_size=config.batch_size,
+                                  amp=config.amp, exact_logits=True, progress=progress):
+            out[b.rows] = -cw_margin(b.logits, b.y).to(dtype)
+    return share.gather_values(out)
 
 
 def margin_quantile(values: Tensor, q: float) -> float:
@@ -363,16 +375,25 @@ def margin_quantile(values: Tensor, q: float) -> float:
 # ---------------------------------------------------------------------------- gap
 
 
-def gap_rows(model: nn.Module, train: Split, test: Split, config: ComplexityConfig, progress=None) -> list[dict]:
+def gap_rows(model: nn.Module, train: Split, test: Split, config: ComplexityConfig, progress=None, *,
+             share: SampleShare = ONE_PROCESS) -> list[dict]:
     """Natural and robust accuracy on ``train`` (its labels: pass the trained ones) and
-    ``test`` by :func:`atprobe.evaluate.evaluate` (natural and ``config.attack()``), and the
-    gaps train - test. Accuracies are fractions in [0, 1]."""
+    ``test`` as :func:`atprobe.evaluate.evaluate` computes them (natural and
+    ``config.attack()``), and the gaps train - test. Accuracies are fractions in [0, 1].
+    Under ``torchrun`` (``share``) each rank evaluates its whole batches and the per-sample
+    rows are gathered before the accuracies are summed (``summarize_samples``), so they are
+    the single-process ones bit for bit."""
     spec = parse_attack("pgd", config.threat)
     eval_config = EvalConfig(attacks=(parse_attack("natural"), spec), batch_size=config.batch_size,
                              seed=config.seed, amp=config.amp)
+    fields = [attack_fields(a) for a in eval_config.attacks]
     acc = {}
     for name, split in (("train", train), ("test", test)):
-        df = evaluate(model, split, eval_config, progress=progress)
+        if len(split) == 0:
+            raise AtprobeError("the evaluation split is empty")
+        mine = share.mine(split, config.batch_size)
+        rows = evaluate_samples(model, mine, eval_config, progress)[1] if len(mine) else None
+        df = summarize_samples(share.gather(rows, len(mine)), fields)
         acc["natural", name] = (float(df["accuracy"].iloc[0]), len(split))
         acc["robust", name] = (float(df["accuracy"].iloc[1]), len(split))
     rows = []  # in GAP_VARIANTS order: natural_train, robust_train, natural_test, robust_test, the gaps
@@ -400,7 +421,8 @@ def external_module(measure: str):
         raise AtprobeError(f"measure {measure!r} needs {module_name}, which is not available here") from None
 
 
-def _external_rows(measure: str, model: nn.Module, samples: Split, config: ComplexityConfig) -> list[dict]:
+def _external_rows(measure: str, model: nn.Module, samples: Split, config: ComplexityConfig,
+                   share: SampleShare) -> list[dict]:
     module = external_module(measure)
     _, class_name = EXTERNAL[measure]
     cls = getattr(module, class_name)
@@ -409,7 +431,7 @@ def _external_rows(measure: str, model: nn.Module, samples: Split, config: Compl
         sub = cls(threat=config.threat, seed=config.seed)
     elif not isinstance(sub, cls):
         raise AtprobeError(f"config.{measure} must be a {module.__name__}.{class_name}, got {type(sub).__name__}")
-    df = module.complexity_rows(model, samples, sub)
+    df = module.complexity_rows(model, samples, sub, share=share)
     missing = [c for c in ("measure", "variant", "value", "reason") if c not in df.columns]
     if missing:
         raise AtprobeError(f"{module.__name__}.complexity_rows returned no {', '.join(missing)} column")
@@ -438,6 +460,7 @@ def probe(
     test: Split | None = None,
     input_shape: Sequence[int] | None = None,
     progress=None,
+    share: SampleShare = ONE_PROCESS,
 ) -> pd.DataFrame:
     """The measures of ``config`` for one model, as rows ``COLUMNS`` (measure, variant,
     value, reason, n) in the order of ``config.measures``.
@@ -451,7 +474,13 @@ def probe(
     ``reason`` is empty when the value is fine; ``n`` is the number of samples a
     data-dependent value was computed on (empty for the data-free ones).
     The model is used in eval mode and left as it was.
+    share: this rank's share of a ``torchrun`` job (``atprobe.distributed.SampleShare``): the
+    layers of the norm measures and the samples of every data-dependent measure are split
+    across the ranks and gathered back before any statistic, so every rank returns the
+    single-process table (docs/scaling.md).
     """
+    if share.part:
+        raise AtprobeError("complexity does not take --shard parts: run it under torchrun, or in one process")
     for measure in config.measures:  # fail before any work when a module is missing
         if measure in EXTERNAL:
             external_module(measure)
@@ -466,7 +495,8 @@ def probe(
     n_margin: int | None = None
     if config.needs_margin:
         assert samples is not None
-        margin_value = margin_quantile(margins(model, samples, config, progress), config.margin_quantile)
+        margin_value = margin_quantile(margins(model, samples, config, progress, share=share),
+                                       config.margin_quantile)
         n_margin = len(samples)
 
     rows: list[dict] = []
@@ -475,17 +505,17 @@ def probe(
         for measure in config.measures:
             if measure in ("spectral", "l1"):
                 if layers is None:  # one layer table for both
-                    layers = layer_table(model, config, input_shape)
+                    layers = layer_table(model, config, input_shape, share=share)
                 rows += norm_rows(layers, dataclasses.replace(config, measures=(measure,)),
                                   margin_value if config.margin else None, n_margin)
             elif measure == "margin":
                 rows.append(_margin_row(margin_value, config, n_margin))
             elif measure == "gap":
                 assert samples is not None and test is not None
-                rows += gap_rows(model, samples, test, config, progress)
+                rows += gap_rows(model, samples, test, config, progress, share=share)
             else:
                 assert samples is not None
-                rows += _external_rows(measure, model, samples, config)
+                rows += _external_rows(measure, model, samples, config, share)
     if config.margin and "margin" not in config.measures and margin_value is not None:
         rows.append(_margin_row(margin_value, config, n_margin))  # the divisor, for the record
     df = pd.DataFrame(rows, columns=COLUMNS)

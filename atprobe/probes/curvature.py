@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from atprobe import linalg, objectives
 from atprobe.attacked import attack_batch
 from atprobe.data import Split
+from atprobe.distributed import ONE_PROCESS, SampleShare
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number, sample_batches, stats
 from atprobe.runtime import frozen_parameters, module_mode
@@ -205,11 +206,16 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def complexity_rows(model: nn.Module, samples: Split, config: CurvatureConfig = CurvatureConfig()) -> pd.DataFrame:
+def complexity_rows(model: nn.Module, samples: Split, config: CurvatureConfig = CurvatureConfig(), *,
+                    share: SampleShare = ONE_PROCESS) -> pd.DataFrame:
     """The rows of ``atprobe complexity`` (columns :data:`COMPLEXITY_COLUMNS`): measure
     ``curvature``, variants ``mean;at=<at>`` and ``median;at=<at>`` (mean/median over the
-    samples of the signed dominant eigenvalue), ``reason`` '' or why the value is NaN."""
-    summary = summarize(probe(model, samples, config)).set_index("statistic")
+    samples of the signed dominant eigenvalue), ``reason`` '' or why the value is NaN.
+    ``share``: under ``torchrun`` each rank takes its whole batches and the per-sample rows
+    are gathered before the summary."""
+    mine = share.mine(samples, config.batch_size)
+    table = probe(model, mine, config) if len(mine) else pd.DataFrame(columns=SAMPLE_COLUMNS)
+    summary = summarize(share.gather(table, len(mine))).set_index("statistic")
     rows = []
     for stat in ("mean", "median"):
         value = float(summary.loc[stat, "value"])

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
@@ -58,6 +58,7 @@ from atprobe.attacked import attacked_batches
 from atprobe.data import Split
 from atprobe.directions import IGNORES, NORMS, ModelAt, model_parameters, parse_lambdas, perturbed_parameters
 from atprobe.directions import directions as draw_directions
+from atprobe.distributed import ONE_PROCESS, SampleShare
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, Gather, PGDFields, identity_gather, is_int, is_number
 from atprobe.runtime import module_mode
@@ -252,6 +253,7 @@ def probe(
     directions: Sequence[Mapping[str, Tensor]] | None = None,
     progress=None,
     gather: Gather = identity_gather,
+    kept: Container[int] | None = None,
 ) -> pd.DataFrame:
     """The landscape curve: one row per (direction, lam) (columns :data:`CURVE_COLUMNS`), in
     the order directions x ``config.lambdas``: ``adv_loss``/``adv_acc`` (PGD re-crafted at
@@ -263,7 +265,8 @@ def probe(
     evaluated once and repeated for every direction. The model's weights and buffers are not
     modified. ``progress``: anything with ``update(n)``, advanced by the samples of each point.
     ``gather``: under ``torchrun``, ``data`` is this rank's share and each point's means are
-    over every rank's samples (:func:`_evaluate`).
+    over every rank's samples (:func:`_evaluate`). ``kept``: only these directions' rows (a
+    ``--shard`` part's; theta is evaluated in every part), each the row of all directions.
     """
     if directions is None:
         directions = draw_directions(model, config.directions, config.seed, config.ignore,
@@ -278,6 +281,8 @@ def probe(
         if progress is not None:
             progress.update(len(data))
         for k, d in enumerate(directions):
+            if kept is not None and k not in kept:
+                continue
             for lam in config.lambdas:
                 if lam == 0.0:
                     values = theta  # perturbed_parameters(model, d, 0) == theta bit for bit
@@ -448,14 +453,17 @@ def summarize(curve: pd.DataFrame, config: FlatnessConfig = FlatnessConfig()) ->
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def complexity_rows(model: nn.Module, samples: Split, config: FlatnessConfig = FlatnessConfig()) -> pd.DataFrame:
+def complexity_rows(model: nn.Module, samples: Split, config: FlatnessConfig = FlatnessConfig(), *,
+                    share: SampleShare = ONE_PROCESS) -> pd.DataFrame:
     """The row of ``atprobe complexity`` (columns :data:`~atprobe.probes.curvature.COMPLEXITY_COLUMNS`):
     measure ``flatness``, variant ``radius=<r>;directions=<K>``, value = the mean increase of
     the adversarial loss at radius r. Only the grid points 0 and ``+-r`` are evaluated.
-    ``reason`` '' or why the value is NaN."""
+    ``reason`` '' or why the value is NaN. ``share``: under ``torchrun`` each rank takes its
+    whole batches and each point's means are over every rank's samples."""
     r = config.radius
     config = replace(config, lambdas=tuple(v for v in config.lambdas if v == 0 or abs(v) == r))
-    summary = summarize(probe(model, samples, config), config)
+    summary = summarize(probe(model, share.mine(samples, config.batch_size), config, gather=share.gather_values),
+                        config)
     value = float(summary.loc[summary["loss"] == "adv", "increase"].iloc[0])
     reason = "" if math.isfinite(value) else "the adversarial loss is not finite at theta or at radius r"
     return pd.DataFrame([{"measure": "flatness", "variant": f"radius={r:g};directions={config.directions}",

@@ -20,7 +20,7 @@ loads checkpoints one by one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -90,13 +90,16 @@ def probe(
     epochs: Sequence[int | None] | None = None,
     progress=None,
     gather: Gather = _gradutil.identity_gather,
+    pairs: Container[int] | None = None,
 ) -> pd.DataFrame:
     """One row per pair of successive models (columns :data:`COLUMNS`), in the given order.
 
     ``models``: two or more models of one architecture, on one device (an iterable is
     consumed lazily; only the current pair is referenced). ``names``/``epochs`` label the
     rows (default: positions and no epoch). ``data.y`` are the labels the loss uses and
-    ``data.index`` keys the random starts. ``progress``: ``update(n)`` per batch.
+    ``data.index`` keys the random starts. ``progress``: ``update(n)`` per batch. ``pairs``:
+    only these pairs (pair ``i`` = models ``i`` and ``i + 1``; a ``--shard`` part's), each row
+    the one of all pairs.
     ``gather``: under ``torchrun``, ``data`` is this rank's share (whole chunks) and
     ``gather`` joins every rank's per-sample values before the statistics
     (``SampleShare.gather_values``: the single-process row bit for bit).
@@ -108,9 +111,12 @@ def probe(
     count = 0
     for i, model in enumerate(models):
         count += 1
-        if prev is None:
+        if i == 0:
             prev = model
             batches = _gradutil.share_batches(model, data, config.chunk_size, gather)
+            continue
+        if pairs is not None and i - 1 not in pairs:
+            prev = model
             continue
         name_a = names[i - 1] if names is not None else str(i - 1)
         name_b = names[i] if names is not None else str(i)

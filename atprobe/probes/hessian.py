@@ -57,6 +57,7 @@ from torch.func import functional_call
 from atprobe import linalg, objectives
 from atprobe.attacked import attack_batch
 from atprobe.data import Split
+from atprobe.distributed import ONE_PROCESS, SampleShare
 from atprobe.errors import AtprobeError, check_choice
 from atprobe.probes._gradutil import COMPLEXITY_COLUMNS, PGDFields, is_int, is_number, sample_batches
 from atprobe.runtime import make_generator, module_mode
@@ -603,13 +604,21 @@ def probe(model: nn.Module, data: Split, config: HessianConfig = HessianConfig()
     return compute(model, data, config, progress=progress).table
 
 
-def complexity_rows(model: nn.Module, samples: Split, config: HessianConfig = HessianConfig()) -> pd.DataFrame:
+def complexity_rows(model: nn.Module, samples: Split, config: HessianConfig = HessianConfig(), *,
+                    share: SampleShare = ONE_PROCESS) -> pd.DataFrame:
     """The rows of ``atprobe complexity`` (columns :data:`~atprobe.probes.curvature.COMPLEXITY_COLUMNS`):
     measure ``hessian``, the whole model's values only (by ``config.engine``) (no per-block rows, no
     density, whatever ``config`` says): variants ``top<k>;at=<at>;scope=<scope>`` and
-    ``trace;at=<at>;scope=<scope>``; ``reason`` '' or why the value is NaN."""
+    ``trace;at=<at>;scope=<scope>``; ``reason`` '' or why the value is NaN.
+    ``share``: under ``torchrun`` the whole-set loss (scope all, atprobe engine) is split
+    across the ranks, each product summed over them; one batch, or pyhessian's own loop,
+    cannot be split, so every rank computes the same values in full."""
     config = replace(config, blocks="none", density=False)
-    table = compute(model, samples, config).table
+    split = share.gathered and config.scope == "all" and config.engine == "atprobe"
+    if split:
+        table = compute(model, share.mine(samples, config.batch_size), config, reduce=share.ctx.sum_over_ranks).table
+    else:
+        table = compute(model, samples, config).table
     rows = []
     for row in table.itertuples(index=False):
         stat = f"top{row.k}" if row.quantity == "eigenvalue" else "trace"

@@ -19,7 +19,7 @@ initialization.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -121,7 +121,7 @@ class _Grid(Sequence):
 
 
 def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConfig(), *, progress=None,
-          gather: Gather = identity_gather) -> pd.DataFrame:
+          gather: Gather = identity_gather, units: Container[int] | None = None) -> pd.DataFrame:
     """One row per (loss, direction, lam), columns :data:`COLUMNS`, in the order
     ``config.losses`` x directions x ``config.lambdas``.
 
@@ -131,15 +131,19 @@ def probe(model: nn.Module, data: Split, config: StabilityConfig = StabilityConf
     ``gather``: under ``torchrun``, ``data`` is this rank's share (whole chunks) and
     ``gather`` joins every rank's per-sample distances before the statistics, which are
     then the single-process ones bit for bit (``SampleShare.gather_values``).
+    ``units``: only these (loss, direction) units, unit ``i * directions + k`` for loss ``i``
+    and direction ``k`` (a ``--shard`` part's; default all), each row the one of all units.
     """
     dirs = directions(model, config.directions, config.seed, config.ignore, norm=config.direction_norm,
                       device="cpu")
     theta = model_parameters(model)
     batches = share_batches(model, data, config.chunk_size, gather)
     rows = []
-    for loss in config.losses:
+    for i, loss in enumerate(config.losses):
         obj = make_objective(loss, config)
         for k, d in enumerate(dirs):
+            if units is not None and i * len(dirs) + k not in units:
+                continue
             grid = _Grid(model, d, config.lambdas)
             dist: list[list[torch.Tensor]] = [[] for _ in config.lambdas]
             cos: list[list[torch.Tensor]] = [[] for _ in config.lambdas]
