@@ -110,3 +110,65 @@ def update_ensemble(ensemble: Tensor, index: Tensor, probs: Tensor, eta: float) 
     updated = eta * ensemble[index] + (1.0 - eta) * probs.to(ensemble.dtype)
     ensemble[index] = updated
     return updated / updated.sum(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------- remedies of robust overfitting
+
+
+def smoothed_labels(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """Label smoothing as Pang et al. (2021) apply it to adversarial training: ``1 - s`` on the
+    label and ``s / (K - 1)`` on each of the other ``K - 1`` classes (their ``LabelSmoothingLoss``;
+    not the ``s / K`` of ``F.cross_entropy(label_smoothing=s)``). Float32 rows of shape (B, K)."""
+    off = smoothing / (num_classes - 1)
+    target = torch.full((len(y), num_classes), off, dtype=torch.float32, device=y.device)
+    return target.scatter_(1, y[:, None], 1.0 - smoothing)
+
+
+def soft_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-sample cross-entropy with a distribution: ``-sum_j t_j log softmax(f(x))_j``."""
+    log_p = F.log_softmax(full_precision(logits), dim=1)
+    return -(target.to(log_p.dtype) * log_p).sum(dim=1)
+
+
+def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-sample distillation term of Chen et al. (2021), as their ``loss_fn_kd``:
+    ``T^2 * soft_ce(s / T, softmax(t / T))`` (KL(p_t || p_s) at temperature T plus the teacher's
+    entropy, a constant: the same gradient). The teacher's logits carry no gradient."""
+    t = float(temperature)
+    target = F.softmax(full_precision(teacher_logits.detach()) / t, dim=1)
+    return t * t * soft_ce(full_precision(student_logits) / t, target)
+
+
+def sat_update(targets: Tensor, index: Tensor, probs: Tensor, momentum: float) -> Tensor:
+    """Self-adaptive training (Huang et al. 2020): ``t_i <- m t_i + (1 - m) p_i`` for the
+    visited samples ``index``, in place (targets start one-hot); returns their new targets."""
+    updated = momentum * targets[index] + (1.0 - momentum) * probs.to(targets.dtype)
+    targets[index] = updated
+    return updated
+
+
+def sat_weights(targets: Tensor) -> Tensor:
+    """SAT's sample weights of a batch: ``w_i = max_j t_ij``, scaled to mean 1 over the batch
+    (the official ``weights *= B / weights.sum()``), so ``mean(w_i l_i) = sum w_i l_i / sum w_i``."""
+    w = targets.amax(dim=1)
+    return w * (len(w) / w.sum())
+
+
+def forget_rates(forget_rate: float, epochs: int, gradual: int = 10, exponent: float = 1.0) -> list[float]:
+    """Co-teaching's fraction dropped from each batch, per 0-based training epoch (Han et al.
+    2018's ``rate_schedule``: ``forget_rate`` throughout, its first ``gradual`` entries
+    ``linspace(0, forget_rate ** exponent, gradual)``). The official loop trains epochs 1, 2, ...
+    of that schedule (entry 0 only evaluates the fresh networks), so training epoch ``e`` takes
+    entry ``e + 1``: the first epoch drops ``forget_rate / (gradual - 1)``."""
+    schedule = [float(forget_rate)] * (int(epochs) + 1)
+    top = float(forget_rate) ** exponent
+    for e in range(min(int(gradual), len(schedule))):
+        schedule[e] = top * e / (gradual - 1) if gradual > 1 else top
+    return schedule[1:]
+
+
+def small_loss_rows(losses: Tensor, forget_rate: float) -> Tensor:
+    """Co-teaching's selection: the indices of the ``int((1 - rate) * B)`` smallest ``losses``
+    (ascending; ties by position), which the *other* network is trained on."""
+    keep = int((1.0 - float(forget_rate)) * len(losses))
+    return torch.sort(losses.detach(), stable=True).indices[:keep]

@@ -50,3 +50,21 @@ def te_weight(config: TrainConfig, epoch: int) -> float:
     if config.te_weight is None:
         raise ValueError("te_weight is resolved from the number of classes (TrainConfig.resolved)")
     return config.te_weight * objectives.gaussian_rampup(te_epoch(epoch), config.te_start, config.te_end)
+
+
+def sat_active(config: TrainConfig, epoch: int) -> bool:
+    """Whether SAT's targets adapt in the 0-based epoch ``epoch``: from epoch number
+    ``sat_start`` on (the official code counts from 1: plain CE while ``epoch < es``)."""
+    return bool(config.sat) and te_epoch(epoch) >= config.sat_start
+
+
+def swa_due(config: TrainConfig, epoch: int) -> bool:
+    """Whether the weights are averaged after the 0-based epoch ``epoch``: from epoch number
+    ``swa_start`` on (Chen et al. average after every epoch from their ``--swa_start``)."""
+    return config.swa_start is not None and te_epoch(epoch) >= config.swa_start
+
+
+def awp_active(config: TrainConfig, epoch: int) -> bool:
+    """Whether AWP perturbs the weights in the 0-based epoch ``epoch`` (the official ``epoch >=
+    awp_warmup``, epochs counted as the script counts them: from 0 in AT-AWP)."""
+    return config.awp_gamma > 0 and int(epoch) >= config.awp_warmup

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from atprobe import objectives
+from atprobe import awp, objectives
 from atprobe.attacks import PGDConfig, fgsm_rs_config, parse_attack, pgd
 from atprobe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from atprobe.data import DATASETS, NUM_CLASSES, Batch, Dataset, Split, iterate_batches, load_dataset
@@ -47,8 +47,9 @@ from atprobe.outputs import (
     replace_directory,
 )
 from atprobe.runtime import autocast, make_generator, module_mode, prepare_model, set_determinism
-from atprobe.schedules import learning_rate, mix_gamma, te_active, te_weight
+from atprobe.schedules import awp_active, learning_rate, mix_gamma, sat_active, swa_due, te_active, te_weight
 from atprobe.starts import Starts
+from atprobe.swa import WeightAverage
 from atprobe.threat import ThreatModel
 
 METHODS = ("standard", "pgd_at", "trades", "fgsm_rs")
@@ -99,6 +100,17 @@ class TrainConfig:
     te_start: int | None = None  # default 45% of epochs (90 of 200)
     te_end: int | None = None  # default 75% of epochs (150 of 200)
     te_trades_input: str = "natural"
+    label_smoothing: float = 0.0  # Pang et al. 2021: 1 - s on the label, s / (K - 1) elsewhere (outer CE terms)
+    sat: bool = False  # self-adaptive training (Huang et al. 2020) on pgd_at or trades
+    sat_momentum: float = 0.9
+    sat_start: int | None = None  # epoch number (from 1) where the targets start adapting; default 45% of epochs
+    swa_start: int | None = None  # average the weights after every epoch from this epoch number on (None: no SWA)
+    teacher_robust: str | None = None  # KD (Chen et al. 2021): an adversarially trained teacher checkpoint
+    teacher_natural: str | None = None  # ... and a standard-trained one; both or neither
+    kd_temperature: float = 2.0
+    kd_weights: tuple[float, float, float] = (0.3, 0.1, 0.6)  # CE, natural teacher, robust teacher
+    awp_gamma: float = 0.0  # adversarial weight perturbation (Wu et al. 2020): layer-wise relative size; 0: off
+    awp_warmup: int = 0  # AWP from this 0-based epoch on
     val_size: int = 0
     val_seed: int = 0
     train_n: int = 0  # train on the first N training samples only (0 = all)
@@ -129,6 +141,9 @@ class TrainConfig:
         if any(m < 0 or m > c.epochs for m in milestones) or list(milestones) != sorted(milestones):
             raise AtprobeError(f"milestones must be increasing epochs in [0, {c.epochs}], got {list(milestones)}")
         te_start = c.te_start if c.te_start is not None else round(0.45 * c.epochs)
+        sat_start = c.sat_start if c.sat_start is not None else round(0.45 * c.epochs)
+        if c.swa_start is not None and not 1 <= c.swa_start <= c.epochs:
+            raise AtprobeError(f"swa-start must be an epoch number in [1, {c.epochs}], got {c.swa_start}")
         te_end = c.te_end if c.te_end is not None else round(0.75 * c.epochs)
         if c.te and te_end < te_start:
             raise AtprobeError(f"TE ramp ends (epoch {te_end}) before it starts (epoch {te_start})")
@@ -150,6 +165,8 @@ class TrainConfig:
             train_eval_n=int(train_eval_n),
             milestones=tuple(int(m) for m in milestones),
             te_start=int(te_start),
+            sat_start=int(sat_start),
+            kd_weights=tuple(float(w) for w in c.kd_weights),
             te_end=int(te_end),
             mix_epochs=int(mix_epochs),
             te_weight=None if te_weight is None else float(te_weight),
@@ -194,6 +211,7 @@ class TrainConfig:
             raise AtprobeError(f"--te works with pgd_at or trades, not {c.method}")
         if c.mix_clean and c.method not in ("pgd_at", "fgsm_rs"):
             raise AtprobeError(f"--mix-clean mixes clean CE into pgd_at or fgsm_rs, not {c.method}")
+        self._check_remedies()
         for name in ("eval_n", "train_eval_n", "val_size", "train_n", "save_every", "log_grad_ratio"):
             if (getattr(c, name) or 0) < 0:
                 raise AtprobeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
@@ -202,6 +220,40 @@ class TrainConfig:
         if c.eval_every < 1:
             raise AtprobeError(f"eval-every must be >= 1, got {c.eval_every}")
         self._check_extra_options()
+
+    def _check_remedies(self) -> None:
+        """Label smoothing, SAT, KD, SWA and AWP: their ranges and the combinations they define."""
+        c = self
+        if not (isinstance(c.label_smoothing, (int, float)) and 0 <= c.label_smoothing < 1):
+            raise AtprobeError(f"label-smoothing must be in [0, 1), got {c.label_smoothing}")
+        if not 0 <= c.sat_momentum < 1:
+            raise AtprobeError(f"sat-momentum must be in [0, 1), got {c.sat_momentum}")
+        if c.sat:
+            if c.method not in ("pgd_at", "trades"):
+                raise AtprobeError(f"--sat works with pgd_at or trades, not {c.method}")
+            for flag, on in (("--te", c.te), ("--label-smoothing", c.label_smoothing > 0),
+                             ("--extra-data", c.extra_data is not None), ("--mix-clean", c.mix_clean)):
+                if on:
+                    raise AtprobeError(f"--sat adapts its own per-sample targets; it does not combine with {flag}")
+        if (c.teacher_robust is None) != (c.teacher_natural is None):
+            raise AtprobeError("knowledge distillation needs both teachers: --teacher-robust CKPT and "
+                               "--teacher-natural CKPT")
+        if c.teacher_robust is not None:
+            if c.method != "pgd_at" or c.mix_clean or c.te or c.sat:
+                raise AtprobeError("knowledge distillation (--teacher-robust/--teacher-natural) works with plain "
+                                   "pgd_at (no --mix-clean, --te or --sat)")
+            if not (math.isfinite(c.kd_temperature) and c.kd_temperature > 0):
+                raise AtprobeError(f"kd-temperature must be a finite number > 0, got {c.kd_temperature}")
+            weights = tuple(c.kd_weights)
+            if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise AtprobeError(f"kd-weights must be three finite numbers >= 0 (CE, natural, robust), "
+                                   f"got {list(weights)}")
+        if not (math.isfinite(c.awp_gamma) and c.awp_gamma >= 0):
+            raise AtprobeError(f"awp-gamma must be a finite number >= 0, got {c.awp_gamma}")
+        if c.awp_warmup < 0:
+            raise AtprobeError(f"awp-warmup must be >= 0, got {c.awp_warmup}")
+        if c.awp_gamma > 0 and c.method not in ("pgd_at", "trades"):
+            raise AtprobeError(f"--awp-gamma perturbs the weights of pgd_at or trades, not {c.method}")
 
     def _check_extra_options(self) -> None:
         c = self
@@ -229,6 +281,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["milestones"] = list(self.milestones) if self.milestones is not None else None
+        d["kd_weights"] = list(self.kd_weights)
         return d
 
     @classmethod
@@ -244,6 +297,8 @@ class TrainConfig:
             raise AtprobeError(f"unknown training options in config: {', '.join(unknown)}")
         if d.get("milestones") is not None:
             d["milestones"] = tuple(d["milestones"])
+        if d.get("kd_weights") is not None:
+            d["kd_weights"] = tuple(d["kd_weights"])
         return cls(**d)
 
 
@@ -288,6 +343,18 @@ class StepOutput:
     parts: dict[str, Tensor] = field(default_factory=dict)  # per-batch means of the parts
 
 
+@dataclass(frozen=True)
+class Teachers:
+    """The two teachers of knowledge distillation (Chen et al. 2021), in eval mode."""
+
+    natural: nn.Module
+    robust: nn.Module
+
+
+#: ``probs of this process's rows -> (their SAT targets, their SAT weights)`` (the trainer's).
+SatTargets = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
 def training_loss(
     model: nn.Module,
     x: Tensor,
@@ -299,6 +366,9 @@ def training_loss(
     te_target: Tensor | None = None,
     amp: bool = True,
     attack_model: nn.Module | None = None,
+    x_adv: Tensor | None = None,
+    sat: SatTargets | None = None,
+    teachers: Teachers | None = None,
 ) -> StepOutput:
     """The objective of ``config.method`` on one batch (model in train mode for the update).
 
@@ -307,11 +377,16 @@ def training_loss(
     fgsm_rs:  as pgd_at with x' from FGSM with random start
     trades:   mean CE(f(x), y) + beta KL(f(x) || f(x'))
     TE (Eq. 7) adds w ||softmax(f(.)) - p_hat||^2 to the objective and to the attack's loss.
+    Label smoothing scores the CE terms against :func:`objectives.smoothed_labels`; SAT (``sat``,
+    once active) against the adaptive targets, each sample weighted; KD (``teachers``) is
+    ``c_ce CE(f(x'), y) + c_nat KD(f(x'), t_nat(x')) + c_rob KD(f(x'), t_rob(x'))``. The attacks
+    always use the hard labels.
 
     ``starts`` keys the attack's random starts (``training_starts``: seed, epoch and the
     samples' dataset indices, so a sample's start does not depend on its batch or on the
     number of processes); ``attack_model`` is the unwrapped module to attack (DDP's wrapper is only
-    for the forward whose gradient is reduced).
+    for the forward whose gradient is reduced). ``x_adv``: the training examples, already
+    crafted (AWP crafts them at the unperturbed weights before the update's forward).
     """
     attacker = model if attack_model is None else attack_model
     device = x.device
@@ -319,10 +394,11 @@ def training_loss(
     if config.method == "standard":
         with autocast(device, amp):
             (logits,) = _forward(model, x)
-        loss = objectives.ce(logits, y).mean()
+        loss = _outer_ce(logits, y, config, None).mean()
         return StepOutput(loss, logits, None, {"ce": loss.detach()})
 
-    x_adv = _training_attack(attacker, x, y, config, w=w, te_target=te_target, starts=starts, amp=amp)
+    if x_adv is None:
+        x_adv = _training_attack(attacker, x, y, config, w=w, te_target=te_target, starts=starts, amp=amp)
     with autocast(device, amp):
         if config.method == "trades" or (config.mix_clean and mix_gamma(config, epoch) < 1):
             logits_nat, logits_adv = _forward(model, x, x_adv)
@@ -330,12 +406,47 @@ def training_loss(
             (logits_adv,) = _forward(model, x_adv)
             logits_nat = None
     parts: dict[str, Tensor] = {}
-    per_sample, te_logits = _method_objective(config, epoch, y, logits_nat, logits_adv, parts)
+    adaptive = None
+    if sat is not None:  # SAT's targets from the natural prediction (TRADES: the loss's own forward)
+        if logits_nat is None:
+            with torch.no_grad(), module_mode(attacker, False), autocast(device, amp):
+                logits_for_target = attacker(x)
+        else:
+            logits_for_target = logits_nat.detach()
+        adaptive = sat(F.softmax(full_precision(logits_for_target), dim=1))
+    per_sample, te_logits = _method_objective(config, epoch, y, logits_nat, logits_adv, parts, adaptive)
+    if teachers is not None:
+        per_sample = _distilled(config, x_adv, logits_adv, per_sample, teachers, amp, parts)
     if w > 0:
         penalty = objectives.te_penalty(te_logits, te_target)
         per_sample = per_sample + w * penalty
         parts["te"] = penalty.mean().detach()
     return StepOutput(per_sample.mean(), logits_adv, x_adv, parts)
+
+
+def _outer_ce(logits: Tensor, y: Tensor, config: TrainConfig, adaptive: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The per-sample CE term of the objective: on the hard labels, the smoothed ones
+    (``label_smoothing``) or SAT's weighted adaptive targets (``adaptive``)."""
+    if adaptive is not None:
+        target, weight = adaptive
+        return weight * objectives.soft_ce(logits, target)
+    if config.label_smoothing > 0:
+        return objectives.soft_ce(logits, objectives.smoothed_labels(y, logits.shape[1], config.label_smoothing))
+    return objectives.ce(logits, y)
+
+
+def _distilled(config: TrainConfig, x_adv: Tensor, logits_adv: Tensor, ce_adv: Tensor, teachers: Teachers,
+               amp: bool, parts: dict[str, Tensor]) -> Tensor:
+    """KD's per-sample objective (Chen et al. 2021): the weighted CE of the adversarial
+    examples and the distillation terms of both teachers on the same examples."""
+    with torch.no_grad(), autocast(x_adv.device, amp):
+        natural, robust = teachers.natural(x_adv), teachers.robust(x_adv)
+    t = config.kd_temperature
+    kd_nat = objectives.distillation(logits_adv, natural, t)
+    kd_rob = objectives.distillation(logits_adv, robust, t)
+    parts.update(kd_natural=kd_nat.mean().detach(), kd_robust=kd_rob.mean().detach())
+    c_ce, c_nat, c_rob = config.kd_weights
+    return c_ce * ce_adv + c_nat * kd_nat + c_rob * kd_rob
 
 
 def _training_attack(attacker: nn.Module, x: Tensor, y: Tensor, config: TrainConfig, *, w: float,
@@ -358,27 +469,31 @@ def _training_attack(attacker: nn.Module, x: Tensor, y: Tensor, config: TrainCon
 
 
 def _method_objective(config: TrainConfig, epoch: int, y: Tensor, logits_nat: Tensor | None, logits_adv: Tensor,
-                      parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The per-sample objective of an AT method before TE, and the logits TE's outer term
-    uses; the batch means of its parts go into ``parts``."""
+                      parts: dict[str, Tensor], adaptive: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """The per-sample objective of an AT method before TE and KD, and the logits TE's outer
+    term uses; the batch means of its parts go into ``parts``. The CE terms are
+    :func:`_outer_ce` (hard, smoothed or SAT's labels); TRADES' KL is never reweighted."""
     if config.method == "trades":
-        ce_nat = objectives.ce(logits_nat, y)
+        ce_nat = _outer_ce(logits_nat, y, config, adaptive)
         kl = objectives.trades_kl(logits_nat, logits_adv)
         parts.update(ce=ce_nat.mean().detach(), kl=kl.mean().detach())
         te_logits = logits_nat if config.te_trades_input == "natural" else logits_adv
         return ce_nat + config.beta * kl, te_logits
-    ce_adv = objectives.ce(logits_adv, y)
+    ce_adv = _outer_ce(logits_adv, y, config, adaptive)
     parts["ce_adv"] = ce_adv.mean().detach()
     if logits_nat is None:
         return ce_adv, logits_adv
     gamma = mix_gamma(config, epoch)  # Eq. 6
-    ce_nat = objectives.ce(logits_nat, y)
+    ce_nat = _outer_ce(logits_nat, y, config, adaptive)
     parts["ce"] = ce_nat.mean().detach()
     return (1 - gamma) * ce_nat + gamma * ce_adv, logits_adv
 
 
 #: The stream of training's random starts (another draw than any probe's, which use none).
 TRAIN_STREAM = 0x7EA1
+#: The stream of SWA's BatchNorm passes (their batch order and augmentation).
+SWA_STREAM = 0x5A7A
 
 
 def training_starts(config: TrainConfig, epoch: int, ids: Tensor) -> Starts:
@@ -433,11 +548,13 @@ class RunState:
     """Everything that changes during a run and must survive a resume."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
-                 ensemble: Tensor | None):
+                 ensemble: Tensor | None, sat_targets: Tensor | None = None, average: WeightAverage | None = None):
         self.model = model
         self.optimizer = optimizer
         self.data_gen = data_gen
         self.ensemble = ensemble
+        self.sat_targets = sat_targets  # SAT: one target distribution per training sample
+        self.average = average  # SWA: the running average of the weights
         self.epoch = 0  # completed epochs
         self.best: tuple[float, float] | None = None  # (robust acc, natural acc) on the selection split
         self.best_epoch: int | None = None
@@ -691,8 +808,13 @@ class Trainer:
         self.model = prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
         self.optimizer = build_optimizer(self.model, config)
         ensemble = torch.zeros(len(self.labels), self.data.num_classes, device=device) if config.te else None
+        sat_targets = (F.one_hot(self.labels.long(), self.data.num_classes).float().to(device) if config.sat
+                       else None)  # SAT's targets start one-hot (the official soft_labels)
+        average = WeightAverage(self.model) if config.swa_start is not None else None
         # Attack starts are keyed (training_starts); only the data order and augmentation draw here.
-        self.state = RunState(self.model, self.optimizer, make_generator(config.seed, device), ensemble)
+        self.state = RunState(self.model, self.optimizer, make_generator(config.seed, device), ensemble,
+                              sat_targets, average)
+        self.teachers = self._load_teachers()
         self.curves: list[dict[str, Any]] = []
         # Only rank 0 writes files, so only it logs (the grad ratio of its own rows).
         self.callbacks: list[StepCallback] = (
@@ -707,6 +829,26 @@ class Trainer:
         self.iters_per_epoch = math.ceil(len(self.train_split) / config.batch_size)
         self.iteration = 0  # global step count of this process's run (the grad-ratio log's x axis)
         self.init_record: dict[str, Any] = {}  # init_from's path, SHA-256 and epoch, once loaded
+
+    def _load_teachers(self) -> Teachers | None:
+        """KD's teachers (their checkpoints' own architectures, eval mode, frozen), their
+        paths and SHA-256 in the meta record."""
+        c = self.config
+        if c.teacher_robust is None:
+            return None
+        loaded = {}
+        for role, path in (("natural", c.teacher_natural), ("robust", c.teacher_robust)):
+            ckpt = load_checkpoint(path)
+            if ckpt.num_classes not in (None, self.data.num_classes):
+                raise AtprobeError(f"--teacher-{role} {path}: {ckpt.num_classes} classes, the data has "
+                                   f"{self.data.num_classes}")
+            model = prepare_model(ckpt.build_model(), self.device).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            loaded[role] = model
+            self.meta[f"teacher_{role}"] = {"path": str(ckpt.path.resolve()), "sha256": ckpt.sha256,
+                                            "arch": ckpt.arch, "epoch": ckpt.epoch}
+        return Teachers(**loaded)
 
     def _prepare_extra_data(self) -> None:
         """``--extra-data``: the file mapped and checked against the dataset, its images resident on
@@ -779,6 +921,10 @@ class Trainer:
         self.meta.update(self.init_record)
         if self.state.ensemble is not None:
             self.state.ensemble.copy_(extra["te_ensemble"].to(self.device))
+        if self.state.sat_targets is not None:
+            self.state.sat_targets.copy_(extra["sat_targets"].to(self.device))
+        if self.state.average is not None and extra.get("swa") is not None:
+            self.state.average.load_state(extra["swa"])
         if (self.out / "curves.csv").is_file():
             old = read_run_csv(self.out, "curves.csv", CURVE_COLUMNS)
             self.curves = old[old["epoch"] <= self.state.epoch].to_dict("records")
@@ -791,6 +937,7 @@ class Trainer:
         start_time = time.perf_counter()
         while self.state.epoch < self.config.epochs:
             stats = self.epoch()
+            self.average_weights()
             self.log_epoch(stats, wall_time=time.perf_counter() - start_time)
             if not self.ctx.main:
                 self.ctx.barrier()
@@ -822,6 +969,28 @@ class Trainer:
         self.state.epoch = epoch + 1
         return stats.summed_over(self.ctx)
 
+    def average_weights(self) -> None:
+        """SWA after the epoch just finished (every rank, so all hold the same average): the
+        weights averaged in, then the averaged model's BatchNorm statistics from one pass over
+        the training batches, augmented as training is, in an order of their own (seeded by
+        the run's seed and the epoch: the training stream is not touched)."""
+        average, c = self.state.average, self.config
+        if average is None or not swa_due(c, self.state.epoch - 1):
+            return
+        average.update(self.model)
+        g = torch.Generator(device=self.device)
+        g.manual_seed((c.seed * 1_000_003 + SWA_STREAM * 1_009 + self.state.epoch) % (2**63))
+        batches = iterate_batches(self.train_split, c.batch_size, shuffle=True, augment=c.augment, generator=g,
+                                  channels_last=True)
+        average.recompute_batchnorm(b.x for b in batches)
+
+    @property
+    def output_model(self) -> nn.Module:
+        """The model the run evaluates and writes to best.pt/final.pt: the SWA average once it
+        holds a model, else the trained one."""
+        average = self.state.average
+        return average.model if average is not None and average.count else self.model
+
     def _set_learning_rate(self, epoch_float: float) -> float:
         lr = learning_rate(self.config, epoch_float)
         for group in self.optimizer.param_groups:
@@ -837,9 +1006,21 @@ class Trainer:
         # first target is then the prediction itself); before it TE adds nothing.
         active = self.state.ensemble is not None and te_active(self.config, epoch)
         te_target = self._te_targets(batch, x, rows) if active else None
-        step = training_loss(self.forward_model, x, y, self.config, epoch=epoch,
-                             starts=training_starts(self.config, epoch, batch.index[rows]),
-                             te_target=te_target, amp=self.config.amp, attack_model=self.attack_model)
+        sat = self._sat_targets(batch, rows) if sat_active(self.config, epoch) else None
+        starts = training_starts(self.config, epoch, batch.index[rows])
+        common = {"epoch": epoch, "starts": starts, "te_target": te_target, "amp": self.config.amp,
+                  "attack_model": self.attack_model, "sat": sat, "teachers": self.teachers}
+        perturbation, x_adv = None, None
+        if awp_active(self.config, epoch):
+            # AWP: x' at the unperturbed weights, the perturbation from the objective there (through
+            # copies of the BatchNorm buffers), then the update's gradient at w + v
+            proxy = training_loss(awp.ProxyView(self.model), x, y, self.config, **common)
+            x_adv = proxy.x_adv
+            reduce = ctx.sum_over_ranks if ctx.world_size > 1 else None
+            perturbation = awp.weight_perturbation(self.model, proxy.loss * (len(y) / n_global), self.config.awp_gamma,
+                                                   reduce)
+            awp.shift_weights(self.model, perturbation, +1.0)
+        step = training_loss(self.forward_model, x, y, self.config, x_adv=x_adv, **common)
         for callback in self.callbacks:
             callback.after_loss(self.iteration, epoch, x, y, step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -847,7 +1028,24 @@ class Trainer:
         share = len(y) * ctx.world_size / n_global
         (step.loss * share if ctx.world_size > 1 else step.loss).backward()
         self.optimizer.step()
+        if perturbation is not None:
+            awp.shift_weights(self.model, perturbation, -1.0)  # the update applies to w
         stats.add(step, y)
+
+    def _sat_targets(self, batch: Batch, rows: slice) -> SatTargets:
+        """SAT's targets and weights of this rank's rows: the global batch's predictions update
+        the targets once (a second call, AWP's update after its proxy, returns the same)."""
+        done: list[tuple[Tensor, Tensor]] = []
+
+        def targets(probs: Tensor) -> tuple[Tensor, Tensor]:
+            if not done:
+                every = self.ctx.all_gather_rows(probs.float(), len(batch))
+                updated = objectives.sat_update(self.state.sat_targets, batch.index, every, self.config.sat_momentum)
+                weights = objectives.sat_weights(updated)  # normalized over the global batch
+                done.append((updated[rows], weights[rows]))
+            return done[0]
+
+        return targets
 
     def _te_targets(self, batch: Batch, x: Tensor, rows: slice) -> Tensor:
         """p_hat of Eq. 7 for this rank's rows, after the ensemble took the global batch's predictions."""
@@ -875,7 +1073,7 @@ class Trainer:
         accuracy beats the best so far (robust first, natural breaks ties)."""
         metrics: dict[str, float] = {}
         for split_name, split in self.eval_sets.items():
-            df = evaluate(self.model, split, self.eval_config)
+            df = evaluate(self.output_model, split, self.eval_config)
             self.curves.extend(_curve_rows(self.state.epoch, split_name, df))
             metrics[f"{split_name}_nat"] = float(df.accuracy.iloc[0])
             metrics[f"{split_name}_pgd"] = float(df.accuracy.iloc[1])
@@ -904,10 +1102,18 @@ class Trainer:
         state, config = self.state, self.config
         model = state.model.module if hasattr(state.model, "module") else state.model
         model = getattr(model, "_orig_mod", model)
+        if not resumable:  # best.pt, final.pt, epoch_K.pt: the model the run produces (SWA: the average)
+            model = self.output_model
         extra: dict[str, Any] = {"best": list(state.best) if state.best else None, "best_epoch": state.best_epoch,
                                  **self.selection, **self.init_record}
+        if state.average is not None and not resumable:
+            extra["swa_models"] = state.average.count
         if resumable and state.ensemble is not None:
             extra["te_ensemble"] = state.ensemble.detach().cpu()
+        if resumable and state.sat_targets is not None:
+            extra["sat_targets"] = state.sat_targets.detach().cpu()
+        if resumable and state.average is not None:
+            extra["swa"] = state.average.state()
         return make_checkpoint(
             model, arch=config.arch, arch_kwargs=_arch_kwargs(config, self.data), dataset=config.dataset,
             labels=self.labels, label_spec={"label_noise": config.label_noise, "label_seed": config.label_seed},

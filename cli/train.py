@@ -93,6 +93,28 @@ def _given(ctx: click.Context) -> set[str]:
 @click.option("--te-end", type=count(), default=None, help="Ramp end epoch (default 75% of epochs).")
 @click.option("--te-trades-input", type=click.Choice(TE_TRADES_INPUTS), default=D.te_trades_input,
               show_default=True, help="TRADES+TE: outer TE term on the natural or adversarial prediction.")
+@click.option("--label-smoothing", type=NUMBER, default=D.label_smoothing, show_default=True,
+              help="Label smoothing s of the objective's CE terms (Pang et al. 2021): 1 - s on the label, s/(K-1) "
+                   "on each other class; the attack keeps the hard labels.")
+@click.option("--sat", is_flag=True, help="Self-adaptive training (Huang et al. 2020) on pgd_at or trades.")
+@click.option("--sat-momentum", type=NUMBER, default=D.sat_momentum, show_default=True,
+              help="SAT: t <- m t + (1 - m) softmax(f(x)).")
+@click.option("--sat-start", type=count(), default=None,
+              help="SAT: epoch number (from 1) where the targets start adapting (default 45% of epochs).")
+@click.option("--swa-start", type=count(), default=None,
+              help="Stochastic weight averaging after every epoch from this epoch number on; best.pt, final.pt "
+                   "and the curves are then the averaged model (BatchNorm recomputed).")
+@click.option("--teacher-robust", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
+              help="Knowledge distillation (Chen et al. 2021): the adversarially trained teacher.")
+@click.option("--teacher-natural", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
+              help="Knowledge distillation: the standard-trained teacher.")
+@click.option("--kd-temperature", type=NUMBER, default=D.kd_temperature, show_default=True)
+@click.option("--kd-weights", default=",".join(f"{w:g}" for w in D.kd_weights), show_default=True,
+              help="KD weights of the CE, the natural teacher's and the robust teacher's terms.")
+@click.option("--awp-gamma", type=NUMBER, default=D.awp_gamma, show_default=True,
+              help="Adversarial weight perturbation (Wu et al. 2020): layer-wise relative size (0: off).")
+@click.option("--awp-warmup", type=count(), default=D.awp_warmup, show_default=True,
+              help="AWP from this epoch (counting from 0) on.")
 @click.option("--val-size", type=count(), default=D.val_size, show_default=True, help="Hold out N train images.")
 @click.option("--val-seed", type=SEED, default=D.val_seed, show_default=True)
 @click.option("--train-n", type=count(), default=D.train_n, show_default=True,
@@ -122,7 +144,8 @@ def _given(ctx: click.Context) -> set[str]:
 @device_option
 @click.option("--seed", type=SEED, default=D.seed, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-epoch lines.")
-def train_command(out_dir, resume_dir, overwrite, milestones, device, quiet, compile_, preset, **options) -> None:
+def train_command(out_dir, resume_dir, overwrite, milestones, kd_weights, device, quiet, compile_, preset,
+                  **options) -> None:
     """Adversarially train a model and write a run directory."""
     if (out_dir is None) == (resume_dir is None):
         raise click.UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
@@ -134,6 +157,11 @@ def train_command(out_dir, resume_dir, overwrite, milestones, device, quiet, com
         except ValueError:
             raise click.BadParameter(f"{milestones!r} is not a comma-separated list of epochs",
                                      param_hint="--milestones") from None
+    try:
+        options["kd_weights"] = tuple(float(w) for w in kd_weights.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{kd_weights!r} is not three comma-separated numbers",
+                                 param_hint="--kd-weights") from None
     config = options_config(preset, {**options, "compile": compile_}, _given(click.get_current_context()))
 
     def report(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
