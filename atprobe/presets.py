@@ -39,6 +39,7 @@ class Preset:
     source: str
     fields: Mapping[str, Any]
     note: str = ""
+    requires: tuple[str, ...] = ()  # options the user must give (KD's teachers: checkpoints of their own)
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The (unresolved) config: defaults < this preset < ``overrides``."""
@@ -76,11 +77,11 @@ LABELS = {"true": 0.0, "random": 1.0}
 
 
 def _add(registry: dict[str, Preset], name: str, description: str, source: str, values: Mapping[str, Any],
-         note: str = "") -> None:
+         note: str = "", requires: tuple[str, ...] = ()) -> None:
     if name in registry:
         raise ValueError(f"duplicate preset {name}")
     frozen = {k: MappingProxyType(dict(v)) if isinstance(v, dict) else v for k, v in values.items()}
-    registry[name] = Preset(name, description, source, MappingProxyType(frozen), note)
+    registry[name] = Preset(name, description, source, MappingProxyType(frozen), note, requires)
 
 
 def _merge(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,17 +222,68 @@ def _sec5(registry: dict[str, Preset]) -> None:
          "the paper states no setting for Fig. C.2: Table 1's")
 
 
+def _table2(registry: dict[str, Preset]) -> None:
+    """Table 2 (Sec. 5, "Discussion and comparison with related works"): the other remedies of
+    robust overfitting under the Table 1 setting (ResNet-18, CIFAR-10, PGD-AT), and AWP. The paper
+    states none of their hyper-parameters and the official code has none of them: each follows
+    its own paper's code, moved to Table 1's schedule where that code trains on another."""
+    source = "Sec. 5, Table 2; Table 1's setting (official train_te.py)"
+    pgd = _merge(TABLE1, {"method": "pgd_at"})
+    _add(registry, "table2-pgd", "PGD-AT, ResNet-18, CIFAR-10 (Table 2's first row; = table1-cifar10-pgd)", source,
+         pgd)
+    _add(registry, "table2-pgd-te", "PGD-AT+TE (Table 2's last row; = table1-cifar10-pgd-te)", source,
+         _merge(pgd, TE_FIELDS))
+    _add(registry, "table2-pgd-ls", "PGD-AT with label smoothing 0.2 (Pang et al. 2021)",
+         f"{source}; P2333/Bag-of-Tricks-for-AT train_cifar.py (LabelSmoothingLoss: 1 - s, s/(K-1))",
+         _merge(pgd, {"label_smoothing": 0.2}),
+         "s is not stated; 0.2 is the 'moderate label smoothing (~0.2)' Pang et al.'s README finds helpful")
+    _add(registry, "table2-sat", "PGD-AT with self-adaptive training (Huang et al. 2020)",
+         f"{source}; LayneH/self-adaptive-training losses/trades.py (TRADES_SAT), run_trades_sat.sh (alpha 0.9)",
+         _merge(pgd, {"sat": True, "sat_momentum": 0.9, "sat_start": 90}),
+         "the official SAT is TRADES-based (ES 70 of 100 epochs, 5 before its first decay); here on PGD-AT, the "
+         "targets adapting from epoch 90 (before Table 1's first decay at 100, as TE's ensemble); the natural "
+         "prediction of the targets in eval mode")
+    _add(registry, "table2-standard", "Standard (non-adversarial) training, ResNet-18: KD-SWA's natural teacher",
+         f"{source}; VITA-Group/Alleviate-Robust-Overfitting main_std.py", _merge(TABLE1, {"method": "standard"}),
+         "Table 1's schedule; KD-SWA's teacher is this run's best.pt (Chen et al. keep the best clean accuracy; "
+         "best.pt here is selected by robust accuracy: pass final.pt or the epoch you want)")
+    _add(registry, "table2-kd-swa", "PGD-AT with knowledge distillation and SWA (Chen et al. 2021)",
+         f"{source}; VITA-Group/Alleviate-Robust-Overfitting main_adv.py --swa --lwf (coef_ce 0.3, coef_kd1 0.1, "
+         "coef_kd2 0.6, temperature 2, swa_start 55)",
+         _merge(pgd, {"kd_temperature": 2.0, "kd_weights": (0.3, 0.1, 0.6), "swa_start": 106}),
+         "the teachers are runs of their own: --teacher-robust table1-cifar10-pgd's best.pt, --teacher-natural "
+         "table2-standard's; Chen et al. decay the lr at 50 and 150 and average from 5 epochs after the first "
+         "decay: here Table 1's decays (100, 150) and the average from epoch 106",
+         requires=("teacher_robust", "teacher_natural"))
+    _add(registry, "table2-coteach", "Co-teaching adapted to PGD-AT (Han et al. 2018)",
+         f"{source}; bhanML/Co-teaching loss.py, main.py (forget rate 0.2, num_gradual 10, exponent 1)",
+         _merge(pgd, {"coteach": True, "forget_rate": 0.2, "forget_gradual": 10, "forget_exponent": 1.0}),
+         "the forget rate is not stated: Co-teaching's default (its noise rate, 0.2); Table 1's SGD schedule, "
+         "not Co-teaching's Adam; each network attacks itself and trains on the other's small-loss half")
+    awp = "Wu et al. 2020, csdongxian/AWP"
+    _add(registry, "awp-pgd", "PGD-AT with adversarial weight perturbation (AT-AWP), ResNet-18, CIFAR-10",
+         f"{awp} AT_AWP/train_cifar10.py (awp_gamma 0.01, awp_warmup 0); Table 1's setting",
+         _merge(pgd, {"awp_gamma": 0.01, "awp_warmup": 0}),
+         "the official AT-AWP trains PreActResNet-18 on the same schedule (decays at 50% and 75% of 200 epochs)")
+    _add(registry, "awp-trades", "TRADES with adversarial weight perturbation (TRADES-AWP), ResNet-18, CIFAR-10",
+         f"{awp} trades_AWP/train_trades_cifar.py (awp_gamma 0.005, awp_warmup 10); Table 1's setting",
+         _merge(TABLE1, {"method": "trades", "awp_gamma": 0.005, "awp_warmup": 9}),
+         "the official script counts epochs from 1 and perturbs from epoch 10: from the 0-based epoch 9 here; it "
+         "trains WRN-34-10")
+
+
 def _registry() -> dict[str, Preset]:
     registry: dict[str, Preset] = {}
     _sec3(registry)
     _a2(registry)
     _sec5(registry)
+    _table2(registry)
     return dict(sorted(registry.items(), key=lambda kv: _order(kv[0])))
 
 
 def _order(name: str) -> tuple[int, str]:
     prefixes = ("fig2-", "fig2c-", "fig3-", "fig5-", "figA1-", "figA2-", "figA3-", "figA4-", "figA5-", "tableA1-",
-                "a2-", "figA10-", "table1-", "tableC1-", "figC2-")
+                "a2-", "figA10-", "table1-", "table2-", "awp-", "tableC1-", "figC2-")
     return next(i for i, p in enumerate(prefixes) if name.startswith(p)), name
 
 
@@ -265,11 +317,15 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise AtprobeError(f"unknown training options: {', '.join(unknown)}")
     values.update(_rescaled(values, overrides))
+    missing = [f"--{k.replace('_', '-')}" for k in preset.requires if overrides.get(k) is None]
+    if missing:
+        raise AtprobeError(f"preset {name} needs {' and '.join(missing)} ({preset.note.split(':')[0]})")
     return TrainConfig(**{**values, **overrides, "threat": ThreatModel(**{**threat, **given}), "preset": name})
 
 
 #: The preset fields counted in epochs, which follow an overridden ``epochs`` at the same fractions.
-EPOCH_FIELDS = ("milestones", "te_start", "te_end", "mix_epochs")
+EPOCH_FIELDS = ("milestones", "te_start", "te_end", "mix_epochs", "sat_start", "swa_start", "awp_warmup",
+                "forget_gradual")
 
 
 def _rescaled(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -283,7 +339,10 @@ def _rescaled(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
         v = values.get(name)
         if v is None or name in overrides:
             continue
-        out[name] = tuple(round(m * new / old) for m in v) if name == "milestones" else round(v * new / old)
+        if name == "milestones":
+            out[name] = tuple(round(m * new / old) for m in v)
+        else:  # an epoch number stays one (>= 1), a 0-based epoch >= 0
+            out[name] = max(round(v * new / old), 0 if name == "awp_warmup" else 1)
     return out
 
 
@@ -314,14 +373,20 @@ def _value(v: Any) -> str:
 
 #: The fields --list-presets shows of each preset (all of them are in docs/presets.md).
 LISTED = ("arch", "dataset", "method", "epochs", "optimizer", "lr", "schedule", "milestones", "weight_decay",
-          "augment", "dropout", "label_noise", "mix_clean", "te", "te_weight", "te_start", "te_end")
+          "augment", "dropout", "label_noise", "mix_clean", "te", "te_weight", "te_start", "te_end",
+          "label_smoothing", "sat", "sat_start", "swa_start", "kd_weights", "coteach", "forget_rate", "awp_gamma",
+          "awp_warmup")
 
 
 def describe(preset: Preset) -> str:
     """One preset's block of ``--list-presets``: name and description, source, resolved key fields."""
-    c = preset.config().resolved()
+    need = {k: f"<{k.upper()}>" for k in preset.requires}  # placeholders: the listing needs no teacher file
+    c = preset.config(**need).resolved()
+    kd = c.teacher_robust is not None
     shown = {"milestones": c.schedule == "piecewise", "mix_clean": c.mix_clean, "te_weight": c.te,
-             "te_start": c.te, "te_end": c.te}
+             "te_start": c.te, "te_end": c.te, "label_smoothing": c.label_smoothing > 0, "sat": c.sat,
+             "sat_start": c.sat, "swa_start": c.swa_start is not None, "kd_weights": kd, "coteach": c.coteach,
+             "forget_rate": c.coteach, "awp_gamma": c.awp_gamma > 0, "awp_warmup": c.awp_gamma > 0}
     parts = [f"{k}={_value(getattr(c, k))}" for k in LISTED if shown.get(k, True)]
     t = c.threat
     parts.append(f"threat={t.norm}:eps={_pixels(t.eps)},alpha={_pixels(t.alpha)},steps={t.steps}")
@@ -330,6 +395,8 @@ def describe(preset: Preset) -> str:
     lines = [f"{preset.name}: {preset.description}", f"    source: {preset.source}", "    " + " ".join(parts)]
     if preset.note:
         lines.append(f"    note: {preset.note}")
+    if preset.requires:
+        lines.append(f"    needs: {', '.join('--' + k.replace('_', '-') for k in preset.requires)}")
     return "\n".join(lines)
 
 

@@ -32,7 +32,24 @@ __all__ = ["RUN_FIELDS", "TABLE_COLUMNS", "best_final", "check_runs", "run_confi
            "run_fields", "table_checkpoints"]
 
 #: The columns naming a run, read from its config.json (see :func:`run_fields`).
-RUN_FIELDS = ("method", "te", "dataset", "arch", "label_noise", "train_norm", "train_eps", "eval_attack")
+RUN_FIELDS = ("remedy", "method", "te", "dataset", "arch", "label_noise", "train_norm", "train_eps", "eval_attack")
+
+#: The names of the training methods in :func:`remedy` (the paper's).
+METHOD_NAMES = {"pgd_at": "PGD-AT", "trades": "TRADES", "fgsm_rs": "FGSM-RS", "standard": "standard"}
+
+
+def remedy(config) -> str:
+    """The run's method with what it adds against robust overfitting, as Table 2 names the rows:
+    the method (``PGD-AT``, ``TRADES``...) then, in this order, ``+Eq6`` (--mix-clean), ``+LS``,
+    ``+SAT``, ``+KD``, ``+SWA``, ``+Co-teaching``, ``+AWP``, ``+TE``. Table 2's rows: PGD-AT,
+    PGD-AT+LS, PGD-AT+SAT (SAT), PGD-AT+KD+SWA (KD-SWA), PGD-AT+Co-teaching, PGD-AT+TE."""
+    parts = [METHOD_NAMES.get(config.method, config.method)]
+    for on, name in ((config.mix_clean, "Eq6"), (config.label_smoothing > 0, "LS"), (config.sat, "SAT"),
+                     (config.teacher_robust is not None, "KD"), (config.swa_start is not None, "SWA"),
+                     (config.coteach, "Co-teaching"), (config.awp_gamma > 0, "AWP"), (config.te, "TE")):
+        if on:
+            parts.append(name)
+    return "+".join(parts)
 
 #: The columns of ``atprobe table`` (Table 1's layout), in order.
 TABLE_COLUMNS = ["run", *RUN_FIELDS, "attack", "norm", "eps", "alpha", "steps", "restarts", "n", "best", "final",
@@ -82,13 +99,14 @@ def run_config(run: str | os.PathLike):
 
 
 def run_fields(run: str | os.PathLike) -> dict[str, Any]:
-    """The run's identifying fields (:data:`RUN_FIELDS`) from its config: the training
+    """The run's identifying fields (:data:`RUN_FIELDS`) from its config: its
+    :func:`remedy` (the method and its additions, Table 2's row name), the training
     ``method``, ``te`` (temporal ensembling on), ``dataset``, ``arch``, ``label_noise``
     (fraction of training labels replaced by random ones, 0-1), ``train_norm`` and
     ``train_eps`` (the training threat model, eps in [0, 1] pixel units) and
     ``eval_attack`` (the robust metric of its curves and of best.pt's selection)."""
     c = run_config(run)
-    return {"method": c.method, "te": bool(c.te), "dataset": c.dataset, "arch": c.arch,
+    return {"remedy": remedy(c), "method": c.method, "te": bool(c.te), "dataset": c.dataset, "arch": c.arch,
             "label_noise": float(c.label_noise), "train_norm": c.threat.norm, "train_eps": float(c.threat.eps),
             "eval_attack": c.eval_attack}
 

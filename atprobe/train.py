@@ -111,6 +111,10 @@ class TrainConfig:
     kd_weights: tuple[float, float, float] = (0.3, 0.1, 0.6)  # CE, natural teacher, robust teacher
     awp_gamma: float = 0.0  # adversarial weight perturbation (Wu et al. 2020): layer-wise relative size; 0: off
     awp_warmup: int = 0  # AWP from this 0-based epoch on
+    coteach: bool = False  # Co-teaching (Han et al. 2018) adapted to PGD-AT: two networks, each on the other's picks
+    forget_rate: float = 0.2  # Co-teaching: the fraction of each batch dropped, after the ramp
+    forget_gradual: int = 10  # Co-teaching: epochs of the ramp from 0 to forget_rate
+    forget_exponent: float = 1.0
     val_size: int = 0
     val_seed: int = 0
     train_n: int = 0  # train on the first N training samples only (0 = all)
@@ -254,6 +258,21 @@ class TrainConfig:
             raise AtprobeError(f"awp-warmup must be >= 0, got {c.awp_warmup}")
         if c.awp_gamma > 0 and c.method not in ("pgd_at", "trades"):
             raise AtprobeError(f"--awp-gamma perturbs the weights of pgd_at or trades, not {c.method}")
+        if not 0 <= c.forget_rate < 1:
+            raise AtprobeError(f"forget-rate must be in [0, 1), got {c.forget_rate}")
+        if c.forget_gradual < 1 or not (math.isfinite(c.forget_exponent) and c.forget_exponent > 0):
+            raise AtprobeError(f"forget-gradual must be >= 1 and forget-exponent > 0, got {c.forget_gradual}, "
+                               f"{c.forget_exponent}")
+        if c.coteach:
+            if c.method != "pgd_at":
+                raise AtprobeError(f"--coteach is adapted to pgd_at, not {c.method}")
+            for flag, on in (("--te", c.te), ("--sat", c.sat), ("--mix-clean", c.mix_clean),
+                             ("--teacher-robust", c.teacher_robust is not None), ("--awp-gamma", c.awp_gamma > 0),
+                             ("--swa-start", c.swa_start is not None), ("--extra-data", c.extra_data is not None),
+                             ("--log-grad-ratio", c.log_grad_ratio > 0)):
+                if on:
+                    raise AtprobeError(f"--coteach trains two networks on each other's small-loss samples; it does "
+                                       f"not combine with {flag}")
 
     def _check_extra_options(self) -> None:
         c = self
@@ -341,6 +360,7 @@ class StepOutput:
     logits: Tensor  # logits whose accuracy the running train metric reports
     x_adv: Tensor | None = None  # the training attack's examples (None for standard)
     parts: dict[str, Tensor] = field(default_factory=dict)  # per-batch means of the parts
+    per_sample: Tensor | None = None  # the objective of each sample (``loss`` is their mean)
 
 
 @dataclass(frozen=True)
@@ -421,7 +441,7 @@ def training_loss(
         penalty = objectives.te_penalty(te_logits, te_target)
         per_sample = per_sample + w * penalty
         parts["te"] = penalty.mean().detach()
-    return StepOutput(per_sample.mean(), logits_adv, x_adv, parts)
+    return StepOutput(per_sample.mean(), logits_adv, x_adv, parts, per_sample)
 
 
 def _outer_ce(logits: Tensor, y: Tensor, config: TrainConfig, adaptive: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -806,7 +826,12 @@ class Trainer:
         train_split = _trained_split(config, self.data)  # checked before anything is written
         self.labels = _trained_labels(self.data)
         self.model = prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
+        # Co-teaching's second network: the next draw of the same seeded stream (the official
+        # code builds its two networks one after the other)
+        self.peer = (prepare_model(build_model(config.arch, **_arch_kwargs(config, self.data)), device)
+                     if config.coteach else None)
         self.optimizer = build_optimizer(self.model, config)
+        self.peer_optimizer = build_optimizer(self.peer, config) if self.peer is not None else None
         ensemble = torch.zeros(len(self.labels), self.data.num_classes, device=device) if config.te else None
         sat_targets = (F.one_hot(self.labels.long(), self.data.num_classes).float().to(device) if config.sat
                        else None)  # SAT's targets start one-hot (the official soft_labels)
@@ -822,6 +847,9 @@ class Trainer:
         self.train_split = train_split.to(device)
         self._prepare_extra_data()
         self._prepare_evaluation()
+        self.peer_forward = ddp_wrapped(self.peer, ctx, device) if self.peer is not None else None
+        self.forget_rates = (objectives.forget_rates(config.forget_rate, config.epochs, config.forget_gradual,
+                                                     config.forget_exponent) if config.coteach else None)
         wrapped = ddp_wrapped(self.model, ctx, device)
         self.forward_model = torch.compile(wrapped) if config.compile else wrapped
         compile_attack = config.compile and ctx.world_size == 1
@@ -923,6 +951,9 @@ class Trainer:
             self.state.ensemble.copy_(extra["te_ensemble"].to(self.device))
         if self.state.sat_targets is not None:
             self.state.sat_targets.copy_(extra["sat_targets"].to(self.device))
+        if self.peer is not None:
+            self.peer.load_state_dict(extra["peer"]["state_dict"])
+            self.peer_optimizer.load_state_dict(extra["peer"]["optimizer"])
         if self.state.average is not None and extra.get("swa") is not None:
             self.state.average.load_state(extra["swa"])
         if (self.out / "curves.csv").is_file():
@@ -950,6 +981,8 @@ class Trainer:
                 progress(self.state.epoch, self.config.epochs, metrics)
         if self.ctx.main:
             save_checkpoint(self._checkpoint(resumable=False), self.out / "final.pt")
+            if self.peer is not None:
+                save_checkpoint(self._checkpoint(resumable=False, model=self.peer), self.out / "final_peer.pt")
         self.ctx.barrier()
 
     def epoch(self) -> EpochStats:
@@ -993,8 +1026,9 @@ class Trainer:
 
     def _set_learning_rate(self, epoch_float: float) -> float:
         lr = learning_rate(self.config, epoch_float)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in (self.optimizer, self.peer_optimizer):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr
         return lr
 
     def _step(self, batch: Batch, epoch: int, stats: EpochStats) -> None:
@@ -1002,6 +1036,8 @@ class Trainer:
         ctx, n_global = self.ctx, len(batch)
         rows = ctx.rows(n_global)
         x, y = batch.x[rows], batch.y[rows]
+        if self.peer is not None:
+            return self._coteach_step(batch, rows, x, y, epoch, stats)
         # The ensemble accumulates from the ramp's first epoch on, as in the official code (its
         # first target is then the prediction itself); before it TE adds nothing.
         active = self.state.ensemble is not None and te_active(self.config, epoch)
@@ -1031,6 +1067,32 @@ class Trainer:
         if perturbation is not None:
             awp.shift_weights(self.model, perturbation, -1.0)  # the update applies to w
         stats.add(step, y)
+
+    def _coteach_step(self, batch: Batch, rows: slice, x: Tensor, y: Tensor, epoch: int, stats: EpochStats) -> None:
+        """Co-teaching adapted to PGD-AT (Han et al. 2018, Dong et al. 2022 Table 2): each
+        network attacks itself (PGD-AT's x'), ranks the global batch by its own adversarial CE,
+        and the *other* network is updated on the ``1 - forget_rate(epoch)`` fraction with the
+        smallest losses (the mean over them: the paper's Algorithm 1)."""
+        ctx, n_global, rate = self.ctx, len(batch), self.forget_rates[epoch]
+        starts = training_starts(self.config, epoch, batch.index[rows])
+        own = training_loss(self.forward_model, x, y, self.config, epoch=epoch, starts=starts, amp=self.config.amp,
+                            attack_model=self.attack_model)
+        peer = training_loss(self.peer_forward, x, y, self.config, epoch=epoch, starts=starts, amp=self.config.amp,
+                             attack_model=self.peer)
+        losses = {}
+        for name, step, other in (("own", own, peer), ("peer", peer, own)):
+            # this network trains on the rows the other network picked
+            picked = objectives.small_loss_rows(ctx.all_gather_rows(other.per_sample.detach(), n_global), rate)
+            mask = torch.zeros(n_global, dtype=step.per_sample.dtype, device=x.device)
+            mask[picked] = 1.0
+            # DDP averages over ranks: each rank's sum over its picked rows, times the ranks, over the picks
+            losses[name] = (step.per_sample * mask[rows]).sum() * ctx.world_size / max(len(picked), 1)
+        for optimizer, name in ((self.optimizer, "own"), (self.peer_optimizer, "peer")):
+            optimizer.zero_grad(set_to_none=True)
+            losses[name].backward()
+            optimizer.step()
+        own.loss = losses["own"].detach() / ctx.world_size  # the running objective: the selected mean
+        stats.add(own, y)
 
     def _sat_targets(self, batch: Batch, rows: slice) -> SatTargets:
         """SAT's targets and weights of this rank's rows: the global batch's predictions update
@@ -1081,6 +1143,8 @@ class Trainer:
         if self.state.best is None or score > tuple(self.state.best):
             self.state.best, self.state.best_epoch = score, self.state.epoch
             save_checkpoint(self._checkpoint(resumable=False), self.out / "best.pt")
+            if self.peer is not None:  # the second network at the epoch best.pt was selected
+                save_checkpoint(self._checkpoint(resumable=False, model=self.peer), self.out / "best_peer.pt")
         return metrics
 
     def save(self) -> None:
@@ -1097,13 +1161,16 @@ class Trainer:
         # last.pt is written last: once it names an epoch, everything of that epoch is on disk.
         save_checkpoint(self._checkpoint(resumable=True), out / "last.pt")
 
-    def _checkpoint(self, *, resumable: bool) -> dict:
-        """The checkpoint of the current epoch; ``resumable`` adds optimizer, RNGs and TE ensemble."""
+    def _checkpoint(self, *, resumable: bool, model: nn.Module | None = None) -> dict:
+        """The checkpoint of the current epoch; ``resumable`` adds optimizer, RNGs, TE ensemble,
+        SAT targets, the SWA average and Co-teaching's second network. ``model``: another
+        network to write (Co-teaching's second) instead of the run's own."""
         state, config = self.state, self.config
-        model = state.model.module if hasattr(state.model, "module") else state.model
-        model = getattr(model, "_orig_mod", model)
-        if not resumable:  # best.pt, final.pt, epoch_K.pt: the model the run produces (SWA: the average)
-            model = self.output_model
+        if model is None:
+            model = state.model.module if hasattr(state.model, "module") else state.model
+            model = getattr(model, "_orig_mod", model)
+            if not resumable:  # best.pt, final.pt, epoch_K.pt: the model the run produces (SWA: the average)
+                model = self.output_model
         extra: dict[str, Any] = {"best": list(state.best) if state.best else None, "best_epoch": state.best_epoch,
                                  **self.selection, **self.init_record}
         if state.average is not None and not resumable:
@@ -1114,6 +1181,9 @@ class Trainer:
             extra["sat_targets"] = state.sat_targets.detach().cpu()
         if resumable and state.average is not None:
             extra["swa"] = state.average.state()
+        if resumable and self.peer is not None:
+            extra["peer"] = {"state_dict": {k: v.detach().cpu() for k, v in self.peer.state_dict().items()},
+                             "optimizer": self.peer_optimizer.state_dict()}
         return make_checkpoint(
             model, arch=config.arch, arch_kwargs=_arch_kwargs(config, self.data), dataset=config.dataset,
             labels=self.labels, label_spec={"label_noise": config.label_noise, "label_seed": config.label_seed},

@@ -115,6 +115,14 @@ def _given(ctx: click.Context) -> set[str]:
               help="Adversarial weight perturbation (Wu et al. 2020): layer-wise relative size (0: off).")
 @click.option("--awp-warmup", type=count(), default=D.awp_warmup, show_default=True,
               help="AWP from this epoch (counting from 0) on.")
+@click.option("--coteach", is_flag=True,
+              help="Co-teaching adapted to PGD-AT (Han et al. 2018): two networks, each updated on the small-loss "
+                   "samples the other picks; writes final_peer.pt and best_peer.pt too.")
+@click.option("--forget-rate", type=NUMBER, default=D.forget_rate, show_default=True,
+              help="Co-teaching: fraction of each batch dropped after the ramp.")
+@click.option("--forget-gradual", type=count(), default=D.forget_gradual, show_default=True,
+              help="Co-teaching: epochs of the ramp of the forget rate from 0.")
+@click.option("--forget-exponent", type=NUMBER, default=D.forget_exponent, show_default=True)
 @click.option("--val-size", type=count(), default=D.val_size, show_default=True, help="Hold out N train images.")
 @click.option("--val-seed", type=SEED, default=D.val_seed, show_default=True)
 @click.option("--train-n", type=count(), default=D.train_n, show_default=True,

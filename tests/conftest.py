@@ -173,3 +173,22 @@ def write_npz(path: Path, n_train: int = 64, n_test: int = 1200, classes: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
+
+
+def stopped_then_resumed(config, run_dir: Path, stop_after: int) -> Path:
+    """``atprobe.train.train(config, run_dir)`` interrupted after epoch ``stop_after`` (an
+    exception out of the progress callback, as a crash would), then resumed to the end."""
+    from atprobe.checkpoint import load_checkpoint
+    from atprobe.train import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, epochs, metrics):
+        if epoch == stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, run_dir, device="cpu", progress=stop)
+    assert load_checkpoint(run_dir / "last.pt").epoch == stop_after
+    return train(config, run_dir, device="cpu", resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,14 +21,15 @@ from tests.conftest import cli_error, run_cli
 def test_every_preset_resolves(name):
     preset = PRESETS[name]
     assert preset.name == name and preset.description and preset.source
-    c = preset.config().resolved(NUM_CLASSES[preset.fields["dataset"]])
+    given = {k: f"{k}.pt" for k in preset.requires}  # KD-SWA's teachers: files of the user's
+    c = preset.config(**given).resolved(NUM_CLASSES[preset.fields["dataset"]])
     assert c.preset == name and c.arch == canonical_arch(c.arch)
     assert c.te_weight is not None and c.lr > 0
     assert TrainConfig.from_json(json.loads(json.dumps(c.to_json()))) == c  # config.json round trip
 
 
 def _resolved(name: str) -> TrainConfig:
-    return preset_config(name).resolved()
+    return preset_config(name, **{k: f"{k}.pt" for k in PRESETS[name].requires}).resolved()
 
 
 def test_table1_cifar10_pgd_is_the_papers_setting():
@@ -147,3 +149,19 @@ def test_docs_table_every_preset():
     text = (ROOT / "docs" / "presets.md").read_text()
     missing = [name for name in PRESETS if f"| `{name}` |" not in text]
     assert not missing, missing
+
+
+def test_table2_presets_hold_their_methods():
+    assert _resolved("table2-pgd-ls").label_smoothing == 0.2
+    sat = _resolved("table2-sat")
+    assert sat.sat and sat.sat_momentum == 0.9 and sat.sat_start == 90
+    kd = _resolved("table2-kd-swa")
+    assert kd.kd_weights == (0.3, 0.1, 0.6) and kd.kd_temperature == 2.0 and kd.swa_start == 106
+    assert _resolved("table2-coteach").coteach and _resolved("table2-coteach").forget_rate == 0.2
+    assert (_resolved("awp-pgd").awp_gamma, _resolved("awp-pgd").awp_warmup) == (0.01, 0)
+    assert (_resolved("awp-trades").awp_gamma, _resolved("awp-trades").awp_warmup) == (0.005, 9)
+    assert _resolved("table2-pgd") == dataclasses.replace(_resolved("table1-cifar10-pgd"), preset="table2-pgd")
+    with pytest.raises(AtprobeError, match="needs --teacher-robust and --teacher-natural"):
+        preset_config("table2-kd-swa")
+    # a shorter run moves the epoch-counted fields along: SWA from 106 of 200 -> 11 of 20
+    assert preset_config("table2-kd-swa", epochs=20, teacher_robust="r.pt", teacher_natural="n.pt").swa_start == 11

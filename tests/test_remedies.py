@@ -21,7 +21,7 @@ from atprobe.starts import Starts
 from atprobe.swa import WeightAverage
 from atprobe.threat import ThreatModel
 from atprobe.train import Teachers, TrainConfig, train, training_loss
-from tests.conftest import cli_error, save_seeded_checkpoint
+from tests.conftest import cli_error, save_seeded_checkpoint, stopped_then_resumed
 
 FAST = dict(arch="cnn-small", dataset="synthetic", train_n=128, batch_size=32, eval_n=32, train_eval_n=32,
             threat=ThreatModel(steps=1), eval_attack="pgd2", lr=0.05, schedule="constant")
@@ -243,6 +243,49 @@ def test_awp_update_takes_the_gradient_at_the_perturbed_weights(tmp_path):
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+# ---------------------------------------------------------------------------- Co-teaching
+
+
+def test_forget_rate_schedule_by_hand():
+    """linspace(0, 0.2, 10) then 0.2; training epoch e takes entry e + 1 (the official loop)."""
+    rates = objectives.forget_rates(0.2, 12, gradual=10)
+    assert len(rates) == 12
+    for e in range(9):
+        assert rates[e] == pytest.approx(0.2 * (e + 1) / 9)
+    assert rates[8:] == [pytest.approx(0.2)] * 4
+
+
+def test_small_loss_selection_on_known_losses():
+    losses = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7])
+    assert objectives.small_loss_rows(losses, 0.4).tolist() == [1, 3, 2]  # int(0.6 * 5) = 3 kept
+    assert objectives.small_loss_rows(losses, 0.0).tolist() == [1, 3, 2, 4, 0]
+    assert objectives.small_loss_rows(losses, 0.99).tolist() == []
+
+
+def test_coteach_step_trains_each_network_on_the_other_picks(tmp_path):
+    """One step by hand: net A's update is the gradient of the mean adversarial CE over the rows
+    with the smallest CE under net B, and the other way round (SGD, no momentum, no weight decay)."""
+    from atprobe.distributed import DistContext
+    from atprobe.train import EpochStats, Trainer, training_starts
+
+    cfg = TrainConfig(method="pgd_at", epochs=12, coteach=True, forget_rate=0.5, forget_gradual=2, momentum=0.0,
+                      weight_decay=0.0, augment=False, **{**FAST, "train_n": 32, "batch_size": 32})
+    trainer = Trainer(cfg, tmp_path / "r", DistContext(), torch.device("cpu"))
+    a, b = copy.deepcopy(trainer.model), copy.deepcopy(trainer.peer)
+    batch = next(iter(trainer._batches(1)))  # epoch 1: the ramp is done, rate 0.5
+    starts = training_starts(trainer.config, 1, batch.index)
+    out_a = training_loss(a, batch.x, batch.y, trainer.config, epoch=1, starts=starts)
+    out_b = training_loss(b, batch.x, batch.y, trainer.config, epoch=1, starts=starts)
+    pick_b = torch.argsort(out_b.per_sample.detach())[:16]  # B's 16 smallest -> A trains on them
+    pick_a = torch.argsort(out_a.per_sample.detach())[:16]
+    grads_a = torch.autograd.grad(out_a.per_sample[pick_b].mean(), list(a.parameters()))
+    grads_b = torch.autograd.grad(out_b.per_sample[pick_a].mean(), list(b.parameters()))
+    trainer._step(batch, 1, EpochStats.zeros(torch.device("cpu")))
+    for net, start, grads in ((trainer.model, a, grads_a), (trainer.peer, b, grads_b)):
+        for p, p0, g in zip(net.parameters(), start.parameters(), grads):
+            torch.testing.assert_close(p, p0 - cfg.lr * g, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- training runs
 
 
@@ -260,6 +303,7 @@ RUNS = {
     "awp": dict(method="pgd_at", awp_gamma=0.01),
     "awp-trades": dict(method="trades", awp_gamma=0.005, awp_warmup=1),
     "kd-swa": dict(method="pgd_at", swa_start=2),
+    "coteach": dict(method="pgd_at", coteach=True, forget_gradual=2),
 }
 
 
@@ -271,18 +315,9 @@ def test_each_remedy_trains_and_resumes_bit_exactly(tmp_path, name):
     full = train(cfg, tmp_path / "full", device="cpu")
     for f in ("config.json", "curves.csv", "best.pt", "final.pt", "last.pt"):
         assert (full / f).is_file(), f
-
-    class Stop(Exception):
-        pass
-
-    def stop(epoch, epochs, metrics):
-        if epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "cut", device="cpu", progress=stop)
-    resumed = train(cfg, tmp_path / "cut", device="cpu", resume=True)
-    for f in ("final.pt", "last.pt"):
+    resumed = stopped_then_resumed(cfg, tmp_path / "cut", 2)
+    written = ("final.pt", "last.pt", *(("final_peer.pt", "best_peer.pt") if name == "coteach" else ()))
+    for f in written:
         a, b = load_checkpoint(full / f), load_checkpoint(resumed / f)
         for key, value in a.state_dict.items():
             assert torch.equal(value, b.state_dict[key]), (f, key)
@@ -328,3 +363,17 @@ def test_kd_needs_both_teachers(tmp_path):
     save_seeded_checkpoint(tmp_path / "t.pt", 0)
     line = cli_error("train", "--out", tmp_path / "run", "--device", "cpu", "--teacher-robust", tmp_path / "t.pt")
     assert "needs both teachers" in line, line
+
+
+def test_remedy_names_table2_rows():
+    from atprobe.presets import preset_config
+    from atprobe.runs import remedy
+
+    teachers = {"teacher_robust": "r.pt", "teacher_natural": "n.pt"}
+    names = {name: remedy(preset_config(name, **(teachers if name == "table2-kd-swa" else {})))
+             for name in ("table2-pgd", "table2-pgd-ls", "table2-sat", "table2-kd-swa", "table2-coteach",
+                          "table2-pgd-te", "awp-pgd", "awp-trades", "table2-standard")}
+    assert names == {"table2-pgd": "PGD-AT", "table2-pgd-ls": "PGD-AT+LS", "table2-sat": "PGD-AT+SAT",
+                     "table2-kd-swa": "PGD-AT+KD+SWA", "table2-coteach": "PGD-AT+Co-teaching",
+                     "table2-pgd-te": "PGD-AT+TE", "awp-pgd": "PGD-AT+AWP", "awp-trades": "TRADES+AWP",
+                     "table2-standard": "standard"}

@@ -21,7 +21,7 @@ from atprobe.models import build_model
 from atprobe.starts import Starts
 from atprobe.threat import ThreatModel
 from atprobe.train import TrainConfig, Trainer, learning_rate, mix_gamma, te_weight, train, training_loss
-from tests.conftest import cli_error, save_seeded_checkpoint, write_npz
+from tests.conftest import cli_error, save_seeded_checkpoint, stopped_then_resumed, write_npz
 
 FAST = dict(arch="cnn-small", dataset="synthetic", train_n=256, batch_size=64, eval_n=64, threat=ThreatModel(steps=2),
             eval_attack="pgd3", lr=0.05, schedule="constant")
@@ -156,18 +156,7 @@ def test_losses_match_direct_formulas():
 def test_resume_gives_the_same_weights(tmp_path):
     cfg = TrainConfig(method="pgd_at", epochs=3, te=True, te_start=0, te_end=2, dropout=0.1, **FAST)
     full = load_checkpoint(train(cfg, tmp_path / "full", device="cpu") / "final.pt")
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(epoch, epochs, metrics):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "cut", device="cpu", progress=stop_after_first)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
-    resumed = load_checkpoint(train(cfg, tmp_path / "cut", device="cpu", resume=True) / "final.pt")
+    resumed = load_checkpoint(stopped_then_resumed(cfg, tmp_path / "cut", 1) / "final.pt")
     for key, value in full.state_dict.items():
         assert torch.equal(value, resumed.state_dict[key]), key
     curves = pd.read_csv(tmp_path / "cut" / "curves.csv")

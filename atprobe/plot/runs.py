@@ -39,12 +39,11 @@ from atprobe.plot.core import (
     register,
 )
 from atprobe.plot.eval import _eps_text
+from atprobe.runs import METHOD_NAMES  # the paper's names of the training methods (one table, re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-#: The paper's names of the training methods.
-METHOD_NAMES = {"pgd_at": "PGD-AT", "trades": "TRADES", "fgsm_rs": "FGSM-RS"}
 
 _RUN_COLUMNS = ("method", "epoch", "split", "metric", "value", "eval_attack")
 
