@@ -1199,7 +1199,7 @@ def plan_run_dir(out: Path, config: TrainConfig, *, overwrite: bool = False) -> 
     non-empty ``out`` is refused, except with ``overwrite`` when it is a run directory: then
     the new run is written to the sibling ``OUT.overwrite`` and put in ``out``'s place only
     once it is complete (:func:`atprobe.outputs.replace_directory`, in :func:`train`)."""
-    inputs = [config.init_from, config.data_dir, config.extra_data]
+    inputs = [config.init_from, config.data_dir, config.extra_data, config.teacher_robust, config.teacher_natural]
     if not (overwrite and out.is_dir() and any(out.iterdir())):
         check_new_directory(out, inputs, option="--out",
                             hint=f"continue the run with --resume {out}, or replace it with --overwrite")
