@@ -1079,19 +1079,18 @@ class Trainer:
                             attack_model=self.attack_model)
         peer = training_loss(self.peer_forward, x, y, self.config, epoch=epoch, starts=starts, amp=self.config.amp,
                              attack_model=self.peer)
-        losses = {}
+        mine = {}  # this rank's part of each network's mean over the picked rows
         for name, step, other in (("own", own, peer), ("peer", peer, own)):
             # this network trains on the rows the other network picked
             picked = objectives.small_loss_rows(ctx.all_gather_rows(other.per_sample.detach(), n_global), rate)
             mask = torch.zeros(n_global, dtype=step.per_sample.dtype, device=x.device)
             mask[picked] = 1.0
-            # DDP averages over ranks: each rank's sum over its picked rows, times the ranks, over the picks
-            losses[name] = (step.per_sample * mask[rows]).sum() * ctx.world_size / max(len(picked), 1)
+            mine[name] = (step.per_sample * mask[rows]).sum() / max(len(picked), 1)
         for optimizer, name in ((self.optimizer, "own"), (self.peer_optimizer, "peer")):
             optimizer.zero_grad(set_to_none=True)
-            losses[name].backward()
+            (mine[name] * ctx.world_size).backward()  # DDP averages over the ranks: the sum of their parts
             optimizer.step()
-        own.loss = losses["own"].detach() / ctx.world_size  # the running objective: the selected mean
+        own.loss = mine["own"].detach() * (n_global / len(y))  # EpochStats weighs it by len(y): the picked mean
         stats.add(own, y)
 
     def _sat_targets(self, batch: Batch, rows: slice) -> SatTargets:
