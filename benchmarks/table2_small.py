@@ -10,7 +10,7 @@ of 200, moved along with their other epoch fields), PGD-3 at eps 8/255, step 2/2
 (the demo's cpu budget: with crop + flip 1,000 images underfit and nothing overfits)):
 
     PGD-AT, PGD-AT+LS, PGD-AT+SAT, PGD-AT+KD+SWA (teachers: the PGD-AT run's best.pt and a standard
-    run's best.pt), PGD-AT+Co-teaching, PGD-AT+TE, and PGD-AT+AWP
+    run's best.pt), PGD-AT+Co-teaching, PGD-AT+TE, and PGD-AT+AWP (the preset's gamma 0.01, and 0.002)
 
 then ``atprobe table`` over them (natural, PGD-10 and CW-10 on 500 test images) into table2.csv,
 and ``atprobe plot`` of it into table2.png. Every run is ``atprobe.train.train`` of
@@ -49,6 +49,7 @@ RUNS = {
     "coteach": "table2-coteach",
     "pgd_at_te": "table2-pgd-te",
     "awp": "awp-pgd",
+    "awp_gamma0.002": ("awp-pgd", {"awp_gamma": 0.002}),  # the preset's 0.01 collapses cnn-small (docs/examples)
 }
 ATTACKS = "natural,pgd10,cw10"
 
@@ -66,10 +67,11 @@ def main(argv=None) -> int:
         run = args.out / name
         if args.reuse and (run / "final.pt").is_file():
             continue
-        extra = {}
+        preset, extra = preset if isinstance(preset, tuple) else (preset, {})
+        extra = dict(extra)
         if preset == "table2-kd-swa":
-            extra = {"teacher_robust": str(args.out / "pgd_at" / "best.pt"),
-                     "teacher_natural": str(args.out / "standard" / "best.pt")}
+            extra.update(teacher_robust=str(args.out / "pgd_at" / "best.pt"),
+                         teacher_natural=str(args.out / "standard" / "best.pt"))
         config = preset_config(preset, **SMALL, **data, **extra)
         start = time.perf_counter()
         train(config, run, device="cpu", overwrite=run.exists())
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     timings["table"] = round(time.perf_counter() - start, 1)
     subprocess.run([*cli, "plot", str(table), "-o", str(figure)], check=True)
     df = pd.read_csv(table)
+    df["remedy"] = [f"{r} ({Path(run).name})" for r, run in zip(df["remedy"], df["run"])]
     shown = df.pivot_table(index="remedy", columns="attack", values=["best", "final", "diff"], sort=False)
     print(shown.round(4).to_string(), file=sys.stderr)
     (args.out / "timings.json").write_text(json.dumps(timings, indent=1))

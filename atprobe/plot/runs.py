@@ -90,6 +90,10 @@ def table_bars(data: Data, *, title: str | None = None) -> Figure:
                 ax.bar_label(cont, fmt="%.3f", fontsize=7, padding=2)
             ax.set_ylim(0, 1.1)
             ax.set_title(attack)
+            if runs > 4:  # Table 2's many runs: slanted names stay apart
+                for label in ax.get_xticklabels():
+                    label.set_rotation(35)
+                    label.set_horizontalalignment("right")
             ax.set_xlabel(header or "run")
             ax.set_ylabel("accuracy (fraction of samples)")
         for ax in axes[len(attacks):]:
