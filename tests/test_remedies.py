@@ -6,6 +6,7 @@ with a bit-exact resume."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pandas as pd
@@ -377,3 +378,23 @@ def test_remedy_names_table2_rows():
                      "table2-kd-swa": "PGD-AT+KD+SWA", "table2-coteach": "PGD-AT+Co-teaching",
                      "table2-pgd-te": "PGD-AT+TE", "awp-pgd": "PGD-AT+AWP", "awp-trades": "TRADES+AWP",
                      "table2-standard": "standard"}
+
+
+def test_cli_trains_each_remedy_and_writes_the_peer(tmp_path):
+    """The options as a user gives them: SAT with SWA, Co-teaching (its two networks), AWP, LS, KD."""
+    from tests.conftest import run_cli
+
+    base = ["train", "--arch", "mlp", "--train-n", "64", "--batch-size", "32", "--epochs", "2", "--eval-n", "32",
+            "--train-eval-n", "32", "--steps", "1", "--eval-attack", "pgd2", "--device", "cpu", "-q"]
+    run_cli(*base, "--sat", "--sat-start", "1", "--swa-start", "1", "--out", tmp_path / "sat")
+    run_cli(*base, "--coteach", "--forget-rate", "0.25", "--out", tmp_path / "cot")
+    run_cli(*base, "--awp-gamma", "0.005", "--label-smoothing", "0.1", "--out", tmp_path / "awp")
+    run_cli(*base, "--method", "standard", "--out", tmp_path / "std")
+    run_cli(*base, "--teacher-robust", tmp_path / "awp" / "best.pt", "--teacher-natural", tmp_path / "std" / "best.pt",
+            "--kd-weights", "0.5,0.25,0.25", "--out", tmp_path / "kd")
+    assert (tmp_path / "cot" / "final_peer.pt").is_file() and (tmp_path / "cot" / "best_peer.pt").is_file()
+    assert load_checkpoint(tmp_path / "sat" / "final.pt").raw["extra"]["swa_models"] == 2
+    meta = json.loads((tmp_path / "kd" / "curves.meta.json").read_text())
+    assert meta["teacher_robust"]["sha256"] == load_checkpoint(tmp_path / "awp" / "best.pt").sha256
+    config = json.loads((tmp_path / "kd" / "config.json").read_text())
+    assert config["kd_weights"] == [0.5, 0.25, 0.25] and config["label_smoothing"] == 0.0
