@@ -226,7 +226,7 @@ class TrainConfig:
         self._check_extra_options()
 
     def _check_remedies(self) -> None:
-        """Label smoothing, SAT, KD, SWA and AWP: their ranges and the combinations they define."""
+        """Label smoothing, SAT, KD, SWA, AWP and Co-teaching: their ranges and the combinations they define."""
         c = self
         if not (isinstance(c.label_smoothing, (int, float)) and 0 <= c.label_smoothing < 1):
             raise AtprobeError(f"label-smoothing must be in [0, 1), got {c.label_smoothing}")
