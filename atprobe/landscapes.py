@@ -43,12 +43,14 @@ def plane(study: Study, spec: SampleSpec, config: flatness_probe.PlaneConfig, de
     wanted = list(points(len(flatness_probe.plane_grid(config))))
     chosen = _mine(study, wanted)
     position = {p: i for i, p in enumerate(wanted)}
+    blocks = iter(range(len(study.checkpoints)))  # per_checkpoint visits them in order (a file may come twice)
 
     def probe(model, samples, ckpt, bar):
         rows = study.share.gather_rows(flatness_probe.plane(model, samples, config, points=chosen, progress=bar),
                                        "point")
+        block = next(blocks)
         if study.share.part:  # the order of the rows in one process: (checkpoint, point)
-            base = study.checkpoints.index(ckpt) * len(wanted)
+            base = block * len(wanted)
             rows.insert(0, "unit", [base + position[int(p)] for p in rows["point"]])
         return {"": rows}
 

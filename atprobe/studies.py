@@ -475,12 +475,14 @@ def flatness(study: Study, spec: SampleSpec, config: flatness_probe.FlatnessConf
     theta in every part), finished by :func:`flatness_from_curve` as one process finishes."""
     directions = config.directions
     kept = list(study.share.points(directions)) if study.share.part else None
+    position = iter(range(len(study.checkpoints)))  # per_checkpoint visits them in order (a file may come twice)
 
     def probe(model, samples, ckpt, bar):
         mine, _ = point_units(study, samples, config.batch_size, directions)
         table = flatness_probe.probe(model, mine, config, progress=bar, gather=study.share.gather_values, kept=kept)
+        block = next(position)
         if kept is not None:  # the curve's rows in order of (checkpoint, direction)
-            table.insert(0, "unit", [study.checkpoints.index(ckpt) * directions + int(k) for k in table["direction"]])
+            table.insert(0, "unit", [block * directions + int(k) for k in table["direction"]])
         return {".curve": table}
 
     evaluated = 1 + sum(1 for v in config.lambdas if v != 0) * len(kept if kept is not None else range(directions))

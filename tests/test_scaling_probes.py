@@ -267,3 +267,17 @@ def test_table_under_torchrun_is_the_single_process_csv(tmp_path, nproc):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "tn.csv").read_bytes() == (tmp_path / "t1.csv").read_bytes()
     assert json.loads((tmp_path / "tn.meta.json").read_text())["world_size"] == nproc
+
+
+def test_parts_of_a_checkpoint_given_twice_merge(single, monkeypatch):
+    """``flatness a.pt a.pt`` is two blocks of rows: their units are numbered by position, not by
+    the file, so the parts of such a run cover every unit once and merge into its CSVs."""
+    monkeypatch.chdir(single)
+    args = ["flatness", "a.pt", "a.pt", "--batch-size", "4", "--lambdas=-0.1:0.1:3", "--directions", "2", "--curve",
+            "--split", "train", "--n", "3", "--steps", "1", "--device", "cpu", "--quiet"]
+    run_cli(*args, "-o", "twice-1.csv")
+    for i in range(2):
+        run_cli(*args, "--shard", f"{i}/2", "-o", f"twice-part{i}.csv")
+    run_cli("merge", "twice-part1.csv", "twice-part0.csv", "-q", "-o", "twice-merged.csv")
+    for suffix in ("", ".curve"):
+        assert Path(f"twice-merged{suffix}.csv").read_bytes() == Path(f"twice-1{suffix}.csv").read_bytes()
